@@ -1,0 +1,35 @@
+"""Backends by the spec's `backend` value. Each module exposes the same
+functions: `build_model`, `fit(spec, dataset)` and `load_model(model_dir)`.
+Frameworks are imported only when a backend is asked for."""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from ..errors import UserError
+
+BACKENDS = {"torch": "hvdtrain.backends.torch", "tensorflow": "hvdtrain.backends.tensorflow"}
+FRAMEWORK_PACKAGES = {"torch": "torch==2.13.0", "tensorflow": "tensorflow-cpu==2.21.0"}
+
+
+def get_backend(name: str) -> ModuleType:
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    try:
+        return importlib.import_module(BACKENDS[name])
+    except ModuleNotFoundError as err:
+        if err.name and err.name.split(".")[0] in ("torch", "tensorflow", "keras"):
+            raise UserError(f"backend {name!r} needs {err.name}, which is not installed: "
+                            f"pip install {FRAMEWORK_PACKAGES[name]}") from None
+        if err.name and err.name.startswith("hvdtrain.backends."):
+            raise UserError(f"backend {name!r} is not available in this version of hvdtrain") from None
+        raise
+
+
+def import_horovod(framework: str) -> ModuleType:
+    """horovod.torch / horovod.tensorflow, or a clear way to get it."""
+    try:
+        return importlib.import_module(f"horovod.{framework}")
+    except ImportError as err:
+        raise UserError(f"Horovod for {framework} is not usable here ({err}); build and install "
+                        "it with: hvdtrain build-horovod") from None

@@ -1,0 +1,183 @@
+"""PyTorch backend: models, Horovod set-up, one epoch of training, export."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import import_horovod
+from ..data import Dataset, Preprocessing
+from ..loop import Batch, Comm, Steps, epoch_seed, resume, run_epochs, scaled_lr
+from ..spec import CNNSpec, JobSpec, MLPSpec, model_from_dict
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+def build_model(model: MLPSpec | CNNSpec, input_shape: list[int], num_classes: int) -> nn.Module:
+    """The spec's network. Glorot-uniform weights and zero biases (Keras' defaults,
+    so both backends start from the same scheme and parameter counts)."""
+    layers: list[nn.Module] = []
+    act = ACTIVATIONS[model.activation]
+    if isinstance(model, CNNSpec):
+        channels, height, width = input_shape
+        for out in model.channels:
+            layers += [nn.Conv2d(channels, out, model.kernel_size, padding="same"), act()]
+            if height >= 2 and width >= 2:
+                layers.append(nn.MaxPool2d(2))
+                height, width = height // 2, width // 2
+            channels = out
+        features = channels * height * width
+    else:
+        features = int(np.prod(input_shape))
+    layers.append(nn.Flatten())
+    for size in model.hidden:
+        layers += [nn.Linear(features, size), act()]
+        if model.dropout > 0:
+            layers.append(nn.Dropout(model.dropout))
+        features = size
+    layers.append(nn.Linear(features, num_classes))
+    net = nn.Sequential(*layers)
+    for module in net.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    return net
+
+
+def make_optimizer(spec: JobSpec, params, lr: float) -> torch.optim.Optimizer:
+    opt = spec.optimizer
+    if opt.name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=opt.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+
+
+def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] = print) -> dict:
+    hvd = import_horovod("torch")
+
+    # Horovod: initialise.
+    hvd.init()
+    # Horovod: pin the device to the local rank (one GPU per process, or CPU threads).
+    use_cuda = spec.resources.gpus_per_worker > 0 and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(hvd.local_rank())
+    device = torch.device("cuda", hvd.local_rank()) if use_cuda else torch.device("cpu")
+    torch.set_num_threads(spec.resources.cpus_per_worker)
+    comm = horovod_comm(hvd)
+
+    torch.manual_seed(spec.train.seed)
+    model = build_model(spec.model, dataset.preprocessing.input_shape, dataset.num_classes).to(device)
+    # Horovod: scale the learning rate by the number of workers.
+    lr = scaled_lr(spec, comm, gpu_adasum=use_cuda and hvd.nccl_built())
+    # Horovod: wrap the optimizer so gradients are allreduced before each step.
+    optimizer = hvd.DistributedOptimizer(
+        make_optimizer(spec, model.parameters(), lr),
+        named_parameters=model.named_parameters(),
+        compression=hvd.Compression.fp16 if spec.horovod.fp16_compression else hvd.Compression.none,
+        backward_passes_per_step=spec.horovod.backward_passes_per_step,
+        op=hvd.Adasum if spec.horovod.adasum else hvd.Average)
+
+    steps = make_steps(spec, model, optimizer, device, comm.rank)
+    start_epoch = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
+    # Horovod: broadcast initial (or resumed) model and optimizer state from rank 0.
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    broadcast_optimizer_state(hvd, optimizer, comm)
+    # Horovod: checkpoint on rank 0 only -- inside run_epochs.
+    return run_epochs(spec, dataset, comm, steps, lr, start_epoch, progress)
+
+
+def broadcast_optimizer_state(hvd, optimizer: torch.optim.Optimizer, comm: Comm) -> None:
+    """Rank 0's optimizer state on every rank.
+
+    Horovod's broadcast_optimizer_state takes an optimizer step with zero
+    gradients to create missing state; on a resumed run only ranks != 0 take it,
+    so the ranks disagree on which collectives to run. Sending the state dict
+    as an object has no such step and suits the small states trained here.
+    """
+    state = hvd.broadcast_object(optimizer.state_dict(), root_rank=0, name="hvdtrain.optimizer")
+    if comm.rank != 0:
+        optimizer.load_state_dict(state)
+
+
+def make_steps(spec: JobSpec, model: nn.Module, optimizer, device: torch.device, rank: int) -> Steps:
+    passes = spec.horovod.backward_passes_per_step
+
+    def train_epoch(epoch: int, batches: list[Batch], lr_at: Callable[[int], float]) -> tuple[float, int]:
+        model.train()
+        torch.manual_seed(epoch_seed(spec.train.seed, epoch, rank))
+        total, seen = 0.0, 0
+        for i, (x, y) in enumerate(batches):
+            if i % passes == 0:
+                optimizer.zero_grad()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(i)
+                in_group = min(passes, len(batches) - i)
+            loss = F.cross_entropy(model(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device))
+            # Gradients of a group's passes add up: each pass carries its share.
+            (loss / in_group).backward()
+            total += loss.item() * len(y)
+            seen += len(y)
+            if (i + 1) % passes == 0 or i + 1 == len(batches):
+                optimizer.step()
+        return total, seen
+
+    def state_bytes() -> bytes:
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+        return buffer.getvalue()
+
+    def load_state_bytes(payload: bytes) -> None:
+        state = torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+
+    def export(directory: Path) -> None:
+        save_model(model, spec, directory)
+
+    return Steps(train_epoch, lambda x: logits(model, x, device), state_bytes, load_state_bytes,
+                 lambda: weights_digest(model), export)
+
+
+def logits(model: nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)).cpu().numpy()
+
+
+def weights_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def horovod_comm(hvd) -> Comm:
+    def allreduce_sum(values: np.ndarray, name: str) -> np.ndarray:
+        tensor = torch.from_numpy(np.asarray(values, dtype=np.float64))
+        return hvd.allreduce(tensor, op=hvd.Sum, name=name).numpy()
+
+    return Comm(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), allreduce_sum,
+                lambda obj, name: hvd.broadcast_object(obj, root_rank=0, name=name),
+                lambda obj, name: hvd.allgather_object(obj, name=name))
+
+
+def save_model(model: nn.Module, spec: JobSpec, directory: Path) -> None:
+    """A deployable model: weights plus what rebuilds the network, no Horovod needed."""
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, directory / "weights.pt")
+    (directory / "model.json").write_text(json.dumps({"backend": "torch", "model": spec.model.model_dump()}))
+
+
+def load_model(directory: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The exported model as a function from preprocessed inputs to logits (on CPU)."""
+    config = json.loads((directory / "model.json").read_text())
+    prep = Preprocessing.load(directory / "preprocessing.json")
+    model = build_model(model_from_dict(config["model"]), prep.input_shape, len(prep.classes))
+    model.load_state_dict(torch.load(directory / "weights.pt", map_location="cpu", weights_only=True))
+    return lambda x: logits(model, x, torch.device("cpu"))

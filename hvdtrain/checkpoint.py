@@ -1,0 +1,104 @@
+"""Checkpoints: one file each, written atomically, checked by hash on load.
+
+Layout: a magic line, one JSON header line (epoch, spec, payload sha256 and
+length, free-form metadata) and the backend's payload bytes. A file is only
+ever seen complete: it is written to a temporary name, flushed to disk and
+renamed. Loading skips, with a warning, any file that fails its checks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MAGIC = b"HVDTRAIN-CHECKPOINT 1\n"
+NAME = re.compile(r"^epoch-(\d{6})\.ckpt$")
+
+
+class CheckpointError(Exception):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    epoch: int  # epochs completed
+    payload: bytes
+    meta: dict[str, Any]
+    path: Path
+
+
+def checkpoint_path(directory: Path, epoch: int) -> Path:
+    return Path(directory) / f"epoch-{epoch:06d}.ckpt"
+
+
+def save(directory: Path, epoch: int, payload: bytes, meta: dict[str, Any], keep_last: int) -> Path:
+    """Write epoch's checkpoint atomically, then drop all but the newest keep_last."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    header = dict(meta, epoch=epoch, sha256=hashlib.sha256(payload).hexdigest(), length=len(payload))
+    target = checkpoint_path(directory, epoch)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(MAGIC)
+            handle.write(json.dumps(header, sort_keys=True).encode() + b"\n")
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    for old in list_checkpoints(directory)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return target
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files, oldest first."""
+    if not Path(directory).is_dir():
+        return []
+    return sorted(p for p in Path(directory).iterdir() if NAME.match(p.name))
+
+
+def load(path: Path) -> Checkpoint:
+    data = Path(path).read_bytes()
+    if not data.startswith(MAGIC):
+        raise CheckpointError(f"{path}: not an hvdtrain checkpoint")
+    end = data.find(b"\n", len(MAGIC))
+    try:
+        header = json.loads(data[len(MAGIC):end])
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: unreadable header") from None
+    payload = data[end + 1:]
+    if len(payload) != header.get("length"):
+        raise CheckpointError(f"{path}: truncated ({len(payload)} of {header.get('length')} bytes)")
+    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+        raise CheckpointError(f"{path}: integrity hash mismatch (file altered or corrupt)")
+    meta = {k: v for k, v in header.items() if k not in ("epoch", "sha256", "length")}
+    return Checkpoint(int(header["epoch"]), payload, meta, Path(path))
+
+
+def latest_valid(directory: Path, warn=lambda msg: print(msg, file=sys.stderr)) -> Checkpoint | None:
+    """The newest checkpoint that passes its checks; broken ones are reported."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return load(path)
+        except (CheckpointError, OSError) as err:
+            warn(f"hvdtrain: skipping checkpoint: {err}")
+    return None

@@ -1,0 +1,115 @@
+"""The `hvdtrain` command: one small function per verb."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import EXIT_FAILED, EXIT_USAGE, UserError
+
+
+def cmd_validate(args) -> int:
+    from .spec import dump, load_spec
+    print(dump(load_spec(args.spec, args.overrides)), end="")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import json
+
+    from .launch.local import launch
+    from .spec import load_spec
+    spec = load_spec(args.spec, args.overrides)  # invalid specs stop here, before any launch
+    code = launch(spec, args.spec, args.overrides, args.np or spec.resources.workers)
+    summary = Path(spec.output) / "summary.json"
+    if code == 0 and summary.exists():
+        final = json.loads(summary.read_text())["final"]
+        print(f"{spec.name}: validation accuracy {final['val_accuracy']:.4f}, macro F1 "
+              f"{final['val_f1']:.4f} after {final['epoch']} epochs; run dir {spec.output}")
+    return code if code == 0 else EXIT_FAILED
+
+
+def cmd_train(args) -> int:
+    from .backends import get_backend
+    from .data import load_dataset
+    from .spec import CNNSpec, load_spec
+    spec = load_spec(args.spec, args.overrides)
+    backend = get_backend(spec.backend)
+    dataset = load_dataset(spec.data, image=isinstance(spec.model, CNNSpec))
+    backend.fit(spec, dataset)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict
+    predict(Path(args.run_dir), Path(args.input), Path(args.output) if args.output else None)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import report
+    lines, fixes = report()
+    print("\n".join(lines))
+    print("\nTo do:" if fixes else "\nEverything needed for Gloo training is in place.")
+    for fix in fixes:
+        print(f"  - {fix}")
+    return 1 if any("missing" in f for f in fixes) else 0
+
+
+def cmd_build_horovod(args) -> int:
+    from .horovod_build import BuildError, ensure_horovod
+    try:
+        ensure_horovod(force=args.force)
+    except BuildError as err:
+        print(f"hvdtrain: Horovod build failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="hvdtrain", description=__doc__)
+    verbs = top.add_subparsers(dest="verb", required=True)
+
+    def verb(name, func, help_text, spec=True):
+        p = verbs.add_parser(name, help=help_text, description=help_text)
+        if spec:
+            p.add_argument("spec", help="job spec (YAML)")
+            p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                           help="override spec values, e.g. train.epochs=3")
+        p.set_defaults(func=func)
+        return p
+
+    run = verb("run", cmd_run, "train with N local ranks through horovodrun --gloo")
+    run.add_argument("-np", type=int, metavar="N", help="ranks (default: resources.workers)")
+    verb("train", cmd_train, "per-rank entry point (run by horovodrun, srun, mpirun)")
+    verb("validate", cmd_validate, "check a spec and print it resolved")
+    predict = verb("predict", cmd_predict, "predict with an exported model", spec=False)
+    predict.add_argument("run_dir", help="run directory (or its model/ folder)")
+    predict.add_argument("input", help=".npz (array x) or .csv with the feature columns")
+    predict.add_argument("-o", "--output", help="write predictions and probabilities as CSV")
+    verb("doctor", cmd_doctor, "show what is installed and what is missing", spec=False)
+    build = verb("build-horovod", cmd_build_horovod,
+                 "build (or take from cache) and install Horovod for this environment", spec=False)
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    # overrides may also follow options: hvdtrain run SPEC -np 2 train.epochs=3
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        top.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "np", None) is not None and args.np < 1:
+        print("hvdtrain: -np must be at least 1", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    try:
+        code = args.func(args)
+    except UserError as err:
+        print(f"hvdtrain: error: {err}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

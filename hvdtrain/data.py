@@ -1,0 +1,234 @@
+"""Data: load, clean, split, standardise and shard. numpy only.
+
+Every rank loads the same data with the same seed, so the split and the
+preprocessing statistics are identical on all ranks without communication.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .spec import DataSpec
+
+IMAGE_SHAPES = {"digits": (1, 8, 8)}
+
+
+@dataclass
+class Preprocessing:
+    """What turns raw features into model inputs; saved with the exported model."""
+    feature_names: list[str]
+    classes: list[str]
+    input_shape: list[int]
+    fill: list[float]  # per-feature value for NaN/inf (training-split means)
+    mean: list[float]
+    std: list[float]
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        if x.shape[1] != len(self.mean):
+            raise DataError(f"expected {len(self.mean)} features per sample, got {x.shape[1]}")
+        bad = ~np.isfinite(x)
+        if bad.any():
+            x = np.where(bad, np.asarray(self.fill)[None, :], x)
+        x = (x - np.asarray(self.mean)) / np.asarray(self.std)
+        return x.astype(np.float32).reshape((len(x), *self.input_shape))
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path) -> "Preprocessing":
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclass
+class Dataset:
+    x_train: np.ndarray  # float32, shape (n, *input_shape)
+    y_train: np.ndarray  # int64 class indices
+    x_val: np.ndarray
+    y_val: np.ndarray
+    preprocessing: Preprocessing
+    dropped_rows: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.preprocessing.classes)
+
+
+def load_dataset(spec: DataSpec, image: bool = False) -> Dataset:
+    """The spec's data, cleaned, split (stratified), standardised, shaped for the model."""
+    x, labels, names = read_source(spec)
+    if len(x) != len(labels):
+        raise DataError(f"{len(x)} samples but {len(labels)} labels")
+    x = x.reshape(len(x), -1).astype(np.float64)
+    keep = np.asarray([str(v) not in ("", "nan", "None") for v in labels])
+    if spec.clean == "drop":
+        keep &= np.isfinite(x).all(axis=1)
+    dropped = int((~keep).sum())
+    x, labels = x[keep], labels[keep]
+    classes = sorted({str(v) for v in labels}, key=_natural)
+    if len(classes) < 2:
+        raise DataError(f"need at least 2 classes, found {len(classes)} after cleaning")
+    index = {label: i for i, label in enumerate(classes)}
+    y = np.asarray([index[str(v)] for v in labels], dtype=np.int64)
+    train, val = stratified_split(y, spec.validation_fraction, spec.seed)
+    if len(train) == 0 or len(val) == 0:
+        raise DataError(f"{len(y)} usable samples cannot be split with validation_fraction "
+                        f"{spec.validation_fraction}")
+    fill = np.nan_to_num(np.nanmean(np.where(np.isfinite(x[train]), x[train], np.nan), axis=0))
+    x = np.where(np.isfinite(x), x, fill[None, :])
+    mean = x[train].mean(axis=0) if spec.standardize else np.zeros(x.shape[1])
+    std = x[train].std(axis=0) if spec.standardize else np.ones(x.shape[1])
+    std = np.where(std > 1e-12, std, 1.0)  # constant features stay constant, not NaN
+    shape = input_shape(spec, x.shape[1], image)
+    prep = Preprocessing(names, classes, list(shape), fill.tolist(), mean.tolist(), std.tolist())
+    xs = prep.apply(x)
+    return Dataset(xs[train], y[train].astype(np.int64), xs[val], y[val].astype(np.int64),
+                   prep, dropped)
+
+
+def _natural(label: str):
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def input_shape(spec: DataSpec, features: int, image: bool) -> tuple[int, ...]:
+    if not image:
+        return (features,)
+    shape = tuple(spec.image_shape or ())
+    if spec.source in IMAGE_SHAPES:
+        shape = IMAGE_SHAPES[spec.source]
+    elif spec.source == "synthetic":
+        shape = tuple(spec.synthetic.shape)
+    if int(np.prod(shape)) != features:
+        raise DataError(f"data.image_shape {list(shape)} holds {int(np.prod(shape))} values, "
+                        f"but each sample has {features} features")
+    return shape
+
+
+def read_source(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Raw features, raw labels and feature names, before any cleaning."""
+    if spec.source == "synthetic":
+        return synthetic(spec)
+    if spec.source != "file":
+        from sklearn import datasets  # bundled with scikit-learn: nothing downloads
+        bunch = getattr(datasets, f"load_{spec.source}")()
+        names = [str(n) for n in getattr(bunch, "feature_names", [])] or \
+            [f"f{i}" for i in range(bunch.data.shape[1])]
+        return bunch.data, bunch.target, names
+    path = Path(spec.path)
+    if not path.is_file():
+        raise DataError(f"data.path {str(path)!r}: no such file")
+    return read_npz(path) if path.suffix.lower() == ".npz" else read_csv(path, spec.label_column)
+
+
+def read_npz(path: Path, need_labels: bool = True) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = ({"x", "y"} if need_labels else {"x"}) - set(arrays.files)
+            if missing:
+                raise DataError(f"{path}: needs arrays {sorted(missing)}, has {sorted(arrays.files)}")
+            x = arrays["x"]
+            y = np.asarray(arrays["y"]).reshape(-1) if "y" in arrays.files else None
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: not a readable .npz file ({err})") from None
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{path}: array 'x' must be numeric, got {x.dtype}")
+    return x, y, [f"f{i}" for i in range(int(np.prod(x.shape[1:])))]
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line number, fields) of each non-empty data row."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except (UnicodeDecodeError, OSError, csv.Error) as err:
+        raise DataError(f"{path}: cannot read as UTF-8 CSV ({err})") from None
+    if not rows:
+        raise DataError(f"{path}: empty file; needs a header row")
+    header = [h.strip() for h in rows[0]]
+    body = [(line, row) for line, row in enumerate(rows[1:], start=2) if any(c.strip() for c in row)]
+    for line, row in body:
+        if len(row) != len(header):
+            raise DataError(f"{path}:{line}: {len(row)} fields, header has {len(header)}")
+    return header, body
+
+
+def read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    header, body = read_csv_rows(path)
+    if not body:
+        raise DataError(f"{path}: needs at least one data row")
+    if label_column not in header:
+        raise DataError(f"{path}: no label column {label_column!r} (columns: {', '.join(header)}); "
+                        "set data.label_column")
+    li = header.index(label_column)
+    names = [h for i, h in enumerate(header) if i != li]
+    labels = [row[li].strip() for _, row in body]
+    features = [[parse_number(cell, path, line, header[i]) for i, cell in enumerate(row) if i != li]
+                for line, row in body]
+    return np.asarray(features, dtype=np.float64), np.asarray(labels), names
+
+
+def parse_number(cell: str, path: Path, line: int, column: str) -> float:
+    cell = cell.strip()
+    if cell == "":
+        return float("nan")
+    try:
+        return float(cell)
+    except ValueError:
+        raise DataError(f"{path}:{line}: column {column!r} holds {cell!r}, not a number") from None
+
+
+def synthetic(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Separable Gaussian blobs of the requested shape: a learnable benchmark task."""
+    cfg = spec.synthetic
+    rng = np.random.default_rng(spec.seed)
+    features = int(np.prod(cfg.shape))
+    y = rng.integers(0, cfg.classes, size=cfg.samples)
+    centers = rng.normal(size=(cfg.classes, features)).astype(np.float32)
+    x = centers[y] + rng.normal(scale=2.0, size=(cfg.samples, features)).astype(np.float32)
+    return x, y, [f"f{i}" for i in range(features)]
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation indices; each class keeps its share of validation samples."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        n_val = int(round(len(members) * fraction))
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def steps_per_epoch(n: int, size: int, batch_size: int) -> int:
+    """The same count on every rank: a rank with an extra batch would hang Horovod."""
+    return max(1, -(-(n // size) // batch_size))
+
+
+def shard_batches(n: int, rank: int, size: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """This rank's batches for one epoch.
+
+    The epoch's permutation (from seed and epoch, so a resumed run sees the same
+    order) is dealt round-robin: shards are disjoint and cover every sample.
+    Each shard is cut into `steps_per_epoch` nearly equal batches, so batches
+    may hold one sample more than batch_size rather than drop or repeat one.
+    """
+    if n < size:
+        raise DataError(f"{n} training samples cannot be shared by {size} workers")
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return np.array_split(order[rank::size], steps_per_epoch(n, size, batch_size))
+
+
+def eval_shard(n: int, rank: int, size: int, batch_size: int) -> list[np.ndarray]:
+    """This rank's part of the validation set, in order; ranks may hold uneven counts."""
+    mine = np.arange(n)[rank::size]
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]

@@ -1,0 +1,195 @@
+"""Build Horovod 0.28.1 from its pinned PyPI sdist with the project's fixes.
+
+The wheel is cached outside the checkout under a key made of everything that
+changes the binary: Horovod version, Python, torch/TensorFlow versions, the
+MPI found and the fix list's hash. A second setup only reinstalls the wheel.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from .fixes import apply_fixes, fixes_digest
+
+HOROVOD_VERSION = "0.28.1"
+SDIST_NAME = f"horovod-{HOROVOD_VERSION}.tar.gz"
+SDIST_SHA256 = "92a43f5a94c43907a56805bad15f19700c62ffc83b7ca483f9e104e229f67ef0"
+
+
+class BuildError(RuntimeError):
+    """A build failure already explained to the user in a few lines."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HVDTRAIN_CACHE", "~/.cache/hvdtrain")).expanduser()
+
+
+def installed_version(*dists: str) -> str | None:
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def mpi_version() -> str | None:
+    """Open MPI's version when an MPI compiler is on PATH, else None."""
+    if not shutil.which("mpicc") or not shutil.which("mpirun"):
+        return None
+    out = subprocess.run(["mpirun", "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"(Open MPI|MPICH|Intel\(R\) MPI)\D*([\d.]+)", out)
+    if not match:
+        return "mpi"
+    family = {"Open MPI": "openmpi", "MPICH": "mpich"}.get(match.group(1), "intelmpi")
+    return f"{family}{match.group(2)}"
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    torch: str | None
+    tensorflow: str | None
+    mpi: str | None
+    python: str
+    fixes: str
+
+    @classmethod
+    def detect(cls) -> "BuildPlan":
+        return cls(
+            torch=installed_version("torch"),
+            tensorflow=installed_version("tensorflow", "tensorflow-cpu"),
+            mpi=mpi_version(),
+            python=f"cp{sys.version_info.major}{sys.version_info.minor}",
+            fixes=fixes_digest(),
+        )
+
+    @property
+    def key(self) -> str:
+        parts = [f"horovod-{HOROVOD_VERSION}", self.python, platform.machine(),
+                 f"torch-{self.torch or 'none'}", f"tf-{self.tensorflow or 'none'}",
+                 f"mpi-{self.mpi or 'none'}", f"fixes-{self.fixes}"]
+        return "_".join(parts).replace("+", "-")
+
+    def environment(self) -> dict[str, str]:
+        """Horovod's build switches: every installed framework, Gloo, MPI if found."""
+        env = dict(os.environ)
+        for name in ("PYTORCH", "TENSORFLOW", "MXNET", "MPI", "GLOO"):
+            env.pop(f"HOROVOD_WITH_{name}", None)
+            env.pop(f"HOROVOD_WITHOUT_{name}", None)
+        env["HOROVOD_WITH_GLOO"] = "1"
+        env["HOROVOD_WITHOUT_MXNET"] = "1"
+        env["HOROVOD_WITH_PYTORCH" if self.torch else "HOROVOD_WITHOUT_PYTORCH"] = "1"
+        env["HOROVOD_WITH_TENSORFLOW" if self.tensorflow else "HOROVOD_WITHOUT_TENSORFLOW"] = "1"
+        env["HOROVOD_WITH_MPI" if self.mpi else "HOROVOD_WITHOUT_MPI"] = "1"
+        env["HOROVOD_LOCAL_VERSION"] = f"hvdtrain.{self.fixes}"
+        # CMake >= 4 also refuses the old minimum versions of nested projects.
+        env["CMAKE_POLICY_VERSION_MINIMUM"] = "3.5"
+        env.setdefault("MAKEFLAGS", f"-j{os.cpu_count() or 2}")
+        return env
+
+
+def fetch_sdist(cache: Path, log) -> Path:
+    """The pinned sdist from PyPI, downloaded once and checked by hash."""
+    target = cache / "sdist" / SDIST_NAME
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                 f"horovod=={HOROVOD_VERSION}", "-d", tmp], log, what="downloading the Horovod sdist")
+            os.replace(Path(tmp) / SDIST_NAME, target)
+    digest = hashlib.sha256(target.read_bytes()).hexdigest()
+    if digest != SDIST_SHA256:
+        target.unlink()
+        raise BuildError(f"{SDIST_NAME} has sha256 {digest}, expected {SDIST_SHA256}; "
+                         "the corrupt download was removed, run the build again")
+    return target
+
+
+def run(cmd: list[str], log, what: str, env: dict[str, str] | None = None) -> None:
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise BuildError(f"{what} failed (exit {proc.returncode})")
+
+
+def failure_summary(log_path: Path, limit: int = 8) -> str:
+    """The few log lines that say why a build failed."""
+    lines = log_path.read_text(errors="replace").splitlines()
+    pattern = re.compile(r"(error[: ]|CMake Error|fatal|No such file|not found)", re.IGNORECASE)
+    hits = [ln.strip() for ln in lines if pattern.search(ln) and "-Werror" not in ln]
+    chosen = hits[:limit] if hits else lines[-limit:]
+    return "\n".join(f"    {ln[:300]}" for ln in chosen)
+
+
+def build_wheel(plan: BuildPlan, cache: Path, log_path: Path) -> Path:
+    with open(log_path, "w") as log, tempfile.TemporaryDirectory(prefix="hvdtrain-build-") as tmp:
+        sdist = fetch_sdist(cache, log)
+        with tarfile.open(sdist) as tar:
+            tar.extractall(tmp, filter="data")
+        source = Path(tmp) / f"horovod-{HOROVOD_VERSION}"
+        for line in apply_fixes(source):
+            log.write(f"fix applied: {line}\n")
+        out = Path(tmp) / "wheel"
+        run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
+             "-w", str(out), str(source)], log, what="building the Horovod wheel",
+            env=plan.environment())
+        (wheel,) = out.glob("horovod-*.whl")
+        final_dir = cache / "wheels" / plan.key
+        final_dir.mkdir(parents=True, exist_ok=True)
+        staged = final_dir / (wheel.name + ".partial")
+        shutil.copy2(wheel, staged)
+        os.replace(staged, final_dir / wheel.name)
+        return final_dir / wheel.name
+
+
+def cached_wheel(plan: BuildPlan, cache: Path) -> Path | None:
+    found = sorted((cache / "wheels" / plan.key).glob("horovod-*.whl"))
+    return found[0] if found else None
+
+
+def install_wheel(wheel: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--force-reinstall", str(wheel)], check=True)
+
+
+def ensure_horovod(force: bool = False, install: bool = True, echo=print) -> Path:
+    """Return the cached wheel for this environment, building it if needed."""
+    plan = BuildPlan.detect()
+    if not plan.torch and not plan.tensorflow:
+        raise BuildError("neither torch nor tensorflow is installed: install one first "
+                         "(pip install torch==2.13.0)")
+    cache = cache_root()
+    (cache / "logs").mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{plan.key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build per key at a time
+        wheel = None if force else cached_wheel(plan, cache)
+        if wheel:
+            echo(f"Horovod wheel from cache: {wheel}")
+        else:
+            log_path = cache / "logs" / f"{plan.key}.log"
+            frameworks = " + ".join(n for n, v in (("torch", plan.torch), ("tensorflow", plan.tensorflow)) if v)
+            echo(f"building Horovod {HOROVOD_VERSION} for {frameworks}, Gloo"
+                 f"{' + MPI (' + plan.mpi + ')' if plan.mpi else ' (no MPI compiler found)'}; "
+                 f"log: {log_path}")
+            started = time.monotonic()
+            try:
+                wheel = build_wheel(plan, cache, log_path)
+            except BuildError as err:
+                raise BuildError(f"{err}\n{failure_summary(log_path)}\n  full log: {log_path}") from None
+            echo(f"built {wheel.name} in {time.monotonic() - started:.0f} s")
+    if install:
+        install_wheel(wheel)
+    return wheel

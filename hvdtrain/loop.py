@@ -1,0 +1,200 @@
+"""The framework-neutral epoch loop shared by every backend.
+
+A backend does Horovod's set-up (init, pin, scale, wrap, broadcast) and then
+hands this loop two small bundles of callables: `Comm` (collectives on numpy
+values) and `Steps` (train one epoch, predict, (de)serialise state). The loop
+owns resume, sharding, metrics, rank-0 checkpoints, the final cross-rank
+consistency check and export, so each is written once for all backends.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import checkpoint
+from .data import Dataset, eval_shard, shard_batches, steps_per_epoch
+from .errors import UserError
+from .metrics import confusion, scores
+from .spec import JobSpec, dump
+
+Batch = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class Comm:
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    allreduce_sum: Callable[[np.ndarray, str], np.ndarray]
+    broadcast_object: Callable[[Any, str], Any]
+    allgather_object: Callable[[Any, str], list]
+
+
+@dataclass
+class Steps:
+    train_epoch: Callable[[int, list[Batch], Callable[[int], float]], tuple[float, int]]
+    logits: Callable[[np.ndarray], np.ndarray]
+    state_bytes: Callable[[], bytes]
+    load_state_bytes: Callable[[bytes], None]
+    weights_digest: Callable[[], str]
+    export: Callable[[Path], None]
+
+
+def scaled_lr(spec: JobSpec, comm: Comm, gpu_adasum: bool = False) -> float:
+    """Horovod's rule: lr x workers. Adasum adapts to the number of workers
+    itself, so it is scaled by the local size only where the GPU hierarchical
+    allreduce sums within a node first (Horovod's examples do the same)."""
+    if spec.optimizer.lr_scaling == "none":
+        return spec.optimizer.lr
+    if spec.horovod.adasum:
+        return spec.optimizer.lr * (comm.local_size if gpu_adasum else 1)
+    return spec.optimizer.lr * comm.size
+
+
+def lr_schedule(spec: JobSpec, target_lr: float, epoch: int, steps: int) -> Callable[[int], float]:
+    """lr for each step of an epoch: linear warm-up from the base lr to target_lr."""
+    base, warmup = spec.optimizer.lr, spec.optimizer.warmup_epochs
+
+    def at(step: int) -> float:
+        progress = epoch + step / steps
+        if warmup <= 0 or progress >= warmup:
+            return target_lr
+        return base + (target_lr - base) * progress / warmup
+    return at
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Per-rank, per-epoch RNG seed (dropout): a resumed epoch draws the same numbers."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**31)
+
+
+def resume(spec: JobSpec, comm: Comm, steps: Steps) -> int:
+    """Rank 0 loads the newest valid checkpoint; returns the epoch to start at.
+
+    Only rank 0 reads the file (no shared filesystem needed); the backend's
+    broadcast of initial state then carries the weights to the other ranks.
+    """
+    start = 0
+    if comm.rank == 0:
+        found = checkpoint.latest_valid(spec.checkpoint.dir)
+        if found is not None:
+            previous = found.meta.get("spec", {})
+            for section in ("backend", "model", "data"):
+                now = spec.model_dump(mode="json")[section]
+                if previous.get(section) != now:
+                    start = -1
+                    print(f"hvdtrain: {found.path} was written for a different {section} "
+                          f"section; use another output dir or remove the checkpoints", file=sys.stderr)
+                    break
+            else:
+                steps.load_state_bytes(found.payload)
+                start = found.epoch
+                print(f"resuming from {found.path} (epoch {start} done)", flush=True)
+    start = comm.broadcast_object(start, "hvdtrain.resume_epoch")
+    if start < 0:
+        raise UserError(f"checkpoints in {spec.checkpoint.dir} belong to another job")
+    return start
+
+
+def evaluate(dataset: Dataset, comm: Comm, steps: Steps, batch_size: int) -> tuple[np.ndarray, float]:
+    """This rank's confusion counts and summed cross-entropy on its validation shard."""
+    k = dataset.num_classes
+    counts, loss = np.zeros((k, k), dtype=np.int64), 0.0
+    for idx in eval_shard(len(dataset.y_val), comm.rank, comm.size, batch_size):
+        logits = steps.logits(dataset.x_val[idx]).astype(np.float64)
+        labels = dataset.y_val[idx]
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        loss -= log_probs[np.arange(len(idx)), labels].sum()
+        counts += confusion(labels, logits.argmax(axis=1), k)
+    return counts, loss
+
+
+def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, target_lr: float,
+               start_epoch: int, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    out = Path(spec.output)
+    n, k = len(dataset.y_train), dataset.num_classes
+    per_epoch = steps_per_epoch(n, comm.size, spec.train.batch_size)
+    if comm.rank == 0:
+        prepare_run_dir(spec, start_epoch)
+    record: dict[str, Any] = {}
+    for epoch in range(start_epoch, spec.train.epochs):
+        began = time.perf_counter()
+        batches = [(dataset.x_train[b], dataset.y_train[b])
+                   for b in shard_batches(n, comm.rank, comm.size, spec.train.batch_size,
+                                          spec.train.seed, epoch)]
+        loss_sum, seen = steps.train_epoch(epoch, batches, lr_schedule(spec, target_lr, epoch, per_epoch))
+        counts, val_loss = evaluate(dataset, comm, steps, max(spec.train.batch_size, 256))
+        totals = comm.allreduce_sum(np.concatenate([[loss_sum, seen, val_loss], counts.ravel()]),
+                                    f"hvdtrain.metrics.{epoch}")
+        elapsed = time.perf_counter() - began
+        record = {"epoch": epoch + 1, "train_loss": totals[0] / totals[1],
+                  "val_loss": totals[2] / len(dataset.y_val),
+                  **{f"val_{m}": v for m, v in scores(totals[3:].reshape(k, k)).items()},
+                  "lr": lr_schedule(spec, target_lr, epoch, per_epoch)(per_epoch - 1),
+                  "samples_per_s": totals[1] / elapsed, "seconds": elapsed}
+        if not all(math.isfinite(record[m]) for m in ("train_loss", "val_loss")):
+            raise UserError(f"epoch {epoch + 1}: loss is not finite; lower optimizer.lr")
+        # Horovod: checkpoint and log on rank 0 only, so ranks never race on one file.
+        if comm.rank == 0:
+            with open(out / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+            progress(f"epoch {epoch + 1}/{spec.train.epochs}  train_loss {record['train_loss']:.4f}  "
+                     f"val_loss {record['val_loss']:.4f}  val_acc {record['val_accuracy']:.4f}  "
+                     f"val_f1 {record['val_f1']:.4f}  ({elapsed:.1f}s)")
+            if (epoch + 1) % spec.checkpoint.every_epochs == 0 or epoch + 1 == spec.train.epochs:
+                checkpoint.save(spec.checkpoint.dir, epoch + 1, steps.state_bytes(),
+                                {"spec": spec.model_dump(mode="json"), "metrics": record},
+                                spec.checkpoint.keep_last)
+    check_consistency(comm, steps)
+    summary = finish(spec, dataset, comm, steps, record)
+    if comm.rank == 0 and summary["final"]:
+        progress(f"final validation accuracy {summary['final']['val_accuracy']:.4f}")
+    return summary
+
+
+def prepare_run_dir(spec: JobSpec, start_epoch: int) -> None:
+    """Write the resolved spec; keep only metrics of epochs the checkpoint covers."""
+    out = Path(spec.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.yaml").write_text(dump(spec))
+    log = out / "metrics.jsonl"
+    if log.exists():
+        kept = [ln for ln in log.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("epoch", 0) <= start_epoch]
+        log.write_text("".join(ln + "\n" for ln in kept))
+
+
+def check_consistency(comm: Comm, steps: Steps) -> None:
+    """Every rank must end with the same weights; name the ranks that do not."""
+    digests = comm.allgather_object(steps.weights_digest(), "hvdtrain.weights_digest")
+    if len(set(digests)) != 1:
+        groups = {d: [r for r, x in enumerate(digests) if x == d] for d in digests}
+        raise RuntimeError("ranks ended with different weights: " +
+                           "; ".join(f"ranks {r}: {d[:12]}" for d, r in groups.items()))
+
+
+def finish(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, record: dict) -> dict[str, Any]:
+    """Rank 0 exports the model with its preprocessing and writes summary.json."""
+    if not record:  # resumed after the last epoch: report the last checkpoint's metrics
+        last = checkpoint.latest_valid(spec.checkpoint.dir) if comm.rank == 0 else None
+        record = comm.broadcast_object(last.meta.get("metrics", {}) if last else {}, "hvdtrain.final")
+    summary = {"name": spec.name, "backend": spec.backend, "workers": comm.size,
+               "epochs": spec.train.epochs, "final": record,
+               "weights_digest": steps.weights_digest()}
+    if comm.rank == 0:
+        model_dir = Path(spec.output) / "model"
+        model_dir.mkdir(parents=True, exist_ok=True)
+        steps.export(model_dir)
+        dataset.preprocessing.save(model_dir / "preprocessing.json")
+        (model_dir / "spec.yaml").write_text(dump(spec))
+        (Path(spec.output) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

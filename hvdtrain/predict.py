@@ -1,0 +1,54 @@
+"""Predictions from an exported model: no Horovod, no launcher, CPU is enough."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .backends import get_backend
+from .data import Preprocessing, parse_number, read_csv_rows, read_npz
+from .errors import DataError, UserError
+
+
+def read_inputs(path: Path, prep: Preprocessing) -> np.ndarray:
+    """Raw features from .npz (array x) or .csv (the training feature columns, by name;
+    other columns such as the label are ignored)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix.lower() == ".npz":
+        return read_npz(path, need_labels=False)[0]
+    if path.suffix.lower() != ".csv":
+        raise DataError(f"{path}: expected a .npz or .csv file")
+    header, rows = read_csv_rows(path)
+    missing = [n for n in prep.feature_names if n not in header]
+    if missing:
+        raise DataError(f"{path}: missing feature columns {', '.join(missing[:5])}")
+    columns = [header.index(n) for n in prep.feature_names]
+    return np.asarray([[parse_number(row[c], path, line, header[c]) for c in columns]
+                       for line, row in rows], dtype=np.float64)
+
+
+def predict(run_dir: Path, input_path: Path, output: Path | None) -> list[str]:
+    model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
+    if not (model_dir / "model.json").is_file():
+        raise UserError(f"{run_dir}: no exported model (expected {model_dir / 'model.json'}); "
+                        "train with `hvdtrain run` first")
+    config = json.loads((model_dir / "model.json").read_text())
+    prep = Preprocessing.load(model_dir / "preprocessing.json")
+    model = get_backend(config["backend"]).load_model(model_dir)
+    logits = model(prep.apply(read_inputs(input_path, prep))).astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    labels = [prep.classes[i] for i in probs.argmax(axis=1)]
+    if output is not None:
+        with open(output, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["prediction", *[f"p_{c}" for c in prep.classes]])
+            for label, row in zip(labels, probs):
+                writer.writerow([label, *[f"{p:.6f}" for p in row]])
+    else:
+        sys.stdout.write("".join(f"{label}\n" for label in labels))
+    return labels

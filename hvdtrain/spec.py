@@ -1,0 +1,278 @@
+"""The job spec: YAML -> typed, validated `JobSpec`. One place.
+
+Relative paths in a spec (data file, output, checkpoint dir) are taken from
+the current working directory, the same for every launcher.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from .errors import SpecError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Activation = Literal["relu", "tanh", "gelu"]
+SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class MLPSpec(Section):
+    kind: Literal["mlp"]
+    hidden: list[PositiveInt] = Field(default=[128, 64], description="sizes of the hidden layers")
+    activation: Activation = "relu"
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout after each hidden layer")
+
+
+class CNNSpec(Section):
+    kind: Literal["cnn"]
+    channels: list[PositiveInt] = Field(default=[16, 32], min_length=1,
+                                        description="output channels of each 3x3 conv block")
+    kernel_size: Annotated[int, Field(ge=1, le=7)] = 3
+    hidden: list[PositiveInt] = Field(default=[64], description="dense layers after the convs")
+    activation: Activation = "relu"
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+ModelSpec = Annotated[Union[MLPSpec, CNNSpec], Field(discriminator="kind")]
+
+
+class SyntheticSpec(Section):
+    samples: Annotated[int, Field(ge=2, le=10_000_000)] = 4096
+    shape: list[PositiveInt] = Field(default=[64], min_length=1, max_length=3,
+                                     description="per-sample shape: [features] or [C, H, W]")
+    classes: Annotated[int, Field(ge=2, le=100_000)] = 10
+
+
+class DataSpec(Section):
+    source: Literal["digits", "iris", "wine", "breast_cancer", "file", "synthetic"]
+    path: Path | None = Field(default=None, description=".npz (arrays x, y) or .csv; source: file only")
+    label_column: str = Field(default="label", description="csv column holding the class label")
+    image_shape: list[PositiveInt] | None = Field(
+        default=None, min_length=3, max_length=3,
+        description="[C, H, W] of each sample for a cnn on file data")
+    synthetic: SyntheticSpec | None = None
+    standardize: bool = Field(default=True, description="zero mean, unit variance from the training split")
+    clean: Literal["drop", "impute"] = Field(
+        default="drop", description="rows with NaN/inf features: drop them, or fill with the column mean")
+    validation_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "DataSpec":
+        if self.source == "file" and self.path is None:
+            raise ValueError("source 'file' needs data.path (an .npz or .csv file)")
+        if self.source == "file" and self.path.suffix.lower() not in (".npz", ".csv"):
+            raise ValueError(f"data.path must end in .npz or .csv, got {str(self.path)!r}")
+        if self.source != "file" and self.path is not None:
+            raise ValueError(f"data.path is only read with source 'file', not {self.source!r}")
+        if self.source == "synthetic" and self.synthetic is None:
+            self.synthetic = SyntheticSpec()
+        return self
+
+
+class OptimizerSpec(Section):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(default=0.01, gt=0.0, le=10.0, description="learning rate for one worker")
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="sgd only")
+    weight_decay: float = Field(default=0.0, ge=0.0, lt=1.0)
+    lr_scaling: Literal["linear", "none"] = Field(
+        default="linear", description="linear: lr x number of workers (Horovod's rule)")
+    warmup_epochs: Annotated[float, Field(ge=0.0, le=1000)] = Field(
+        default=0.0, description="ramp from lr to the scaled lr over this many epochs")
+
+
+class TrainSpec(Section):
+    epochs: Annotated[int, Field(gt=0, le=100_000)] = 10
+    batch_size: Annotated[int, Field(gt=0, le=1_000_000)] = Field(default=32, description="per worker")
+    seed: int = 0
+
+
+class HorovodSpec(Section):
+    fp16_compression: bool = Field(default=False, description="send gradients as float16")
+    backward_passes_per_step: Annotated[int, Field(gt=0, le=1024)] = 1
+    adasum: bool = Field(default=False, description="Adasum reduction instead of averaging")
+
+
+class CheckpointSpec(Section):
+    dir: Path | None = Field(default=None, description="default: <output>/checkpoints")
+    every_epochs: Annotated[int, Field(gt=0)] = 1
+    keep_last: Annotated[int, Field(gt=0, le=1000)] = 3
+
+
+class ResourcesSpec(Section):
+    workers: Annotated[int, Field(gt=0, le=100_000)] = Field(default=2, description="ranks in all")
+    cpus_per_worker: Annotated[int, Field(gt=0, le=1024)] = Field(
+        default=1, description="intra-op threads per rank")
+    gpus_per_worker: Annotated[int, Field(ge=0, le=16)] = 0
+
+
+class JobSpec(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+                      description="job name: letters, digits, '.', '_', '-'")
+    backend: Literal["torch", "tensorflow"]
+    model: ModelSpec
+    data: DataSpec
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    horovod: HorovodSpec = Field(default_factory=HorovodSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    output: Path | None = Field(default=None, description="run directory; default runs/<name>")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobSpec":
+        if isinstance(self.model, CNNSpec):
+            image = self.data.source == "digits" or self.data.image_shape is not None or (
+                self.data.synthetic is not None and len(self.data.synthetic.shape) == 3)
+            if not image:
+                raise ValueError(f"model.kind 'cnn' needs image data: digits, data.image_shape, "
+                                 f"or data.synthetic.shape [C, H, W]; data.source {self.data.source!r} "
+                                 "is tabular")
+        if self.output is None:
+            self.output = Path("runs") / self.name
+        if self.checkpoint.dir is None:
+            self.checkpoint.dir = self.output / "checkpoints"
+        return self
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Read, override and validate a spec file; raise SpecError with every problem."""
+    source = str(path)
+    raw = read_yaml(Path(path))
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw, source)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise SpecError(str(path), [f"no such file"]) from None
+    except IsADirectoryError:
+        raise SpecError(str(path), ["is a directory, not a spec file"]) from None
+    except UnicodeDecodeError as err:
+        raise SpecError(str(path), [f"not UTF-8 text (byte {err.start})"]) from None
+    except OSError as err:
+        raise SpecError(str(path), [err.strerror or str(err)]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(str(path), [f"YAML syntax error at {where}{problem}"]) from None
+    if not isinstance(raw, dict):
+        raise SpecError(str(path), [f"must be a YAML mapping of sections, got {type(raw).__name__}"])
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply `a.b.c=value`; the value is parsed as YAML (3 -> int, [64, 32] -> list)."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise SpecError("overrides", [f"{item!r}: expected key.path=value, e.g. train.epochs=3"])
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError("overrides", [f"{item!r}: {'.'.join(parts[:depth + 1])} is not a section"])
+        node = child
+    node[parts[-1]] = value
+
+
+def validate(raw: dict[str, Any], source: str = "spec") -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(source, [describe(e) for e in err.errors()]) from None
+
+
+def describe(error: dict[str, Any]) -> str:
+    """One line per problem: `optimizer.lr: must be > 0, got -1`."""
+    raw = [str(p) for p in error["loc"]]
+    loc = user_path(raw)
+    path = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        keys = valid_keys(raw[:-1])
+        close = difflib.get_close_matches(raw[-1], keys, n=1, cutoff=0.5)
+        hint = f" (did you mean '{'.'.join(loc[:-1] + close)}'?)" if close else \
+            f" (valid keys: {', '.join(keys)})"
+        return f"{path}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{path}: required key is missing"
+    msg = error["msg"].removeprefix("Value error, ")
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    if error["type"] == "literal_error" or error["type"] == "union_tag_invalid":
+        return f"{path}: {msg}, got {error.get('input')!r}"
+    shown = error.get("input")
+    if isinstance(shown, (dict, list)) or error["type"] == "value_error":
+        return f"{path}: {msg}"
+    return f"{path}: {msg}, got {shown!r}"
+
+
+def user_path(loc: list[str]) -> list[str]:
+    """The location as the user wrote it: without pydantic's union tags (model.mlp.x -> model.x)."""
+    model: Any = JobSpec
+    shown = []
+    for part in loc:
+        if _union_member(model, part) is None:
+            shown.append(part)
+        model = _section_at(model, part)
+    return shown
+
+
+def valid_keys(loc: list[str]) -> list[str]:
+    """The keys allowed at a location, for 'did you mean' hints."""
+    model: Any = JobSpec
+    for part in loc:
+        model = _section_at(model, part)
+        if model is None:
+            return []
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _section_at(model: Any, part: str) -> Any:
+    if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+        return _union_member(model, part)
+    return _unwrap(model.model_fields[part].annotation)
+
+
+def _union_member(model: Any, tag: str) -> Any:
+    # pydantic puts a discriminated union's tag in the location: model.mlp.hidden
+    for member in get_args(model) if get_origin(model) is Union else ():
+        kind = getattr(member, "model_fields", {}).get("kind")
+        if kind is not None and tag in get_args(kind.annotation):
+            return member
+    return None
+
+
+def _unwrap(annotation: Any) -> Any:
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Union and len(args) == 1:
+        return _unwrap(args[0])
+    return annotation
+
+
+def model_from_dict(raw: dict[str, Any]) -> MLPSpec | CNNSpec:
+    """A `model` section on its own, as saved with an exported model."""
+    return TypeAdapter(ModelSpec).validate_python(raw)
+
+
+def dump(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from hvdtrain.data import load_dataset, shard_batches, stratified_split, steps_per_epoch
+from hvdtrain.errors import DataError
+from hvdtrain.spec import DataSpec
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 3000), size=st.integers(1, 16), batch=st.integers(1, 256),
+       seed=st.integers(0, 10), epoch=st.integers(0, 50))
+def test_shards_take_equal_steps_are_disjoint_and_complete(n, size, batch, seed, epoch):
+    if n < size:
+        with pytest.raises(DataError):
+            shard_batches(n, 0, size, batch, seed, epoch)
+        return
+    shards = [shard_batches(n, r, size, batch, seed, epoch) for r in range(size)]
+    steps = {len(s) for s in shards}
+    assert steps == {steps_per_epoch(n, size, batch)}
+    every = np.concatenate([np.concatenate(s) for s in shards])
+    assert len(every) == n and set(every.tolist()) == set(range(n))  # disjoint and complete
+    assert all(len(b) >= 1 for s in shards for b in s)  # no empty batch
+    assert max(len(b) for s in shards for b in s) <= batch + 1
+
+
+def test_shard_order_depends_on_seed_and_epoch_only():
+    a = shard_batches(1000, 1, 4, 32, seed=3, epoch=5)
+    b = shard_batches(1000, 1, 4, 32, seed=3, epoch=5)
+    c = shard_batches(1000, 1, 4, 32, seed=3, epoch=6)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_stratified_split_keeps_class_shares_and_is_deterministic():
+    y = np.repeat(np.arange(3), [100, 50, 10])
+    train, val = stratified_split(y, 0.2, seed=1)
+    assert np.bincount(y[val]).tolist() == [20, 10, 2]
+    assert not set(train) & set(val) and len(train) + len(val) == len(y)
+    again = stratified_split(y, 0.2, seed=1)
+    assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])
+
+
+@pytest.mark.parametrize("source, classes", [("digits", 10), ("iris", 3), ("wine", 3), ("breast_cancer", 2)])
+def test_bundled_datasets_load_standardised(source, classes):
+    ds = load_dataset(DataSpec(source=source))
+    assert ds.num_classes == classes
+    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int64
+    features = ds.x_train.reshape(len(ds.x_train), -1)
+    varying = features.std(axis=0) > 0
+    assert np.allclose(features.mean(axis=0), 0, atol=1e-4)
+    assert np.allclose(features.std(axis=0)[varying], 1, atol=1e-3)
+    assert np.isfinite(ds.x_val).all()
+
+
+def test_digits_as_images_for_a_cnn():
+    ds = load_dataset(DataSpec(source="digits"), image=True)
+    assert ds.x_train.shape[1:] == (1, 8, 8)
+
+
+def write_csv(path, rows):
+    path.write_text("\n".join(",".join(map(str, r)) for r in rows) + "\n")
+
+
+def test_csv_cleaning_drops_or_imputes_non_finite_rows(tmp_path):
+    path = tmp_path / "d.csv"
+    rows = [["a", "b", "label"]] + [[i, 2 * i, "cat" if i % 2 else "dog"] for i in range(20)]
+    rows[3][0] = ""        # missing value
+    rows[5][1] = "inf"     # non-finite
+    write_csv(path, rows)
+    dropped = load_dataset(DataSpec(source="file", path=path, validation_fraction=0.25))
+    assert dropped.dropped_rows == 2
+    assert len(dropped.y_train) + len(dropped.y_val) == 18
+    assert dropped.preprocessing.classes == ["cat", "dog"]
+    imputed = load_dataset(DataSpec(source="file", path=path, clean="impute", validation_fraction=0.25))
+    assert imputed.dropped_rows == 0 and len(imputed.y_train) + len(imputed.y_val) == 20
+    assert np.isfinite(imputed.x_train).all() and np.isfinite(imputed.x_val).all()
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([["a", "label"], ["x", "1"], ["2", "0"]], "column 'a' holds 'x', not a number"),
+    ([["a", "y"], ["1", "1"]], "no label column 'label'"),
+    ([["a", "label"], ["1", "1", "3"]], "3 fields, header has 2"),
+    ([["a", "label"], ["1", "1"], ["2", "1"]], "at least 2 classes"),
+])
+def test_bad_csv_files_give_clear_errors(tmp_path, rows, message):
+    path = tmp_path / "d.csv"
+    write_csv(path, rows)
+    with pytest.raises(DataError, match=message):
+        load_dataset(DataSpec(source="file", path=path))
+
+
+def test_npz_file_and_image_shape(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=rng.normal(size=(40, 2, 3, 3)), y=np.arange(40) % 4)
+    ds = load_dataset(DataSpec(source="file", path=path, image_shape=[2, 3, 3]), image=True)
+    assert ds.x_train.shape[1:] == (2, 3, 3) and ds.num_classes == 4
+    with pytest.raises(DataError, match="holds 12 values"):
+        load_dataset(DataSpec(source="file", path=path, image_shape=[3, 2, 2]), image=True)
+    np.savez(path, features=np.zeros((4, 2)))
+    with pytest.raises(DataError, match="needs arrays"):
+        load_dataset(DataSpec(source="file", path=path))
+
+
+def test_missing_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_dataset(DataSpec(source="file", path=tmp_path / "none.csv"))
+
+
+def test_synthetic_data_has_requested_shape_and_classes():
+    spec = DataSpec(source="synthetic", synthetic={"samples": 500, "shape": [3, 4, 4], "classes": 5})
+    ds = load_dataset(spec, image=True)
+    assert ds.x_train.shape[1:] == (3, 4, 4) and ds.num_classes == 5
+    assert len(ds.y_train) + len(ds.y_val) == 500
+
+
+def test_preprocessing_applies_training_statistics_to_new_inputs():
+    ds = load_dataset(DataSpec(source="iris"))
+    raw = np.array([[5.1, 3.5, 1.4, 0.2], [np.nan, 3.0, 5.0, 1.8]])
+    out = ds.preprocessing.apply(raw)
+    prep = ds.preprocessing
+    assert np.allclose(out[0], (raw[0] - prep.mean) / np.asarray(prep.std), atol=1e-6)
+    assert np.isfinite(out).all()
+    with pytest.raises(DataError, match="expected 4 features"):
+        prep.apply(np.zeros((1, 3)))

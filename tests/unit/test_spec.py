@@ -1,0 +1,132 @@
+import pytest
+import yaml
+
+from hvdtrain.errors import SpecError
+from hvdtrain.spec import CNNSpec, MLPSpec, apply_override, load_spec, validate
+from tests.conftest import EXAMPLES
+
+BASE = {"name": "job", "backend": "torch", "model": {"kind": "mlp"}, "data": {"source": "digits"}}
+
+
+def problems(raw):
+    with pytest.raises(SpecError) as info:
+        validate(raw)
+    return info.value.problems
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_validates_and_names_its_command(path):
+    spec = load_spec(path)
+    assert path.read_text().splitlines()[0] == f"# hvdtrain run examples/{path.name} -np 2"
+    assert spec.name == path.stem
+
+
+def test_defaults_resolve_output_and_checkpoint_dir():
+    spec = validate(BASE)
+    assert str(spec.output) == "runs/job"
+    assert str(spec.checkpoint.dir) == "runs/job/checkpoints"
+    assert isinstance(spec.model, MLPSpec) and spec.model.hidden == [128, 64]
+
+
+def test_three_mistakes_are_reported_together_with_key_paths():
+    raw = dict(BASE, optimizer={"lr": -1}, train={"epochs": "many"},
+               model={"kind": "mlp", "dropout": 1.5})
+    found = problems(raw)
+    assert len(found) == 3
+    assert any(p.startswith("optimizer.lr: ") and "greater than 0" in p and "-1" in p for p in found)
+    assert any(p.startswith("train.epochs: ") for p in found)
+    assert any(p.startswith("model.dropout: ") for p in found)
+
+
+def test_unknown_key_suggests_nearest_valid_name():
+    found = problems(dict(BASE, optimizer={"lrr": 0.1}))
+    assert found == ["optimizer.lrr: unknown key (did you mean 'optimizer.lr'?)"]
+    found = problems(dict(BASE, model={"kind": "cnn", "chanels": [8]}))
+    assert found == ["model.chanels: unknown key (did you mean 'model.channels'?)"]
+
+
+def test_unknown_top_level_key_lists_valid_keys_when_nothing_is_close():
+    (found,) = problems(dict(BASE, zzzz=1))
+    assert found.startswith("zzzz: unknown key (valid keys: name, backend, model")
+
+
+def test_missing_required_sections_and_bad_choices():
+    found = problems({"name": "x", "backend": "mxnet"})
+    assert "model: required key is missing" in found
+    assert "data: required key is missing" in found
+    assert any(p.startswith("backend: ") and "'mxnet'" in p for p in found)
+
+
+def test_cnn_needs_image_data():
+    found = problems(dict(BASE, model={"kind": "cnn"}, data={"source": "iris"}))
+    assert len(found) == 1 and "needs image data" in found[0]
+    spec = validate(dict(BASE, model={"kind": "cnn"}))
+    assert isinstance(spec.model, CNNSpec)
+
+
+def test_file_source_needs_a_supported_path():
+    assert "needs data.path" in problems(dict(BASE, data={"source": "file"}))[0]
+    assert "must end in .npz or .csv" in problems(dict(BASE, data={"source": "file", "path": "x.txt"}))[0]
+
+
+def test_overrides_are_typed_like_the_file(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    spec = load_spec(path, ["train.epochs=3", "optimizer.lr=0.05", "model.hidden=[32, 16]",
+                            "horovod.fp16_compression=true"])
+    assert spec.train.epochs == 3 and spec.optimizer.lr == 0.05
+    assert spec.model.hidden == [32, 16] and spec.horovod.fp16_compression is True
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["train.epochs=abc", "optimizer.lrr=1"])
+    assert len(info.value.problems) == 2
+    assert any(p.startswith("train.epochs: ") for p in info.value.problems)
+
+
+@pytest.mark.parametrize("item", ["train.epochs", "=3", "train..epochs=3"])
+def test_malformed_override_is_a_spec_error(item):
+    with pytest.raises(SpecError, match="expected key.path=value"):
+        apply_override({}, item)
+
+
+def test_override_through_a_scalar_is_refused():
+    with pytest.raises(SpecError, match="name is not a section"):
+        apply_override({"name": "x"}, "name.sub=1")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"name: x\n  bad: [\n", "YAML syntax error at line 2"),
+    (b"- a\n- b\n", "must be a YAML mapping"),
+    (b"\xff\xfe\x00name", "not UTF-8"),
+    (b"", "must be a YAML mapping"),
+])
+def test_unreadable_files_are_spec_errors(tmp_path, content, message):
+    path = tmp_path / "s.yaml"
+    path.write_bytes(content)
+    with pytest.raises(SpecError, match=message):
+        load_spec(path)
+
+
+def test_cli_validate_reports_all_errors_with_exit_2_and_no_traceback(cli, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: job\nbackend: torch\nmodel: {kind: mlp, hiden: [8]}\n"
+                    "data: {source: digits}\noptimizer: {lr: -1}\ntrain: {batch_size: 0}\n")
+    result = cli("validate", path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "(3 errors)" in result.stderr
+    for key in ("model.hiden", "optimizer.lr", "train.batch_size"):
+        assert f"  {key}: " in result.stderr
+
+
+def test_cli_validate_prints_resolved_spec(cli):
+    result = cli("validate", EXAMPLES[0], "train.epochs=7")
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["train"]["epochs"] == 7
+    assert resolved["checkpoint"]["dir"].endswith("/checkpoints")
+
+
+def test_cli_run_rejects_bad_spec_before_launching(cli, tmp_path):
+    result = cli("run", EXAMPLES[0], "train.epochs=-1", "-np", "2")
+    assert result.returncode == 2 and "train.epochs" in result.stderr
+    assert "Traceback" not in result.stderr
