@@ -26,7 +26,7 @@ def cmd_run(args) -> int:
         final = json.loads(summary.read_text())["final"]
         print(f"{spec.name}: validation accuracy {final['val_accuracy']:.4f}, macro F1 "
               f"{final['val_f1']:.4f} after {final['epoch']} epochs; run dir {spec.output}")
-    return code if code == 0 else EXIT_FAILED
+    return code
 
 
 def cmd_train(args) -> int:
@@ -110,6 +110,15 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         print(f"hvdtrain: error: {err}", file=sys.stderr)
         code = EXIT_USAGE
+    except OSError as err:
+        print(f"hvdtrain: error: {err}", file=sys.stderr)
+        code = EXIT_FAILED
+    except Exception as err:
+        if type(err).__name__ != "HorovodInternalError":
+            raise
+        # Another rank failed first; its own error is the one to read.
+        print("hvdtrain: stopped because another rank failed", file=sys.stderr)
+        code = EXIT_FAILED
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

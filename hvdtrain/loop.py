@@ -77,31 +77,51 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def resume(spec: JobSpec, comm: Comm, steps: Steps) -> int:
-    """Rank 0 loads the newest valid checkpoint; returns the epoch to start at.
+    """Rank 0 checks the run dir and loads the newest valid checkpoint; returns
+    the epoch to start at on every rank.
 
     Only rank 0 reads the file (no shared filesystem needed); the backend's
     broadcast of initial state then carries the weights to the other ranks.
+    A problem found by rank 0 is sent to all ranks, so all stop with it at once.
     """
-    start = 0
+    start, problem = 0, None
     if comm.rank == 0:
-        found = checkpoint.latest_valid(spec.checkpoint.dir)
+        problem = writable_problem(spec)
+        found = None if problem else checkpoint.latest_valid(spec.checkpoint.dir)
         if found is not None:
-            previous = found.meta.get("spec", {})
-            for section in ("backend", "model", "data"):
-                now = spec.model_dump(mode="json")[section]
-                if previous.get(section) != now:
-                    start = -1
-                    print(f"hvdtrain: {found.path} was written for a different {section} "
-                          f"section; use another output dir or remove the checkpoints", file=sys.stderr)
-                    break
-            else:
+            problem = foreign_checkpoint(spec, found)
+            if not problem:
                 steps.load_state_bytes(found.payload)
                 start = found.epoch
                 print(f"resuming from {found.path} (epoch {start} done)", flush=True)
-    start = comm.broadcast_object(start, "hvdtrain.resume_epoch")
-    if start < 0:
-        raise UserError(f"checkpoints in {spec.checkpoint.dir} belong to another job")
+    start, problem = comm.broadcast_object((start, problem), "hvdtrain.resume")
+    if problem:
+        raise UserError(problem)
     return start
+
+
+def writable_problem(spec: JobSpec) -> str | None:
+    """Why the run dir or checkpoint dir cannot be written, found before training."""
+    for directory in (Path(spec.output), Path(spec.checkpoint.dir)):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(directory / ".write-test", "wb") as probe:
+                probe.write(b"0" * 4096)
+                probe.flush()
+            (directory / ".write-test").unlink()
+        except OSError as err:
+            return f"cannot write to {directory}: {err.strerror or err}"
+    return None
+
+
+def foreign_checkpoint(spec: JobSpec, found: checkpoint.Checkpoint) -> str | None:
+    previous = found.meta.get("spec", {})
+    now = spec.model_dump(mode="json")
+    for section in ("backend", "model", "data"):
+        if previous.get(section) != now[section]:
+            return (f"{found.path} was written for a different '{section}' section: use another "
+                    "output/checkpoint dir, or remove the old checkpoints")
+    return None
 
 
 def evaluate(dataset: Dataset, comm: Comm, steps: Steps, batch_size: int) -> tuple[np.ndarray, float]:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
 from ..spec import JobSpec
 
 
@@ -37,23 +38,43 @@ def rank_environment(spec: JobSpec) -> dict[str, str]:
 
 
 def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int) -> int:
-    """Run the ranks; rank output streams through. Returns horovodrun's exit code.
+    """Run the ranks with their output streaming through; return the exit code:
+    0, the first failed rank's status when it is a usage error (2), else 1.
 
-    horovodrun reports a failed rank with a Python traceback of its own; that
-    traceback is dropped (the rank's own error, prefixed [rank], is kept) and
-    replaced by one line naming the failure.
+    horovodrun's own lines (not prefixed [rank]) are kept back: on failure they
+    hold its traceback, replaced here by one line naming the rank that failed
+    first. The ranks' own errors, prefixed [rank], are shown as they come.
     """
     cmd = horovodrun_command(spec_path, overrides, np)
-    proc = subprocess.Popen(cmd, stdout=sys.stdout, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=rank_environment(spec))
     launcher_lines = []
-    for line in proc.stderr:
-        if line.startswith("[") or not launcher_lines and not line.startswith("Traceback"):
-            sys.stderr.write(line)
+    for line in proc.stdout:
+        match = RANK_LINE.match(line)
+        if match:
+            (sys.stdout if match.group(1) == "stdout" else sys.stderr).write(line)
         else:
             launcher_lines.append(line)
     code = proc.wait()
-    if code != 0:
-        reason = next((ln.strip() for ln in reversed(launcher_lines) if ln.strip()), "")
-        print(f"hvdtrain: training failed (horovodrun exit {code}). {reason}".rstrip(), file=sys.stderr)
-    return code
+    if code == 0:
+        return 0
+    rank, status = first_failure(launcher_lines)
+    if rank is None:
+        tail = "".join(launcher_lines[-5:]).rstrip()
+        print(f"hvdtrain: training failed: horovodrun exited with status {code}\n{tail}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"hvdtrain: training failed: rank {rank} exited with status {status} "
+          f"(its error is above, in lines starting [{rank}])", file=sys.stderr)
+    return EXIT_USAGE if status == EXIT_USAGE else EXIT_FAILED
+
+
+RANK_LINE = re.compile(r"^\[\d+\]<(stdout|stderr)>:")
+FAILED_PROCESS = re.compile(r"Process (\d+) exit with status code (-?\d+)")
+
+
+def first_failure(launcher_lines: list[str]) -> tuple[int | None, int | None]:
+    for line in launcher_lines:
+        match = FAILED_PROCESS.search(line)
+        if match and match.group(2) != "0":
+            return int(match.group(1)), int(match.group(2))
+    return None, None
