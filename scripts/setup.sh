@@ -24,7 +24,6 @@ echo "== installing torch 2.13.0 (CPU) and hvdtrain"
 .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[test]"
 echo "== Horovod"
 .venv/bin/hvdtrain build-horovod
-.venv/bin/hvdtrain doctor | tail -n +1 >/dev/null   # fails loudly below if unusable
 .venv/bin/python -c "import horovod.torch as hvd; assert hvd.gloo_built(), 'Horovod built without Gloo'"
 
 if [ "${1:-}" = "--demo" ]; then
