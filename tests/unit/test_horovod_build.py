@@ -1,0 +1,85 @@
+import dataclasses
+import tarfile
+
+import pytest
+
+from hvdtrain.horovod_build import build
+from hvdtrain.horovod_build.fixes import FIXES, Fix, FixError, apply_fixes, fixes_digest
+
+
+@pytest.fixture(scope="module")
+def sdist_tree(tmp_path_factory):
+    """The real pinned sdist, as the build uses it (downloaded once into the cache)."""
+    cache = build.cache_root()
+    sdist = cache / "sdist" / build.SDIST_NAME
+    if not sdist.exists():
+        pytest.skip(f"{sdist} not cached yet: scripts/setup.sh downloads it")
+    root = tmp_path_factory.mktemp("sdist")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(root, filter="data")
+    return root / f"horovod-{build.HOROVOD_VERSION}"
+
+
+def test_every_fix_applies_exactly_and_changes_its_file(sdist_tree):
+    before = {f.path: (sdist_tree / f.path).read_text() for f in FIXES}
+    lines = apply_fixes(sdist_tree)
+    assert len(lines) == len(FIXES)
+    for fix in FIXES:
+        text = (sdist_tree / fix.path).read_text()
+        assert fix.new in text and text != before[fix.path]
+    cmake = (sdist_tree / "third_party/gloo/CMakeLists.txt").read_text()
+    assert "cmake_minimum_required(VERSION 2.8" not in cmake
+
+
+def test_a_fix_that_does_not_match_stops_the_build(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    with pytest.raises(FixError, match="expected its text 1 time"):
+        apply_fixes(tmp_path, (Fix("a.txt", "absent", "x", "test"),))
+    with pytest.raises(FixError, match="missing from the sdist"):
+        apply_fixes(tmp_path, (Fix("b.txt", "hello", "x", "test"),))
+
+
+def test_cache_key_covers_versions_mpi_and_fixes():
+    plan = build.BuildPlan(torch="2.13.0", tensorflow=None, mpi="openmpi4.1.4", python="cp311",
+                           fixes=fixes_digest())
+    keys = {plan.key,
+            dataclasses.replace(plan, torch="2.14.1").key,
+            dataclasses.replace(plan, tensorflow="2.21.0").key,
+            dataclasses.replace(plan, mpi=None).key,
+            dataclasses.replace(plan, fixes=fixes_digest(FIXES[:-1])).key}
+    assert len(keys) == 5
+
+
+def test_build_switches_follow_what_is_installed():
+    env = build.BuildPlan(torch="2.13.0", tensorflow=None, mpi=None, python="cp311", fixes="abc").environment()
+    assert env["HOROVOD_WITH_PYTORCH"] == "1" and env["HOROVOD_WITHOUT_TENSORFLOW"] == "1"
+    assert env["HOROVOD_WITHOUT_MPI"] == "1" and env["HOROVOD_WITH_GLOO"] == "1"
+    assert env["CMAKE_POLICY_VERSION_MINIMUM"] == "3.5"
+    env = build.BuildPlan(torch=None, tensorflow="2.21.0", mpi="openmpi4.1.4", python="cp311",
+                          fixes="abc").environment()
+    assert env["HOROVOD_WITH_TENSORFLOW"] == "1" and env["HOROVOD_WITHOUT_PYTORCH"] == "1"
+    assert env["HOROVOD_WITH_MPI"] == "1"
+
+
+def test_failure_summary_picks_the_error_lines(tmp_path):
+    log = tmp_path / "build.log"
+    log.write_text("compiling a\ncompiling b\n/usr/bin/ld: multiple definition of `x'\n"
+                   "collect2: error: ld returned 1 exit status\nmore noise\n")
+    summary = build.failure_summary(log)
+    assert "collect2: error: ld returned 1" in summary and "compiling a" not in summary
+
+
+def test_installed_horovod_is_this_build():
+    version = build.installed_version("horovod")
+    if version is None:
+        pytest.skip("Horovod not installed: scripts/setup.sh builds it")
+    assert version == f"{build.HOROVOD_VERSION}+hvdtrain.{fixes_digest()}"
+
+
+def test_doctor_shows_pytorch_and_gloo(cli):
+    if build.installed_version("horovod") is None:
+        pytest.skip("Horovod not installed: scripts/setup.sh builds it")
+    result = cli("doctor")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for line in ("torch:      2.13.0", "[X] PyTorch", "[X] Gloo", "horovodrun --check-build:"):
+        assert line in result.stdout

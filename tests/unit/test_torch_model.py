@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hvdtrain.backends import get_backend
+from hvdtrain.backends.torch import build_model, load_model, save_model
+from hvdtrain.data import load_dataset
+from hvdtrain.loop import lr_schedule
+from hvdtrain.spec import DataSpec, validate
+
+
+def spec_for(model):
+    return validate({"name": "t", "backend": "torch", "model": model, "data": {"source": "digits"},
+                     "optimizer": {"lr": 0.1, "warmup_epochs": 2}})
+
+
+def count(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def test_mlp_and_cnn_parameter_counts():
+    mlp = build_model(spec_for({"kind": "mlp", "hidden": [128, 64]}).model, [64], 10)
+    assert count(mlp) == (64 * 128 + 128) + (128 * 64 + 64) + (64 * 10 + 10)
+    cnn = build_model(spec_for({"kind": "cnn", "channels": [16, 32], "hidden": [64]}).model, [1, 8, 8], 10)
+    # conv 1->16 (3x3), pool 8->4, conv 16->32, pool 4->2, dense 128->64, 64->10
+    assert count(cnn) == (9 * 16 + 16) + (9 * 16 * 32 + 32) + (128 * 64 + 64) + (64 * 10 + 10)
+    assert cnn(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
+
+
+def test_export_round_trip_gives_same_logits(tmp_path):
+    spec = spec_for({"kind": "cnn", "channels": [4], "hidden": [8]})
+    ds = load_dataset(DataSpec(source="digits"), image=True)
+    net = build_model(spec.model, ds.preprocessing.input_shape, ds.num_classes)
+    save_model(net, spec, tmp_path)
+    ds.preprocessing.save(tmp_path / "preprocessing.json")
+    assert json.loads((tmp_path / "model.json").read_text())["backend"] == "torch"
+    net.eval()
+    with torch.no_grad():
+        expected = net(torch.from_numpy(ds.x_val[:16])).numpy()
+    assert np.allclose(load_model(tmp_path)(ds.x_val[:16]), expected, atol=1e-6)
+
+
+def test_warmup_ramps_to_scaled_lr():
+    spec = spec_for({"kind": "mlp"})
+    first = lr_schedule(spec, 0.4, epoch=0, steps=10)
+    assert first(0) == pytest.approx(0.1) and first(5) == pytest.approx(0.1 + 0.3 * 0.25)
+    assert lr_schedule(spec, 0.4, epoch=2, steps=10)(0) == pytest.approx(0.4)
+
+
+def test_unknown_backend_module_is_a_clear_error():
+    from hvdtrain.errors import UserError
+    with pytest.raises(UserError, match="unknown backend"):
+        get_backend("mxnet")
+
+
+def test_import_hvdtrain_loads_no_framework():
+    import subprocess
+    import sys
+    code = ("import sys, hvdtrain, hvdtrain.cli, hvdtrain.spec, hvdtrain.loop, hvdtrain.data; "
+            "print(sorted(m for m in ('torch', 'tensorflow', 'horovod') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
