@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from . import checkpoint
 from .data import Dataset, eval_shard, shard_batches, steps_per_epoch
@@ -139,14 +140,18 @@ def evaluate(dataset: Dataset, comm: Comm, steps: Steps, batch_size: int) -> tup
 
 
 def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, target_lr: float,
-               start_epoch: int, progress: Callable[[str], None] = print) -> dict[str, Any]:
+               start_epoch: int, progress: Callable[[str], None] = tqdm.write) -> dict[str, Any]:
     out = Path(spec.output)
     n, k = len(dataset.y_train), dataset.num_classes
     per_epoch = steps_per_epoch(n, comm.size, spec.train.batch_size)
     if comm.rank == 0:
         prepare_run_dir(spec, start_epoch)
     record: dict[str, Any] = {}
-    for epoch in range(start_epoch, spec.train.epochs):
+    # Rank 0's bar over epochs; under a launcher that pipes output only the epoch lines show.
+    bar = tqdm(range(start_epoch, spec.train.epochs), initial=start_epoch, total=spec.train.epochs,
+               desc=spec.name, unit="epoch", leave=False,
+               disable=comm.rank != 0 or not sys.stderr.isatty())
+    for epoch in bar:
         began = time.perf_counter()
         batches = [(dataset.x_train[b], dataset.y_train[b])
                    for b in shard_batches(n, comm.rank, comm.size, spec.train.batch_size,
@@ -167,6 +172,7 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, target
         if comm.rank == 0:
             with open(out / "metrics.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
+            bar.set_postfix(val_acc=f"{record['val_accuracy']:.4f}", refresh=False)
             progress(f"epoch {epoch + 1}/{spec.train.epochs}  train_loss {record['train_loss']:.4f}  "
                      f"val_loss {record['val_loss']:.4f}  val_acc {record['val_accuracy']:.4f}  "
                      f"val_f1 {record['val_f1']:.4f}  ({elapsed:.1f}s)")

@@ -58,7 +58,7 @@ def make_optimizer(spec: JobSpec, params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
 
 
-def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] = print) -> dict:
+def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None = None) -> dict:
     hvd = import_horovod("torch")
 
     # Horovod: initialise.
@@ -89,7 +89,7 @@ def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] = print
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     broadcast_optimizer_state(hvd, optimizer, comm)
     # Horovod: checkpoint on rank 0 only -- inside run_epochs.
-    return run_epochs(spec, dataset, comm, steps, lr, start_epoch, progress)
+    return run_epochs(spec, dataset, comm, steps, lr, start_epoch, *([progress] if progress else []))
 
 
 def broadcast_optimizer_state(hvd, optimizer: torch.optim.Optimizer, comm: Comm) -> None:
