@@ -43,11 +43,8 @@ def report() -> tuple[list[str], list[str]]:
         fixes.append("Horovod missing: hvdtrain build-horovod")
     else:
         lines += ["", "horovodrun --check-build:", build]
-        missing = [(name, f"[X] {name}") for name in ("PyTorch", "Gloo", "MPI")]
-        for name, mark in missing:
-            wanted = {"PyTorch": plan.torch, "Gloo": True, "MPI": plan.mpi}[name]
-            if wanted and mark not in build:
+        wanted = {"PyTorch": plan.torch, "TensorFlow": plan.tensorflow, "Gloo": True, "MPI": plan.mpi}
+        for name, present_here in wanted.items():
+            if present_here and f"[X] {name}" not in build:
                 fixes.append(f"Horovod was built without {name}: hvdtrain build-horovod --force")
-        if plan.tensorflow and "[X] TensorFlow" not in build:
-            fixes.append("Horovod was built without TensorFlow: hvdtrain build-horovod --force")
     return lines, fixes

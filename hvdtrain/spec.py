@@ -156,7 +156,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise SpecError(str(path), [f"no such file"]) from None
+        raise SpecError(str(path), ["no such file"]) from None
     except IsADirectoryError:
         raise SpecError(str(path), ["is a directory, not a spec file"]) from None
     except UnicodeDecodeError as err:
