@@ -140,7 +140,8 @@ def evaluate(dataset: Dataset, comm: Comm, steps: Steps, batch_size: int) -> tup
 
 
 def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, target_lr: float,
-               start_epoch: int, progress: Callable[[str], None] = tqdm.write) -> dict[str, Any]:
+               start_epoch: int, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    progress = progress or tqdm.write
     out = Path(spec.output)
     n, k = len(dataset.y_train), dataset.num_classes
     per_epoch = steps_per_epoch(n, comm.size, spec.train.batch_size)
@@ -156,7 +157,8 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, target
         batches = [(dataset.x_train[b], dataset.y_train[b])
                    for b in shard_batches(n, comm.rank, comm.size, spec.train.batch_size,
                                           spec.train.seed, epoch)]
-        loss_sum, seen = steps.train_epoch(epoch, batches, lr_schedule(spec, target_lr, epoch, per_epoch))
+        lr_at = lr_schedule(spec, target_lr, epoch, per_epoch)
+        loss_sum, seen = steps.train_epoch(epoch, batches, lr_at)
         counts, val_loss = evaluate(dataset, comm, steps, max(spec.train.batch_size, 256))
         totals = comm.allreduce_sum(np.concatenate([[loss_sum, seen, val_loss], counts.ravel()]),
                                     f"hvdtrain.metrics.{epoch}")
@@ -164,7 +166,7 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, target
         record = {"epoch": epoch + 1, "train_loss": totals[0] / totals[1],
                   "val_loss": totals[2] / len(dataset.y_val),
                   **{f"val_{m}": v for m, v in scores(totals[3:].reshape(k, k)).items()},
-                  "lr": lr_schedule(spec, target_lr, epoch, per_epoch)(per_epoch - 1),
+                  "lr": lr_at(per_epoch - 1),
                   "samples_per_s": totals[1] / elapsed, "seconds": elapsed}
         if not all(math.isfinite(record[m]) for m in ("train_loss", "val_loss")):
             raise UserError(f"epoch {epoch + 1}: loss is not finite; lower optimizer.lr")
@@ -180,8 +182,8 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, target
                 checkpoint.save(spec.checkpoint.dir, epoch + 1, steps.state_bytes(),
                                 {"spec": spec.model_dump(mode="json"), "metrics": record},
                                 spec.checkpoint.keep_last)
-    check_consistency(comm, steps)
-    summary = finish(spec, dataset, comm, steps, record)
+    digest = check_consistency(comm, steps)
+    summary = finish(spec, dataset, comm, steps, record, digest)
     if comm.rank == 0 and summary["final"]:
         progress(f"final validation accuracy {summary['final']['val_accuracy']:.4f}")
     return summary
@@ -199,23 +201,26 @@ def prepare_run_dir(spec: JobSpec, start_epoch: int) -> None:
         log.write_text("".join(ln + "\n" for ln in kept))
 
 
-def check_consistency(comm: Comm, steps: Steps) -> None:
-    """Every rank must end with the same weights; name the ranks that do not."""
+def check_consistency(comm: Comm, steps: Steps) -> str:
+    """Every rank must end with the same weights; name the ranks that do not.
+    Returns the weights' digest, the same on every rank."""
     digests = comm.allgather_object(steps.weights_digest(), "hvdtrain.weights_digest")
     if len(set(digests)) != 1:
         groups = {d: [r for r, x in enumerate(digests) if x == d] for d in digests}
         raise RuntimeError("ranks ended with different weights: " +
                            "; ".join(f"ranks {r}: {d[:12]}" for d, r in groups.items()))
+    return digests[0]
 
 
-def finish(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, record: dict) -> dict[str, Any]:
+def finish(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, record: dict,
+           digest: str) -> dict[str, Any]:
     """Rank 0 exports the model with its preprocessing and writes summary.json."""
     if not record:  # resumed after the last epoch: report the last checkpoint's metrics
         last = checkpoint.latest_valid(spec.checkpoint.dir) if comm.rank == 0 else None
         record = comm.broadcast_object(last.meta.get("metrics", {}) if last else {}, "hvdtrain.final")
     summary = {"name": spec.name, "backend": spec.backend, "workers": comm.size,
                "epochs": spec.train.epochs, "final": record,
-               "weights_digest": steps.weights_digest()}
+               "weights_digest": digest}
     if comm.rank == 0:
         model_dir = Path(spec.output) / "model"
         model_dir.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,7 @@ def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None 
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     broadcast_optimizer_state(hvd, optimizer, comm)
     # Horovod: checkpoint on rank 0 only -- inside run_epochs.
-    return run_epochs(spec, dataset, comm, steps, lr, start_epoch, *([progress] if progress else []))
+    return run_epochs(spec, dataset, comm, steps, lr, start_epoch, progress)
 
 
 def broadcast_optimizer_state(hvd, optimizer: torch.optim.Optimizer, comm: Comm) -> None:
