@@ -21,7 +21,7 @@ class Fix:
     count: int = 1
 
 
-FIXES: tuple[Fix, ...] = (
+BUILD_FIXES: tuple[Fix, ...] = (
     Fix(
         path="third_party/gloo/CMakeLists.txt",
         old="cmake_minimum_required(VERSION 2.8.12 FATAL_ERROR)",
@@ -63,6 +63,140 @@ FIXES: tuple[Fix, ...] = (
             "includes; the XLA ops are optional, so they are built only where possible.",
     ),
 )
+
+# Keras 3 (TensorFlow >= 2.16) variables are not tf.Variable objects: they wrap
+# one (``.value``) and lack its API (``ref()``, ...). Horovod's TensorFlow code
+# therefore works on the wrapped variable, reached through one helper, and
+# accepts Keras 3's changed BatchNormalization and optimizer APIs.
+_TF = "horovod/tensorflow/"
+KERAS3_FIXES: tuple[Fix, ...] = (
+    Fix(
+        path=_TF + "util.py",
+        old="def vars_to_refs(vars):\n"
+            "    if isinstance(vars, list):\n"
+            "        return tuple(vars_to_refs(v) for v in vars)\n"
+            "    return vars.ref()\n",
+        new="def _tf_variable(var):\n"
+            "    # Keras 3 variables wrap a tf.Variable in `.value` and have no `ref()`.\n"
+            "    if not isinstance(var, tf.Variable) and isinstance(getattr(var, 'value', None), tf.Variable):\n"
+            "        return var.value\n"
+            "    return var\n\n\n"
+            "def _tf_variables(variables):\n"
+            "    if isinstance(variables, (list, tuple)):\n"
+            "        return [_tf_variable(v) for v in variables]\n"
+            "    return variables\n\n\n"
+            "def vars_to_refs(vars):\n"
+            "    if isinstance(vars, list):\n"
+            "        return tuple(vars_to_refs(v) for v in vars)\n"
+            "    return _tf_variable(vars).ref()\n",
+        why="Keras 3 variables have no ref(): add the helper that unwraps them to "
+            "their tf.Variable, and use it for the `groups` of gradient tapes.",
+    ),
+    Fix(
+        path=_TF + "__init__.py",
+        old="from horovod.tensorflow.util import _executing_eagerly, _make_subgraph, _cache, "
+            "vars_to_refs, refs_to_vars\n",
+        new="from horovod.tensorflow.util import _executing_eagerly, _make_subgraph, _cache, "
+            "vars_to_refs, refs_to_vars\n"
+            "from horovod.tensorflow.util import _tf_variable, _tf_variables\n",
+        why="Import the Keras 3 unwrapping helpers.",
+    ),
+    Fix(
+        path=_TF + "__init__.py",
+        old="                self._local_sources.add(source.ref())\n",
+        new="                self._local_sources.add(_tf_variable(source).ref())\n",
+        why="register_local_source (and PartialDistributedGradientTape's local "
+            "layers) failed on Keras 3 variables.",
+    ),
+    Fix(
+        path=_TF + "__init__.py",
+        old="        def gradient(self, target, sources, output_gradients=None, use_generic_names=False):\n"
+            "            gradients = super(self.__class__, self).gradient(target, sources, output_gradients)\n",
+        new="        def gradient(self, target, sources, output_gradients=None, use_generic_names=False):\n"
+            "            sources = _tf_variables(sources)  # Keras 3 variables -> tf.Variable\n"
+            "            gradients = super(self.__class__, self).gradient(target, sources, output_gradients)\n",
+        why="DistributedGradientTape.gradient(loss, model.trainable_variables) failed "
+            "on Keras 3 variables; the tape records reads of the wrapped tf.Variable, "
+            "so the gradients are the same.",
+    ),
+    Fix(
+        path=_TF + "__init__.py",
+        old="                is_local_source = s.ref() in self._local_sources if _IS_TF2",
+        new="                is_local_source = _tf_variable(s).ref() in self._local_sources if _IS_TF2",
+        why="get_local_and_global_gradients failed on Keras 3 variables; the pairs "
+            "it returns keep the caller's own variables.",
+    ),
+    Fix(
+        path=_TF + "functions.py",
+        old="from horovod.tensorflow.util import _cache, _executing_eagerly, _make_subgraph\n",
+        new="from horovod.tensorflow.util import _cache, _executing_eagerly, _make_subgraph, _tf_variables\n",
+        why="Import the Keras 3 unwrapping helper.",
+    ),
+    Fix(
+        path=_TF + "functions.py",
+        old="    if inplace:\n        vars_by_device = {}\n",
+        new="    variables = _tf_variables(list(variables))  # Keras 3 variables -> tf.Variable\n"
+            "    if inplace:\n        vars_by_device = {}\n",
+        why="broadcast_variables of a Keras 3 model's or optimizer's variables "
+            "failed; the broadcast assigns the wrapped tf.Variable.",
+    ),
+    Fix(
+        path=_TF + "sync_batch_norm.py",
+        old="from horovod.tensorflow.mpi_ops import Sum\n",
+        new="from horovod.tensorflow.mpi_ops import Sum\n\n"
+            "import inspect\n"
+            "# Keras 2's BatchNormalization takes `fused=`; Keras 3's rejects it.\n"
+            "_ACCEPTS_FUSED = 'fused' in inspect.signature(tf.keras.layers.BatchNormalization.__init__).parameters\n",
+        why="Detect whether BatchNormalization takes `fused` (Keras 2) or not (Keras 3).",
+    ),
+    Fix(
+        path=_TF + "sync_batch_norm.py",
+        old="    super(SyncBatchNormalization, self).__init__(fused=fused, **kwargs)\n",
+        new="    if _ACCEPTS_FUSED:\n"
+            "      kwargs['fused'] = fused\n"
+            "    super(SyncBatchNormalization, self).__init__(**kwargs)\n",
+        why="Keras 3's BatchNormalization has no `fused` argument and rejects it.",
+    ),
+    Fix(
+        path=_TF + "sync_batch_norm.py",
+        old="  def _moments(self, inputs, reduction_axes, keep_dims, **kwargs):\n"
+            '    """Compute the mean and variance: it overrides the original _moments."""\n'
+            "    worker_mean, worker_variance = super(SyncBatchNormalization, self)._moments(\n"
+            "      inputs, reduction_axes, keep_dims=keep_dims, **kwargs)\n",
+        new="  def _moments(self, inputs, *args, **kwargs):\n"
+            '    """Compute the mean and variance: it overrides the original _moments."""\n'
+            "    # Keras 2 calls _moments(inputs, reduction_axes, keep_dims); Keras 3 _moments(inputs, mask).\n"
+            "    worker_mean, worker_variance = super(SyncBatchNormalization, self)._moments(\n"
+            "      inputs, *args, **kwargs)\n",
+        why="Keras 3 calls _moments(inputs, mask): pass on whatever arguments the "
+            "installed Keras uses.",
+    ),
+    Fix(
+        path=_TF + "elastic.py",
+        old="def _global_variables():\n",
+        new="def _optimizer_variables(optimizer):\n"
+            "    # Keras 2: optimizer.variables(); Keras 3: optimizer.variables is a list.\n"
+            "    variables = optimizer.variables\n"
+            "    return variables() if callable(variables) else variables\n\n\n"
+            "def _global_variables():\n",
+        why="Keras 3 optimizers expose `variables` as a list, not a method.",
+    ),
+    Fix(
+        path=_TF + "elastic.py",
+        old="broadcast_variables(optimizer.variables(), root_rank=0)",
+        new="broadcast_variables(_optimizer_variables(optimizer), root_rank=0)",
+        why="TensorFlowKerasState's broadcast of a Keras 3 optimizer.",
+    ),
+    Fix(
+        path=_TF + "elastic.py",
+        old="self.optimizer.variables()",
+        new="_optimizer_variables(self.optimizer)",
+        why="TensorFlowKerasState's save and restore of a Keras 3 optimizer.",
+        count=3,
+    ),
+)
+
+FIXES = BUILD_FIXES + KERAS3_FIXES
 
 
 def fixes_digest(fixes: tuple[Fix, ...] = FIXES) -> str:
