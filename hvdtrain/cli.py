@@ -17,9 +17,11 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     import json
 
+    from .backends import require_framework
     from .launch.local import launch
     from .spec import load_spec
     spec = load_spec(args.spec, args.overrides)  # invalid specs stop here, before any launch
+    require_framework(spec.backend)
     code = launch(spec, args.spec, args.overrides, args.np or spec.resources.workers)
     summary = Path(spec.output) / "summary.json"
     if code == 0 and summary.exists():

@@ -47,6 +47,7 @@ class Steps:
     load_state_bytes: Callable[[bytes], None]
     weights_digest: Callable[[], str]
     export: Callable[[Path], None]
+    parameters: int  # trainable parameters of the model
 
 
 def scaled_lr(spec: JobSpec, comm: Comm, gpu_adasum: bool = False) -> float:
@@ -147,6 +148,8 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, target
     per_epoch = steps_per_epoch(n, comm.size, spec.train.batch_size)
     if comm.rank == 0:
         prepare_run_dir(spec, start_epoch)
+        progress(f"{spec.backend} {spec.model.kind} with {steps.parameters:,} parameters on "
+                 f"{comm.size} workers, {per_epoch} steps per epoch")
     record: dict[str, Any] = {}
     # Rank 0's bar over epochs; under a launcher that pipes output only the epoch lines show.
     bar = tqdm(range(start_epoch, spec.train.epochs), initial=start_epoch, total=spec.train.epochs,
@@ -219,7 +222,7 @@ def finish(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, record: di
         last = checkpoint.latest_valid(spec.checkpoint.dir) if comm.rank == 0 else None
         record = comm.broadcast_object(last.meta.get("metrics", {}) if last else {}, "hvdtrain.final")
     summary = {"name": spec.name, "backend": spec.backend, "workers": comm.size,
-               "epochs": spec.train.epochs, "final": record,
+               "epochs": spec.train.epochs, "parameters": steps.parameters, "final": record,
                "weights_digest": digest}
     if comm.rank == 0:
         model_dir = Path(spec.output) / "model"

@@ -4,12 +4,22 @@ Frameworks are imported only when a backend is asked for."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from ..errors import UserError
 
 BACKENDS = {"torch": "hvdtrain.backends.torch", "tensorflow": "hvdtrain.backends.tensorflow"}
 FRAMEWORK_PACKAGES = {"torch": "torch==2.13.0", "tensorflow": "tensorflow-cpu==2.21.0"}
+FRAMEWORK_MODULES = {"torch": ("torch",), "tensorflow": ("tensorflow", "keras")}
+
+
+def require_framework(name: str) -> None:
+    """Before launching ranks: the backend's framework is installed (found, not imported)."""
+    for module in FRAMEWORK_MODULES.get(name, ()):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"backend {name!r} needs {module}, which is not installed: "
+                            f"pip install {FRAMEWORK_PACKAGES[name]}")
 
 
 def get_backend(name: str) -> ModuleType:

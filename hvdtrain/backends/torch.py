@@ -141,7 +141,8 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, device: torch.device,
         save_model(model, spec, directory)
 
     return Steps(train_epoch, lambda x: logits(model, x, device), state_bytes, load_state_bytes,
-                 lambda: weights_digest(model), export)
+                 lambda: weights_digest(model), export,
+                 sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 def logits(model: nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:

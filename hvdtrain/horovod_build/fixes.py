@@ -172,6 +172,18 @@ KERAS3_FIXES: tuple[Fix, ...] = (
             "installed Keras uses.",
     ),
     Fix(
+        path=_TF + "sync_batch_norm.py",
+        old="  def call(self, *args, **kwargs):\n"
+            "    outputs = super(SyncBatchNormalization, self).call(*args, **kwargs)\n",
+        new="  def call(self, inputs, training=None, **kwargs):\n"
+            "    # Keras 3 reads call's signature: build() gets the shape of the named first\n"
+            "    # argument, and `training` is passed only to a call that names it.\n"
+            "    outputs = super(SyncBatchNormalization, self).call(inputs, training=training, **kwargs)\n",
+        why="Keras 3 builds a layer from the shape of call's named first argument and "
+            "passes `training` only when call names it; with *args, **kwargs the layer "
+            "was built with no shape and never used batch statistics.",
+    ),
+    Fix(
         path=_TF + "elastic.py",
         old="def _global_variables():\n",
         new="def _optimizer_variables(optimizer):\n"

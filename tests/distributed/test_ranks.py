@@ -1,5 +1,6 @@
-"""Two gloo ranks under horovodrun, each running pytest on the rank checks
+"""Two gloo ranks under horovodrun, each running pytest on rank checks
 (Horovod's own CI pattern)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,15 +10,40 @@ import pytest
 from hvdtrain.launch.local import horovodrun_path
 
 pytestmark = pytest.mark.distributed
-CHECKS = Path(__file__).parent / "ranks" / "torch_rank_checks.py"
+RANKS = Path(__file__).parent / "ranks"
 
 
-def test_two_ranks_pass_rank_checks(tmp_path):
+def run_on_two_ranks(checks: Path, tmp_path, **env):
     result = subprocess.run(
         [horovodrun_path(), "-np", "2", "-H", "localhost:2", "--gloo",
-         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CHECKS)],
-        capture_output=True, text=True, timeout=600,
-        env={**__import__("os").environ, "HVDTRAIN_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"})
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(checks)],
+        capture_output=True, text=True, timeout=900,
+        env={**os.environ, "HVDTRAIN_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1", **env})
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_two_ranks_train_identically(backend, tmp_path):
+    code, output = run_on_two_ranks(RANKS / "fit_rank_checks.py", tmp_path, HVDTRAIN_TEST_BACKEND=backend)
+    assert code == 0, output[-4000:]
     assert output.count("2 passed") == 2, output[-4000:]  # both ranks ran both checks
+
+
+def test_plain_horovod_code_on_keras3_objects(tmp_path):
+    pytest.importorskip("keras")
+    code, output = run_on_two_ranks(RANKS / "keras3_rank_checks.py", tmp_path)
+    assert code == 0, output[-4000:]
+    assert output.count("8 passed") == 2, output[-4000:]
+
+
+def test_plain_horovod_keras3_example_trains_identically():
+    pytest.importorskip("keras")
+    script = Path(__file__).resolve().parents[2] / "examples" / "plain_horovod_keras3.py"
+    result = subprocess.run([horovodrun_path(), "-np", "2", "-H", "localhost:2", "--gloo",
+                             sys.executable, str(script)],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "weights identical on all 2 ranks: True" in result.stdout
+    final = float(result.stdout.split("epoch 5: loss")[1].split("training accuracy")[1].split()[0])
+    assert final >= 0.9

@@ -1,4 +1,5 @@
-"""`hvdtrain run` end to end: 2 ranks through horovodrun --gloo, as a user runs it."""
+"""`hvdtrain run` end to end for both backends: 2 ranks through horovodrun
+--gloo, as a user runs it."""
 import json
 import re
 
@@ -7,27 +8,44 @@ import pytest
 from sklearn.datasets import load_digits
 
 from hvdtrain import checkpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, hvdtrain
 
 pytestmark = pytest.mark.distributed
-MLP = ROOT / "examples" / "digits-mlp-torch.yaml"
+EXAMPLES = ROOT / "examples"
+BACKENDS = {"torch": "torch", "tensorflow": "tf"}  # backend -> example suffix
+
+
+def example(model, backend):
+    return EXAMPLES / f"digits-{model}-{BACKENDS[backend]}.yaml"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from tests.conftest import hvdtrain
-    out = tmp_path_factory.mktemp("mlp")
-    result = hvdtrain("run", MLP, "-np", "2", f"output={out}")
-    return out, result
+def run_example(tmp_path_factory):
+    """Each bundled example trained once (20 epochs, 2 ranks) and shared by the tests."""
+    done = {}
+
+    def run(model, backend):
+        if (model, backend) not in done:
+            out = tmp_path_factory.mktemp(f"{model}-{backend}")
+            done[model, backend] = out, hvdtrain("run", example(model, backend), "-np", "2", f"output={out}")
+        return done[model, backend]
+    return run
 
 
-def test_digits_mlp_reaches_095_and_prints_it(trained):
-    out, result = trained
+def summary_of(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_example_reaches_095_and_prints_it(run_example, model, backend):
+    out, result = run_example(model, backend)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["workers"] == 2
+    summary = summary_of(out)
+    assert summary["workers"] == 2 and summary["backend"] == backend
     assert summary["final"]["val_accuracy"] >= 0.95
     assert f"validation accuracy {summary['final']['val_accuracy']:.4f}" in result.stdout
+    assert f"{summary['parameters']:,} parameters on 2 workers" in result.stdout
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == list(range(1, 21))
     assert {"train_loss", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1"} <= set(lines[-1])
@@ -35,8 +53,27 @@ def test_digits_mlp_reaches_095_and_prints_it(trained):
         ["epoch-000015.ckpt", "epoch-000020.ckpt"]
 
 
-def test_exported_model_predicts_without_horovod(trained, cli, tmp_path):
-    out, _ = trained
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_backends_have_parity(run_example, model):
+    """Same spec but for the backend: same parameter count, accuracy within 0.03."""
+    runs = {b: run_example(model, b) for b in BACKENDS}
+    assert all(result.returncode == 0 for _, result in runs.values())
+    torch_run, tf_run = (summary_of(out) for out, _ in runs.values())
+    assert torch_run["parameters"] == tf_run["parameters"] > 0
+    gap = abs(torch_run["final"]["val_accuracy"] - tf_run["final"]["val_accuracy"])
+    assert gap <= 0.03, (torch_run["final"], tf_run["final"])
+
+
+def test_tensorflow_start_up_noise_stays_out_of_the_terminal(run_example):
+    _, result = run_example("mlp", "tensorflow")
+    assert result.returncode == 0
+    for noise in ("cpu_feature_guard", "oneDNN custom operations", "TF_ENABLE_ONEDNN_OPTS"):
+        assert noise not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exported_model_predicts_without_horovod(run_example, cli, tmp_path, backend):
+    out, _ = run_example("mlp", backend)
     digits = load_digits()
     np.savez(tmp_path / "in.npz", x=digits.data[:200])
     result = cli("predict", out, tmp_path / "in.npz", "-o", tmp_path / "pred.csv")
@@ -55,39 +92,35 @@ def test_predict_on_missing_model_is_a_clear_error(cli, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_resume_after_stop_gives_the_same_final_weights(cli, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_after_stop_gives_the_same_final_weights(cli, tmp_path, backend):
+    spec = example("mlp", backend)
     args = ["-np", "2", "checkpoint.every_epochs=1", "checkpoint.keep_last=3"]
-    whole = cli("run", MLP, *args, "train.epochs=6", f"output={tmp_path / 'whole'}")
+    whole = cli("run", spec, *args, "train.epochs=6", f"output={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-3000:]
     part = tmp_path / "part"
-    first = cli("run", MLP, *args, "train.epochs=4", f"output={part}")
+    first = cli("run", spec, *args, "train.epochs=4", f"output={part}")
     assert first.returncode == 0, first.stderr[-3000:]
     # the newest checkpoint is damaged: resume must fall back to the one before
     newest = checkpoint.checkpoint_path(part / "checkpoints", 4)
     newest.write_bytes(newest.read_bytes()[:-64])
-    second = cli("run", MLP, *args, "train.epochs=6", f"output={part}")
+    second = cli("run", spec, *args, "train.epochs=6", f"output={part}")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "skipping checkpoint" in second.stderr and "truncated" in second.stderr
     assert "resuming from" in second.stdout and "epoch-000003.ckpt" in second.stdout
-    digest = lambda d: json.loads((d / "summary.json").read_text())["weights_digest"]
-    assert digest(part) == digest(tmp_path / "whole")
+    assert summary_of(part)["weights_digest"] == summary_of(tmp_path / "whole")["weights_digest"]
     epochs = [json.loads(ln)["epoch"] for ln in (part / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4, 5, 6]
 
 
-def test_failing_rank_fails_the_job_with_its_message(cli, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_failing_rank_fails_the_job_with_its_message(cli, tmp_path, backend):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    result = cli("run", MLP, "-np", "2", f"output={tmp_path / 'out'}", f"checkpoint.dir={blocker / 'ckpt'}")
+    result = cli("run", example("mlp", backend), "-np", "2", f"output={tmp_path / 'out'}",
+                 f"checkpoint.dir={blocker / 'ckpt'}")
     assert result.returncode == 2
     # rank 0 finds the problem and sends it to every rank: all stop with it, the first to exit is named
     assert "cannot write to" in result.stderr
     assert re.search(r"training failed: rank [01] exited with status 2", result.stderr)
     assert "Traceback" not in result.stderr
-
-
-def test_digits_cnn_trains(cli, tmp_path):
-    result = cli("run", ROOT / "examples" / "digits-cnn-torch.yaml", "-np", "2",
-                 "train.epochs=10", f"output={tmp_path}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "summary.json").read_text())["final"]["val_accuracy"] >= 0.95

@@ -1,22 +1,26 @@
-"""Run inside each rank by horovodrun (see test_torch_ranks.py): every check
-reads hvd.rank()/hvd.size() and compares ranks through allgather."""
+"""Run inside each rank by horovodrun (see test_ranks.py) for the backend named
+by HVDTRAIN_TEST_BACKEND: every check reads hvd.rank()/hvd.size() and
+compares ranks through allgather."""
 import os
 from pathlib import Path
 
-import horovod.torch as hvd
 import pytest
 
-from hvdtrain.backends import torch as backend
+from hvdtrain.backends import get_backend, import_horovod
 from hvdtrain.data import load_dataset
 from hvdtrain.spec import CNNSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[3]
 OUT = Path(os.environ["HVDTRAIN_TEST_OUT"])
+BACKEND = os.environ["HVDTRAIN_TEST_BACKEND"]
+EXAMPLE = {"torch": "digits-mlp-torch.yaml", "tensorflow": "digits-mlp-tf.yaml"}[BACKEND]
+ARTIFACT = {"torch": "weights.pt", "tensorflow": "model.keras"}[BACKEND]
+backend = get_backend(BACKEND)
+hvd = import_horovod(BACKEND)
 
 
 def fit(name, *overrides):
-    spec = load_spec(ROOT / "examples" / "digits-mlp-torch.yaml",
-                     [f"output={OUT / name}", *overrides])
+    spec = load_spec(ROOT / "examples" / EXAMPLE, [f"output={OUT / name}", *overrides])
     dataset = load_dataset(spec.data, image=isinstance(spec.model, CNNSpec))
     return backend.fit(spec, dataset, progress=lambda line: None)
 
@@ -41,4 +45,5 @@ def test_ranks_end_identical_with_identical_metrics(name, overrides, floor):
     assert same_on_every_rank(allreduced, f"{name}.final")
     assert summary["final"]["val_accuracy"] >= floor
     if hvd.rank() == 0:
-        assert (OUT / name / "model" / "weights.pt").exists()
+        model_dir = OUT / name / "model"
+        assert (model_dir / "model.json").exists() and (model_dir / ARTIFACT).exists()

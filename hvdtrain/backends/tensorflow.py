@@ -1,0 +1,268 @@
+"""TensorFlow backend (Keras 3): models, Horovod set-up, one epoch of training, export.
+
+Same functions as the torch backend. Keras 3 variables work with Horovod's
+tapes and broadcasts through the project's Horovod build (see
+hvdtrain/horovod_build/fixes.py, KERAS3_FIXES).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+# TensorFlow's C++ start-up chatter (CPU features, oneDNN notices) stays out of
+# the user's terminal unless they set TF_CPP_MIN_LOG_LEVEL themselves.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402  (first: a missing TensorFlow is named as such)
+import keras  # noqa: E402
+
+from . import import_horovod  # noqa: E402
+from ..data import Dataset, Preprocessing  # noqa: E402
+from ..loop import Batch, Comm, Steps, epoch_seed, resume, run_epochs, scaled_lr  # noqa: E402
+from ..spec import CNNSpec, JobSpec, MLPSpec, model_from_dict  # noqa: E402
+
+MODEL_FILE = "model.keras"
+
+
+def build_model(model: MLPSpec | CNNSpec, input_shape: list[int], num_classes: int) -> keras.Model:
+    """The spec's network, layer for layer the torch backend's: Glorot-uniform
+    weights and zero biases (Keras' defaults), so parameter counts match.
+    Images arrive channels-first as in torch and are transposed to the
+    channels-last layout that TensorFlow's CPU convolutions need."""
+    layers: list[keras.layers.Layer] = [keras.Input(shape=tuple(input_shape))]
+    if isinstance(model, CNNSpec):
+        _, height, width = input_shape
+        layers.append(keras.layers.Permute((2, 3, 1)))
+        for out in model.channels:
+            layers.append(keras.layers.Conv2D(out, model.kernel_size, padding="same",
+                                              activation=model.activation))
+            if height >= 2 and width >= 2:
+                layers.append(keras.layers.MaxPooling2D(2))
+                height, width = height // 2, width // 2
+    layers.append(keras.layers.Flatten())
+    for size in model.hidden:
+        layers.append(keras.layers.Dense(size, activation=model.activation))
+        if model.dropout > 0:
+            layers.append(keras.layers.Dropout(model.dropout))
+    layers.append(keras.layers.Dense(num_classes))
+    return keras.Sequential(layers)
+
+
+def make_optimizer(spec: JobSpec, lr: float) -> keras.optimizers.Optimizer:
+    """Weight decay is not given to Keras (whose decay is decoupled): it is added
+    to the gradients in the train step, as torch's SGD and Adam do."""
+    if spec.optimizer.name == "adam":
+        return keras.optimizers.Adam(learning_rate=lr)
+    return keras.optimizers.SGD(learning_rate=lr, momentum=spec.optimizer.momentum)
+
+
+def configure_tensorflow(spec: JobSpec, local_rank: int) -> bool:
+    """Pin this rank's GPU (by local rank) or its CPU threads; True if on a GPU."""
+    gpus = tf.config.list_physical_devices("GPU") if spec.resources.gpus_per_worker > 0 else []
+    if gpus:
+        gpu = gpus[local_rank % len(gpus)]
+        tf.config.experimental.set_memory_growth(gpu, True)
+        tf.config.set_visible_devices(gpu, "GPU")
+    else:
+        tf.config.set_visible_devices([], "GPU")
+        # Same numbers for the same inputs, so a resumed run matches an uninterrupted one.
+        tf.config.experimental.enable_op_determinism()
+    tf.config.threading.set_intra_op_parallelism_threads(spec.resources.cpus_per_worker)
+    tf.config.threading.set_inter_op_parallelism_threads(spec.resources.cpus_per_worker)
+    return bool(gpus)
+
+
+def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None = None) -> dict:
+    hvd = import_horovod("tensorflow")
+
+    # Horovod: initialise.
+    hvd.init()
+    # Horovod: pin the device to the local rank (one GPU per process, or CPU threads).
+    on_gpu = configure_tensorflow(spec, hvd.local_rank())
+    comm = horovod_comm(hvd)
+
+    keras.utils.set_random_seed(spec.train.seed)
+    model = build_model(spec.model, dataset.preprocessing.input_shape, dataset.num_classes)
+    # Horovod: scale the learning rate by the number of workers.
+    lr = scaled_lr(spec, comm, gpu_adasum=on_gpu and hvd.nccl_built())
+    optimizer = make_optimizer(spec, lr)
+    # Keras 3 creates the optimizer's slots here, so rank 0 can load a checkpoint
+    # into them and broadcast them before the first step.
+    optimizer.build(model.trainable_variables)
+
+    # Horovod: the gradient tape is wrapped so gradients are allreduced (in make_steps).
+    steps = make_steps(spec, model, optimizer, hvd, comm.rank)
+    start_epoch = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
+    # Horovod: broadcast model and optimizer variables from rank 0. Upstream's
+    # examples broadcast after the first step because older Keras optimizers
+    # created their slots then; here they exist already, and broadcasting first
+    # keeps a resumed run exactly on rank 0's checkpoint.
+    hvd.broadcast_variables(model.weights, root_rank=0)
+    hvd.broadcast_variables(optimizer.variables, root_rank=0)
+    # Horovod: checkpoint on rank 0 only -- inside run_epochs.
+    return run_epochs(spec, dataset, comm, steps, lr, start_epoch, progress)
+
+
+def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Optimizer,
+               hvd, rank: int) -> Steps:
+    passes = spec.horovod.backward_passes_per_step
+    weight_decay = spec.optimizer.weight_decay
+    params = model.trainable_variables
+    compression = hvd.Compression.fp16 if spec.horovod.fp16_compression else hvd.Compression.none
+    op = hvd.Adasum if spec.horovod.adasum else hvd.Average
+    # (inputs, labels, a float scalar: the lr or a pass's share of its group)
+    signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32),
+                 tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float32)]
+
+    def loss_of(x, y, training: bool):
+        logits = model(x, training=training)
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+
+    def apply(grads, lr) -> None:
+        if weight_decay:
+            grads = [g + weight_decay * p.value for g, p in zip(grads, params)]
+        optimizer.learning_rate.assign(lr)
+        optimizer.apply_gradients(zip(grads, params))
+
+    @tf.function(input_signature=signature)
+    def step(x, y, lr):
+        """One batch: Horovod's tape allreduces the gradients, then the update."""
+        with tf.GradientTape() as tape:
+            loss = loss_of(x, y, True)
+        tape = hvd.DistributedGradientTape(tape, compression=compression, op=op)
+        apply(tape.gradient(loss, params), lr)
+        return loss
+
+    # backward_passes_per_step > 1: Horovod's tape has no such option, so each
+    # pass adds its share of the local gradient here and the group's sum is
+    # allreduced once, as Horovod's DistributedOptimizer does.
+    sums = [tf.Variable(tf.zeros_like(p.value), trainable=False) for p in params] if passes > 1 else []
+
+    @tf.function(input_signature=signature)
+    def accumulate(x, y, share):
+        with tf.GradientTape() as tape:
+            loss = loss_of(x, y, True)
+        for total, grad in zip(sums, tape.gradient(loss, params)):
+            total.assign_add(grad * share)
+        return loss
+
+    @tf.function(input_signature=[*signature, tf.TensorSpec([], tf.float32)])
+    def accumulate_and_apply(x, y, lr, share):
+        loss = accumulate(x, y, share)
+        grads = hvd.grouped_allreduce([s.value() for s in sums], op=op, compression=compression)
+        apply(grads, lr)
+        for total in sums:
+            total.assign(tf.zeros_like(total))
+        return loss
+
+    def train_epoch(epoch: int, batches: list[Batch], lr_at: Callable[[int], float]) -> tuple[float, int]:
+        seed_dropout(model, epoch_seed(spec.train.seed, epoch, rank))
+        total, seen = 0.0, 0
+        for i, (x, y) in enumerate(batches):
+            if i % passes == 0:
+                in_group = min(passes, len(batches) - i)
+            share = tf.constant(1.0 / in_group)
+            last = (i + 1) % passes == 0 or i + 1 == len(batches)
+            args = (tf.constant(x, tf.float32), tf.constant(y, tf.int64))
+            if passes == 1:
+                loss = step(*args, tf.constant(lr_at(i), tf.float32))
+            elif last:
+                loss = accumulate_and_apply(*args, tf.constant(lr_at(i - i % passes), tf.float32), share)
+            else:
+                loss = accumulate(*args, share)
+            total += float(loss) * len(y)
+            seen += len(y)
+        return total, seen
+
+    def state_bytes() -> bytes:
+        return variables_to_bytes({"model": model.weights, "optimizer": optimizer.variables})
+
+    def load_state_bytes(payload: bytes) -> None:
+        bytes_to_variables(payload, {"model": model.weights, "optimizer": optimizer.variables})
+
+    def export(directory: Path) -> None:
+        save_model(model, spec, directory)
+
+    return Steps(train_epoch, lambda x: logits(model, x), state_bytes, load_state_bytes,
+                 lambda: weights_digest(model), export,
+                 sum(int(np.prod(v.shape)) for v in model.trainable_variables))
+
+
+def seed_dropout(model: keras.Model, seed: int) -> None:
+    """Per-rank, per-epoch dropout masks (as the torch backend's manual_seed):
+    a resumed epoch draws the same masks as an uninterrupted one."""
+    for layer in model.layers:
+        generator = getattr(layer, "seed_generator", None)
+        if generator is not None:
+            generator.state.assign(np.array([seed, 0], dtype=generator.state.dtype))
+
+
+def variables_to_bytes(groups: dict[str, list]) -> bytes:
+    """Values by group and position: Keras numbers layer names per process
+    (dense, dense_1 ...), so names would not survive a restart."""
+    arrays = {f"{group}/{i}": np.asarray(v.numpy())
+              for group, variables in groups.items() for i, v in enumerate(variables)}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def bytes_to_variables(payload: bytes, groups: dict[str, list]) -> None:
+    """Assign saved values; any mismatch of names or shapes is an error, never a partial load."""
+    with np.load(io.BytesIO(payload), allow_pickle=False) as saved:
+        wanted = [(f"{group}/{i}", v) for group, variables in groups.items()
+                  for i, v in enumerate(variables)]
+        if sorted(saved.files) != sorted(name for name, _ in wanted):
+            raise ValueError("checkpoint variables do not match this model and optimizer")
+        values = [(v, saved[name]) for name, v in wanted]
+    for variable, value in values:
+        if tuple(variable.shape) != value.shape:
+            raise ValueError(f"checkpoint shape {value.shape} does not fit {variable.path}")
+    for variable, value in values:
+        variable.assign(value)
+
+
+def logits(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    return np.asarray(model(np.ascontiguousarray(x, dtype=np.float32), training=False))
+
+
+def weights_digest(model: keras.Model) -> str:
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        digest.update(str(tuple(variable.shape)).encode())
+        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def horovod_comm(hvd) -> Comm:
+    def allreduce_sum(values: np.ndarray, name: str) -> np.ndarray:
+        tensor = tf.constant(np.asarray(values, dtype=np.float64))
+        return hvd.allreduce(tensor, op=hvd.Sum, name=name).numpy()
+
+    return Comm(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), allreduce_sum,
+                lambda obj, name: hvd.broadcast_object(obj, root_rank=0, name=name),
+                lambda obj, name: hvd.allgather_object(obj, name=name))
+
+
+def save_model(model: keras.Model, spec: JobSpec, directory: Path) -> None:
+    """A deployable model: Keras' own .keras file (loads with plain Keras, no Horovod)."""
+    model.save(directory / MODEL_FILE)
+    (directory / "model.json").write_text(json.dumps({"backend": "tensorflow",
+                                                      "model": spec.model.model_dump()}))
+
+
+def load_model(directory: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The exported model as a function from preprocessed inputs to logits (on CPU)."""
+    config = json.loads((directory / "model.json").read_text())
+    prep = Preprocessing.load(directory / "preprocessing.json")
+    model = keras.saving.load_model(directory / MODEL_FILE, compile=False)
+    expected = build_model(model_from_dict(config["model"]), prep.input_shape, len(prep.classes))
+    if model.count_params() != expected.count_params():
+        raise ValueError(f"{directory / MODEL_FILE} does not match model.json")
+    return lambda x: logits(model, x)
