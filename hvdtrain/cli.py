@@ -34,12 +34,43 @@ def cmd_run(args) -> int:
 def cmd_train(args) -> int:
     from .backends import get_backend
     from .data import load_dataset
+    from .launch.slurm import prepare_rank
     from .spec import CNNSpec, load_spec
     spec = load_spec(args.spec, args.overrides)
+    prepare_rank()  # under srun: Horovod's environment from Slurm's (a no-op elsewhere)
     backend = get_backend(spec.backend)
     dataset = load_dataset(spec.data, image=isinstance(spec.model, CNNSpec))
     backend.fit(spec, dataset)
     return 0
+
+
+def slurm_script(args) -> tuple[str, object]:
+    from .launch.slurm import render
+    from .spec import load_spec
+    spec = load_spec(args.spec, args.overrides)
+    return render(spec, Path(args.spec), args.overrides, nodes=args.nodes,
+                  tasks_per_node=args.tasks_per_node, gpus_per_node=args.gpus_per_node,
+                  cpus_per_task=args.cpus_per_task, time_limit=args.time,
+                  partition=args.partition, mode=args.mode), spec
+
+
+def cmd_render_slurm(args) -> int:
+    text, _ = slurm_script(args)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_submit_slurm(args) -> int:
+    from .launch.slurm import submit
+    text, spec = slurm_script(args)
+    script = Path(args.output or Path(spec.output) / "hvdtrain.sbatch")
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(text)
+    return submit(script, args.wait)
 
 
 def cmd_predict(args) -> int:
@@ -93,6 +124,36 @@ def parser() -> argparse.ArgumentParser:
     build = verb("build-horovod", cmd_build_horovod,
                  "build (or take from cache) and install Horovod for this environment", spec=False)
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+    render = verbs.add_parser("render", help="write a cluster job for a spec",
+                              description="write a cluster job for a spec").add_subparsers(
+        dest="target", required=True)
+    submit = verbs.add_parser("submit", help="render a cluster job and submit it",
+                              description="render a cluster job and submit it").add_subparsers(
+        dest="target", required=True)
+    for targets, func, help_text in ((render, cmd_render_slurm, "an sbatch script (stdout or -o FILE)"),
+                                     (submit, cmd_submit_slurm, "sbatch the script (written to -o "
+                                      "FILE, default <output>/hvdtrain.sbatch)")):
+        slurm = targets.add_parser("slurm", help=help_text, description=help_text)
+        slurm.add_argument("spec", help="job spec (YAML)")
+        slurm.add_argument("overrides", nargs="*", metavar="key.path=value",
+                           help="override spec values, also passed to every rank")
+        slurm.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+        slurm.add_argument("--tasks-per-node", type=int,
+                           help="ranks per node (default: GPUs per node, else resources.workers / nodes)")
+        slurm.add_argument("--gpus-per-node", type=int,
+                           help="GPUs per node (default: resources.gpus_per_worker x tasks per node)")
+        slurm.add_argument("--cpus-per-task", type=int, help="default: resources.cpus_per_worker")
+        slurm.add_argument("--time", default="01:00:00", help="time limit (default 01:00:00)")
+        slurm.add_argument("--partition", help="partition (default: the cluster's default)")
+        slurm.add_argument("--mode", choices=["gloo", "mpi"], default="gloo",
+                           help="gloo: ranks from SLURM_* and a rendezvous server (default); "
+                                "mpi: srun --mpi=pmix")
+        slurm.add_argument("-o", "--output", help="write the script here")
+        if func is cmd_submit_slurm:
+            slurm.add_argument("--wait", action="store_true",
+                               help="wait for the job to end; exit with its status")
+        slurm.set_defaults(func=func)
     return top
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -86,6 +88,7 @@ def resume(spec: JobSpec, comm: Comm, steps: Steps) -> int:
     broadcast of initial state then carries the weights to the other ranks.
     A problem found by rank 0 is sent to all ranks, so all stop with it at once.
     """
+    check_world(comm)
     start, problem = 0, None
     if comm.rank == 0:
         problem = writable_problem(spec)
@@ -100,6 +103,15 @@ def resume(spec: JobSpec, comm: Comm, steps: Steps) -> int:
     if problem:
         raise UserError(problem)
     return start
+
+
+def check_world(comm: Comm) -> None:
+    """A launcher that knows how many ranks it started (srun in MPI mode) sets
+    HVDTRAIN_EXPECTED_SIZE: ranks that each came up alone stop before training."""
+    expected = os.environ.get("HVDTRAIN_EXPECTED_SIZE")
+    if expected and int(expected) != comm.size:
+        raise UserError(f"Horovod sees {comm.size} rank(s) but the launcher started {expected}: "
+                        "the ranks did not join one MPI job (under srun use --mpi=pmix)")
 
 
 def writable_problem(spec: JobSpec) -> str | None:
@@ -221,7 +233,8 @@ def finish(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, record: di
     if not record:  # resumed after the last epoch: report the last checkpoint's metrics
         last = checkpoint.latest_valid(spec.checkpoint.dir) if comm.rank == 0 else None
         record = comm.broadcast_object(last.meta.get("metrics", {}) if last else {}, "hvdtrain.final")
-    summary = {"name": spec.name, "backend": spec.backend, "workers": comm.size,
+    hosts = comm.allgather_object(socket.gethostname(), "hvdtrain.hosts")
+    summary = {"name": spec.name, "backend": spec.backend, "workers": comm.size, "hosts": hosts,
                "epochs": spec.train.epochs, "parameters": steps.parameters, "final": record,
                "weights_digest": digest}
     if comm.rank == 0:

@@ -3,6 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# The cluster tests start a throwaway Slurm cluster from Debian's packages (root only).
+if [ "$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null; then
+  echo "== installing slurm-wlm and munge for the cluster tests"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+fi
 set +e
 .venv/bin/python -m pytest -ra "$@"
 code=$?

@@ -1,0 +1,46 @@
+"""sbatch --wait of rendered scripts on a real one-node Slurm cluster (2 tasks)."""
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.cluster
+MLP = ROOT / "examples" / "digits-mlp-torch.yaml"
+
+
+@pytest.mark.parametrize("mode", ["gloo", "mpi"])
+def test_two_tasks_train_to_095(slurm_one_node, mode):
+    job, status, log = slurm_one_node.submit(MLP, f"one-{mode}", "--tasks-per-node", "2", "--mode", mode)
+    assert status == 0, log[-3000:]
+    assert slurm_one_node.state(job) == "COMPLETED"
+    summary = json.loads((slurm_one_node.jobs / f"one-{mode}" / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["final"]["val_accuracy"] >= 0.95
+    assert f"final validation accuracy {summary['final']['val_accuracy']:.4f}" in log
+    print(f"slurm one node {mode}: job {job} COMPLETED, accuracy {summary['final']['val_accuracy']:.4f}")
+
+
+def test_failing_rank_ends_the_job_failed_with_its_message(slurm_one_node):
+    blocker = slurm_one_node.jobs / "blocker"
+    blocker.write_text("a file, not a directory")
+    job, status, log = slurm_one_node.submit(MLP, "broken", "--tasks-per-node", "2",
+                                             f"checkpoint.dir={blocker / 'ckpt'}")
+    assert status != 0
+    assert slurm_one_node.state(job) == "FAILED"
+    assert f"hvdtrain: error: cannot write to {blocker / 'ckpt'}" in log
+    assert "Traceback" not in log
+
+
+def test_mpi_type_this_open_mpi_cannot_use_gets_a_hint(slurm_one_node):
+    script = slurm_one_node.hvdtrain("render", "slurm", MLP, "--tasks-per-node", "2", "--mode", "mpi",
+                                     f"output={slurm_one_node.jobs / 'pmi2'}").stdout
+    path = slurm_one_node.jobs / "pmi2.sbatch"
+    path.write_text(script.replace("--mpi=pmix", "--mpi=pmi2"))
+    proc = subprocess.run(["sbatch", "--parsable", "--wait", str(path)], env=slurm_one_node.env,
+                          cwd=slurm_one_node.jobs, capture_output=True, text=True, timeout=300)
+    job = proc.stdout.strip()
+    log = next(slurm_one_node.jobs.glob(f"slurm-*-{job}.out")).read_text()
+    assert proc.returncode != 0 and slurm_one_node.state(job) == "FAILED"
+    assert "use `srun --mpi=pmix`" in log and "PMI-1/PMI-2" in log
+    assert "OMPI was not built with SLURM's PMI support" not in log  # stopped before MPI_Init

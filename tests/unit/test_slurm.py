@@ -1,0 +1,131 @@
+"""Rendering sbatch scripts, and what a rank started by srun derives from Slurm's variables."""
+import socket
+import sys
+
+import pytest
+
+from hvdtrain.errors import UserError
+from hvdtrain.launch import slurm
+from hvdtrain.spec import load_spec
+from tests.conftest import ROOT
+
+MLP = ROOT / "examples" / "digits-mlp-torch.yaml"
+
+
+def directives(text):
+    return dict(line[len("#SBATCH --"):].split("=", 1) for line in text.splitlines()
+                if line.startswith("#SBATCH --"))
+
+
+def srun_line(text):
+    [line] = [ln for ln in text.splitlines() if ln.startswith("srun ")]
+    return line
+
+
+def test_render_fills_the_template_from_spec_and_options():
+    spec = load_spec(MLP)
+    text = slurm.render(spec, MLP, ["train.epochs=3", "output=runs/a b"], nodes=2, gpus_per_node=4,
+                        time_limit="02:00:00", partition="gpu", mode="mpi")
+    head = directives(text)
+    assert head == {"job-name": "digits-mlp-torch", "nodes": "2", "ntasks-per-node": "4",
+                    "cpus-per-task": "1", "gpus-per-node": "4", "time": "02:00:00",
+                    "partition": "gpu", "chdir": str(ROOT.cwd()), "output": "slurm-%x-%j.out"}
+    assert "export HVDTRAIN_LAUNCH=mpi" in text
+    assert srun_line(text) == (f"srun --kill-on-bad-exit=1 --mpi=pmix {sys.executable} -m hvdtrain train "
+                               f"{MLP.resolve()} train.epochs=3 'output=runs/a b'")
+    assert "{{" not in text and text.startswith("#!/bin/bash\n")
+
+
+def test_cpu_job_drops_gpu_and_partition_lines_and_spreads_workers():
+    spec = load_spec(MLP, ["resources.workers=4", "resources.cpus_per_worker=2"])
+    head = directives(slurm.render(spec, MLP, [], nodes=2))
+    assert "gpus-per-node" not in head and "partition" not in head
+    assert head["ntasks-per-node"] == "2" and head["cpus-per-task"] == "2"
+    text = slurm.render(spec, MLP, [], mode="gloo")
+    assert "--mpi=none" in srun_line(text) and "export HVDTRAIN_LAUNCH=gloo" in text
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"nodes": 0}, "--nodes"), ({"time_limit": "soon"}, "--time"), ({"mode": "ssh"}, "launch mode"),
+    ({"tasks_per_node": 0}, "--tasks-per-node"),
+])
+def test_render_rejects_bad_options(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        slurm.render(load_spec(MLP), MLP, [], **kwargs)
+
+
+@pytest.mark.parametrize("text, counts", [("2", [2]), ("2(x3)", [2, 2, 2]), ("2(x2),1", [2, 2, 1]),
+                                          ("4,3(x2)", [4, 3, 3])])
+def test_slurm_task_counts_expand(text, counts):
+    assert slurm.expand_counts(text) == counts
+
+
+def srun_env(**extra):
+    env = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "5",
+           "SLURM_STEP_TASKS_PER_NODE": "2(x2),1", "SLURMD_NODENAME": "nodeB",
+           "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1"}
+    env.update(extra)
+    return env
+
+
+def test_gloo_rank_takes_everything_from_slurm_variables():
+    with socket.socket() as server:  # stands in for rank 0's rendezvous server
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        env = srun_env(SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_NODEID="1",
+                       HVDTRAIN_RENDEZVOUS_PORT=str(port), HVDTRAIN_LAUNCH="gloo")
+        slurm.prepare_rank(env)
+    # node 0 holds ranks 0-1, node 1 ranks 2-3, node 2 rank 4; this is local rank 1 of node 1
+    assert {k: env[k] for k in env if k.startswith("HOROVOD_")} == {
+        "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo",
+        "HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1", "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
+        "HOROVOD_HOSTNAME": "nodeB", "HOROVOD_RANK": "3", "HOROVOD_SIZE": "5",
+        "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "2",
+        "HOROVOD_CROSS_RANK": "1", "HOROVOD_CROSS_SIZE": "2", "HOROVOD_GLOO_IFACE": "lo"}
+
+
+def test_gloo_rank_0_serves_the_rendezvous_and_others_reach_it():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = srun_env(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", HVDTRAIN_RENDEZVOUS_PORT=str(port))
+    slurm.prepare_rank(env)
+    import urllib.request
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/global/key", data=b"v", method="PUT")
+    assert urllib.request.urlopen(request, timeout=5).status == 200  # Horovod's KV store answers
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/global/key", timeout=5).read() == b"v"
+
+
+def test_gloo_rank_without_rank_0_stops_with_a_clear_error():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = srun_env(SLURM_PROCID="1", SLURM_LOCALID="1", SLURM_NODEID="0",
+                   HVDTRAIN_RENDEZVOUS_PORT=str(port), HVDTRAIN_START_TIMEOUT="1")
+    with pytest.raises(UserError, match="did not answer within 1s"):
+        slurm.prepare_rank(env)
+
+
+def test_rank_0_away_from_the_launch_node_is_told_so():
+    env = srun_env(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+                   SLURM_LAUNCH_NODE_IPADDR="192.0.2.1")  # TEST-NET: never local
+    with pytest.raises(UserError, match="does not have the rendezvous address 192.0.2.1"):
+        slurm.prepare_rank(env)
+
+
+def test_mpi_mode_checks_the_mpi_type_and_records_the_size():
+    env = srun_env(SLURM_PROCID="0", HVDTRAIN_LAUNCH="mpi", SLURM_MPI_TYPE="pmix")
+    slurm.prepare_rank(env)
+    assert env["HVDTRAIN_EXPECTED_SIZE"] == "5" and "HOROVOD_RANK" not in env
+    with pytest.raises(UserError, match="without MPI support"):
+        slurm.prepare_rank(srun_env(SLURM_PROCID="0", HVDTRAIN_LAUNCH="mpi", SLURM_MPI_TYPE="none"))
+
+
+def test_other_launchers_and_the_batch_script_are_left_alone():
+    for env in ({"SLURM_JOB_ID": "1", "SLURM_PROCID": "0"},  # the batch script: no step
+                srun_env(SLURM_PROCID="0", HOROVOD_RANK="0"),  # horovodrun inside an allocation
+                srun_env(SLURM_PROCID="0", OMPI_COMM_WORLD_SIZE="2")):  # mpirun inside one
+        before = dict(env)
+        slurm.prepare_rank(env)
+        assert env == before
