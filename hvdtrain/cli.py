@@ -73,6 +73,19 @@ def cmd_submit_slurm(args) -> int:
     return submit(script, args.wait)
 
 
+def cmd_render_k8s(args) -> int:
+    from .launch.k8s import render
+    text = render(Path(args.spec), args.overrides, workers=args.workers,
+                  gpus_per_worker=args.gpus_per_worker, image=args.image, namespace=args.namespace,
+                  slots_per_worker=args.slots_per_worker, memory=args.memory, shm=args.shm)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from .predict import predict
     predict(Path(args.run_dir), Path(args.input), Path(args.output) if args.output else None)
@@ -154,6 +167,22 @@ def parser() -> argparse.ArgumentParser:
             slurm.add_argument("--wait", action="store_true",
                                help="wait for the job to end; exit with its status")
         slurm.set_defaults(func=func)
+
+    k8s = render.add_parser("k8s", help="a Kubeflow MPIJob (v2beta1) and its spec ConfigMap",
+                            description="a Kubeflow MPIJob (v2beta1) and its spec ConfigMap, as "
+                                        "multi-document YAML for kubectl apply -f -")
+    k8s.add_argument("spec", help="job spec (YAML)")
+    k8s.add_argument("overrides", nargs="*", metavar="key.path=value",
+                     help="override spec values (baked into the ConfigMap)")
+    k8s.add_argument("--workers", type=int, required=True, help="worker pods")
+    k8s.add_argument("--gpus-per-worker", type=int, help="default: resources.gpus_per_worker")
+    k8s.add_argument("--image", required=True, help="image with hvdtrain (k8s/Dockerfile)")
+    k8s.add_argument("--namespace", help="namespace of the ConfigMap and MPIJob")
+    k8s.add_argument("--slots-per-worker", type=int, help="ranks per worker (default: GPUs, or 1)")
+    k8s.add_argument("--memory", default="4Gi", help="memory per worker (default 4Gi)")
+    k8s.add_argument("--shm", default="1Gi", help="/dev/shm size per worker (default 1Gi)")
+    k8s.add_argument("-o", "--output", help="write the manifests here")
+    k8s.set_defaults(func=cmd_render_k8s)
     return top
 
 

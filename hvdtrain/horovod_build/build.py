@@ -64,6 +64,7 @@ class BuildPlan:
     mpi: str | None
     python: str
     fixes: str
+    gpu: str | None = None  # HOROVOD_GPU_OPERATIONS (e.g. NCCL): GPU tensor ops, part of the key
 
     @classmethod
     def detect(cls) -> "BuildPlan":
@@ -73,6 +74,7 @@ class BuildPlan:
             mpi=mpi_version(),
             python=f"cp{sys.version_info.major}{sys.version_info.minor}",
             fixes=fixes_digest(),
+            gpu=os.environ.get("HOROVOD_GPU_OPERATIONS") or None,
         )
 
     @property
@@ -80,6 +82,8 @@ class BuildPlan:
         parts = [f"horovod-{HOROVOD_VERSION}", self.python, platform.machine(),
                  f"torch-{self.torch or 'none'}", f"tf-{self.tensorflow or 'none'}",
                  f"mpi-{self.mpi or 'none'}", f"fixes-{self.fixes}"]
+        if self.gpu:
+            parts.insert(-1, f"gpu-{self.gpu.lower()}")
         return "_".join(parts).replace("+", "-")
 
     def environment(self) -> dict[str, str]:

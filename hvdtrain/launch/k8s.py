@@ -1,0 +1,122 @@
+"""Kubernetes: a Kubeflow MPIJob (v2beta1) and the ConfigMap carrying the job
+spec, filled in from k8s/mpijob.yaml. The template's structure, comments aside,
+is kept; only the job-specific values are set here."""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+from ..spec import JobSpec, dump, load_spec
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "k8s" / "mpijob.yaml"
+SPEC_DIR, SPEC_KEY, OUTPUT_DIR = "/etc/hvdtrain", "spec.yaml", "/output"
+QUANTITY = re.compile(r"^\d+(\.\d+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
+
+
+def k8s_name(name: str) -> str:
+    """A DNS-1035 label for the job (pods are named <job>-launcher, <job>-worker-N)."""
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    label = re.sub(r"^[^a-z]+", "", label)[:45].rstrip("-")
+    if not label:
+        raise UserError(f"job name {name!r} gives no valid Kubernetes name: use letters first")
+    return label
+
+
+def render(spec_path: Path, overrides: list[str], *, workers: int, gpus_per_worker: int | None,
+           image: str, namespace: str | None = None, slots_per_worker: int | None = None,
+           memory: str = "4Gi", shm: str = "1Gi", template: Path = TEMPLATE) -> str:
+    """Multi-document YAML: the ConfigMap, then the MPIJob."""
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
+    if not image.strip() or any(c.isspace() for c in image):
+        raise UserError(f"--image {image!r} is not an image reference")
+    for flag, value in (("--memory", memory), ("--shm", shm)):
+        if not QUANTITY.match(value):
+            raise UserError(f"{flag} {value!r} is not a Kubernetes quantity (e.g. 4Gi, 512Mi)")
+    if namespace is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace):
+        raise UserError(f"--namespace {namespace!r} is not a valid namespace name")
+    given = load_spec(spec_path, overrides)
+    name = k8s_name(given.name)
+    gpus = given.resources.gpus_per_worker if gpus_per_worker is None else gpus_per_worker
+    if gpus < 0:
+        raise UserError("--gpus-per-worker must be at least 0")
+    slots = slots_per_worker or gpus or 1
+    if gpus and slots != gpus:
+        raise UserError(f"--slots-per-worker {slots} with {gpus} GPUs per worker: "
+                        "Horovod runs one rank per GPU, so they must be equal")
+    # The spec as every rank reads it: overrides applied, output inside the output volume,
+    # resources as deployed (one GPU per rank when there are GPUs).
+    spec = load_spec(spec_path, [*overrides, f"output={OUTPUT_DIR}/{name}",
+                                 f"resources.workers={workers * slots}",
+                                 f"resources.gpus_per_worker={1 if gpus else 0}"])
+    configmap, job = (copy.deepcopy(d) for d in yaml.safe_load_all(template.read_text()))
+    fill_configmap(configmap, name, spec)
+    fill_job(job, name, spec, workers=workers, gpus=gpus, slots=slots, image=image,
+             memory=memory, shm=shm)
+    for doc in (configmap, job):
+        if namespace:
+            doc["metadata"]["namespace"] = namespace
+    return yaml.dump_all([configmap, job], Dumper=ManifestDumper, sort_keys=False, width=100)
+
+
+class ManifestDumper(yaml.SafeDumper):
+    """Multi-line strings (the spec in the ConfigMap) as readable | blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, text: str):
+    style = "|" if "\n" in text else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+ManifestDumper.add_representer(str, _str)
+
+
+def fill_configmap(configmap: dict, name: str, spec: JobSpec) -> None:
+    configmap["metadata"]["name"] = f"{name}-spec"
+    configmap["metadata"]["labels"]["app.kubernetes.io/instance"] = name
+    configmap["data"] = {SPEC_KEY: dump(spec)}
+
+
+def fill_job(job: dict, name: str, spec: JobSpec, *, workers: int, gpus: int, slots: int,
+             image: str, memory: str, shm: str) -> None:
+    job["metadata"]["name"] = name
+    job["metadata"]["labels"]["app.kubernetes.io/instance"] = name
+    job["spec"]["slotsPerWorker"] = slots
+    replicas = job["spec"]["mpiReplicaSpecs"]
+    replicas["Worker"]["replicas"] = workers
+    threads = str(spec.resources.cpus_per_worker)
+    for role in ("Launcher", "Worker"):
+        pod = replicas[role]["template"]["spec"]
+        pod["volumes"] = [set_configmap(v, f"{name}-spec") for v in pod["volumes"]]
+        container = pod["containers"][0]
+        container["image"] = image
+        container["env"] = [{**e, "value": threads} if e["name"] == "OMP_NUM_THREADS" else dict(e)
+                            for e in container["env"]]
+    launcher = replicas["Launcher"]["template"]["spec"]["containers"][0]
+    launcher["args"] = with_np(launcher["args"], workers * slots)
+    worker_pod = replicas["Worker"]["template"]["spec"]
+    worker = worker_pod["containers"][0]
+    resources = worker["resources"]
+    resources["requests"] = {"cpu": str(spec.resources.cpus_per_worker * slots), "memory": memory}
+    resources["limits"] = {"memory": memory, **({"nvidia.com/gpu": gpus} if gpus else {})}
+    for volume in worker_pod["volumes"]:
+        if volume["name"] == "dshm":
+            volume["emptyDir"]["sizeLimit"] = shm
+
+
+def set_configmap(volume: dict[str, Any], configmap: str) -> dict[str, Any]:
+    volume = copy.deepcopy(volume)
+    if "configMap" in volume:
+        volume["configMap"]["name"] = configmap
+    return volume
+
+
+def with_np(args: list[str], ranks: int) -> list[str]:
+    args = list(args)
+    args[args.index("-np") + 1] = str(ranks)
+    return args
