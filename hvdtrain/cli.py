@@ -31,12 +31,25 @@ def cmd_run(args) -> int:
     return code
 
 
+def horovod_knobs(spec) -> None:
+    """The spec's stall and timeout settings as Horovod's variables (set by the user wins)."""
+    import os
+    knobs = spec.horovod
+    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(knobs.stall_check_seconds))
+    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(knobs.stall_shutdown_seconds))
+    if knobs.stall_check_seconds == 0:
+        os.environ.setdefault("HOROVOD_STALL_CHECK_DISABLE", "1")
+    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(knobs.gloo_timeout_seconds))
+    os.environ.setdefault("HVDTRAIN_START_TIMEOUT", str(knobs.start_timeout_seconds))
+
+
 def cmd_train(args) -> int:
     from .backends import get_backend
     from .data import load_dataset
     from .launch.slurm import prepare_rank
     from .spec import CNNSpec, load_spec
     spec = load_spec(args.spec, args.overrides)
+    horovod_knobs(spec)
     prepare_rank()  # under srun: Horovod's environment from Slurm's (a no-op elsewhere)
     backend = get_backend(spec.backend)
     dataset = load_dataset(spec.data, image=isinstance(spec.model, CNNSpec))

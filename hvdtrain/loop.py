@@ -50,6 +50,7 @@ class Steps:
     weights_digest: Callable[[], str]
     export: Callable[[Path], None]
     parameters: int  # trainable parameters of the model
+    signature: list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) of each parameter
 
 
 def scaled_lr(spec: JobSpec, comm: Comm, gpu_adasum: bool = False) -> float:
@@ -80,6 +81,36 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**31)
 
 
+def preflight(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps) -> None:
+    """Before any tensor is exchanged: every rank has the same parameters (names,
+    shapes, dtypes) and the same number of steps per epoch. A difference would
+    otherwise show as Horovod's stall warning and a hang; here it is a diff."""
+    check_world(comm)
+    mine = {"parameters": [list(map(str, p)) for p in steps.signature],
+            "steps_per_epoch": steps_per_epoch(len(dataset.y_train), comm.size, spec.train.batch_size),
+            "training samples": len(dataset.y_train), "classes": dataset.num_classes}
+    everyone = comm.allgather_object(mine, "hvdtrain.preflight")
+    problems = []
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        problems += [f"rank {rank} vs rank 0: {line}" for line in differences(everyone[0], theirs)]
+    if problems:
+        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+        raise UserError("ranks disagree before training (different specs, code or data on "
+                        "different hosts?):\n  " + "\n  ".join(shown))
+
+
+def differences(root: dict, other: dict) -> list[str]:
+    lines = [f"{key} {other[key]} instead of {root[key]}" for key in root
+             if key != "parameters" and root[key] != other[key]]
+    ours, theirs = root["parameters"], other["parameters"]
+    if len(ours) != len(theirs):
+        lines.append(f"{len(theirs)} parameters instead of {len(ours)}")
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            lines.append(f"parameter {i}: {b[0]} shape {b[1]} {b[2]} instead of {a[0]} shape {a[1]} {a[2]}")
+    return lines
+
+
 def resume(spec: JobSpec, comm: Comm, steps: Steps) -> int:
     """Rank 0 checks the run dir and loads the newest valid checkpoint; returns
     the epoch to start at on every rank.
@@ -88,7 +119,6 @@ def resume(spec: JobSpec, comm: Comm, steps: Steps) -> int:
     broadcast of initial state then carries the weights to the other ranks.
     A problem found by rank 0 is sent to all ranks, so all stop with it at once.
     """
-    check_world(comm)
     start, problem = 0, None
     if comm.rank == 0:
         problem = writable_problem(spec)

@@ -6,6 +6,7 @@ the current working directory, the same for every launcher.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -14,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from .errors import SpecError
 
-PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Activation = Literal["relu", "tanh", "gelu"]
 SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
@@ -24,19 +24,23 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
 
+Width = Annotated[int, Field(ge=1, le=65_536)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
 class MLPSpec(Section):
     kind: Literal["mlp"]
-    hidden: list[PositiveInt] = Field(default=[128, 64], description="sizes of the hidden layers")
+    hidden: list[Width] = Field(default=[128, 64], max_length=64, description="sizes of the hidden layers")
     activation: Activation = "relu"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout after each hidden layer")
 
 
 class CNNSpec(Section):
     kind: Literal["cnn"]
-    channels: list[PositiveInt] = Field(default=[16, 32], min_length=1,
-                                        description="output channels of each 3x3 conv block")
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default=[16, 32], min_length=1, max_length=32, description="output channels of each conv block")
     kernel_size: Annotated[int, Field(ge=1, le=7)] = 3
-    hidden: list[PositiveInt] = Field(default=[64], description="dense layers after the convs")
+    hidden: list[Width] = Field(default=[64], max_length=64, description="dense layers after the convs")
     activation: Activation = "relu"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
@@ -46,7 +50,7 @@ ModelSpec = Annotated[Union[MLPSpec, CNNSpec], Field(discriminator="kind")]
 
 class SyntheticSpec(Section):
     samples: Annotated[int, Field(ge=2, le=10_000_000)] = 4096
-    shape: list[PositiveInt] = Field(default=[64], min_length=1, max_length=3,
+    shape: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default=[64], min_length=1, max_length=3,
                                      description="per-sample shape: [features] or [C, H, W]")
     classes: Annotated[int, Field(ge=2, le=100_000)] = 10
 
@@ -55,7 +59,7 @@ class DataSpec(Section):
     source: Literal["digits", "iris", "wine", "breast_cancer", "file", "synthetic"]
     path: Path | None = Field(default=None, description=".npz (arrays x, y) or .csv; source: file only")
     label_column: str = Field(default="label", description="csv column holding the class label")
-    image_shape: list[PositiveInt] | None = Field(
+    image_shape: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
         default=None, min_length=3, max_length=3,
         description="[C, H, W] of each sample for a cnn on file data")
     synthetic: SyntheticSpec | None = None
@@ -63,7 +67,7 @@ class DataSpec(Section):
     clean: Literal["drop", "impute"] = Field(
         default="drop", description="rows with NaN/inf features: drop them, or fill with the column mean")
     validation_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _source_fields(self) -> "DataSpec":
@@ -92,18 +96,33 @@ class OptimizerSpec(Section):
 class TrainSpec(Section):
     epochs: Annotated[int, Field(gt=0, le=100_000)] = 10
     batch_size: Annotated[int, Field(gt=0, le=1_000_000)] = Field(default=32, description="per worker")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class HorovodSpec(Section):
     fp16_compression: bool = Field(default=False, description="send gradients as float16")
     backward_passes_per_step: Annotated[int, Field(gt=0, le=1024)] = 1
     adasum: bool = Field(default=False, description="Adasum reduction instead of averaging")
+    stall_check_seconds: Annotated[int, Field(ge=0, le=86_400)] = Field(
+        default=60, description="warn when ranks wait on a tensor this long (0: no stall check)")
+    stall_shutdown_seconds: Annotated[int, Field(ge=0, le=86_400)] = Field(
+        default=300, description="stop the job when ranks stall this long (0: never)")
+    gloo_timeout_seconds: Annotated[int, Field(ge=1, le=86_400)] = Field(
+        default=60, description="Gloo's timeout for connections and collectives")
+    start_timeout_seconds: Annotated[int, Field(ge=1, le=86_400)] = Field(
+        default=120, description="how long ranks may take to start and meet")
+
+    @model_validator(mode="after")
+    def _stall(self) -> "HorovodSpec":
+        if self.stall_check_seconds and self.stall_shutdown_seconds and \
+                self.stall_shutdown_seconds <= self.stall_check_seconds:
+            raise ValueError("stall_shutdown_seconds must exceed stall_check_seconds")
+        return self
 
 
 class CheckpointSpec(Section):
     dir: Path | None = Field(default=None, description="default: <output>/checkpoints")
-    every_epochs: Annotated[int, Field(gt=0)] = 1
+    every_epochs: Annotated[int, Field(gt=0, le=100_000)] = 1
     keep_last: Annotated[int, Field(gt=0, le=1000)] = 3
 
 
@@ -143,13 +162,36 @@ class JobSpec(Section):
         return self
 
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
-    """Read, override and validate a spec file; raise SpecError with every problem."""
+def load_spec(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> JobSpec:
+    """Read, override and validate a spec file; raise SpecError with every problem.
+    check_paths: the data file and output dirs must be usable here (not so when
+    rendering for another machine, such as a Kubernetes image)."""
     source = str(path)
     raw = read_yaml(Path(path))
     for item in overrides:
         apply_override(raw, item)
-    return validate(raw, source)
+    spec = validate(raw, source)
+    problems = path_problems(spec) if check_paths else []
+    if problems:
+        raise SpecError(source, problems)
+    return spec
+
+
+def path_problems(spec: JobSpec) -> list[str]:
+    problems = []
+    data = spec.data.path
+    if data is not None:
+        if not data.exists():
+            problems.append(f"data.path: {str(data)!r} does not exist")
+        elif not data.is_file():
+            problems.append(f"data.path: {str(data)!r} is not a regular file")
+        elif not os.access(data, os.R_OK):
+            problems.append(f"data.path: {str(data)!r} is not readable")
+    for key, directory in (("output", spec.output), ("checkpoint.dir", spec.checkpoint.dir)):
+        existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            problems.append(f"{key}: {str(existing)!r} exists and is not a directory")
+    return problems
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

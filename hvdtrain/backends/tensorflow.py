@@ -24,7 +24,7 @@ import keras  # noqa: E402
 
 from . import import_horovod  # noqa: E402
 from ..data import Dataset, Preprocessing  # noqa: E402
-from ..loop import Batch, Comm, Steps, epoch_seed, resume, run_epochs, scaled_lr  # noqa: E402
+from ..loop import Batch, Comm, Steps, epoch_seed, preflight, resume, run_epochs, scaled_lr  # noqa: E402
 from ..spec import CNNSpec, JobSpec, MLPSpec, model_from_dict  # noqa: E402
 
 MODEL_FILE = "model.keras"
@@ -98,6 +98,7 @@ def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None 
 
     # Horovod: the gradient tape is wrapped so gradients are allreduced (in make_steps).
     steps = make_steps(spec, model, optimizer, hvd, comm.rank)
+    preflight(spec, dataset, comm, steps)  # same parameters and step counts on every rank
     start_epoch = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
     # Horovod: broadcast model and optimizer variables from rank 0. Upstream's
     # examples broadcast after the first step because older Keras optimizers
@@ -191,7 +192,8 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
 
     return Steps(train_epoch, lambda x: logits(model, x), state_bytes, load_state_bytes,
                  lambda: weights_digest(model), export,
-                 sum(int(np.prod(v.shape)) for v in model.trainable_variables))
+                 sum(int(np.prod(v.shape)) for v in model.trainable_variables),
+                 [(v.path, tuple(v.shape), str(v.dtype)) for v in model.weights])
 
 
 def seed_dropout(model: keras.Model, seed: int) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import import_horovod
 from ..data import Dataset, Preprocessing
-from ..loop import Batch, Comm, Steps, epoch_seed, resume, run_epochs, scaled_lr
+from ..loop import Batch, Comm, Steps, epoch_seed, preflight, resume, run_epochs, scaled_lr
 from ..spec import CNNSpec, JobSpec, MLPSpec, model_from_dict
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -84,6 +84,7 @@ def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None 
         op=hvd.Adasum if spec.horovod.adasum else hvd.Average)
 
     steps = make_steps(spec, model, optimizer, device, comm.rank)
+    preflight(spec, dataset, comm, steps)  # same parameters and step counts on every rank
     start_epoch = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
     # Horovod: broadcast initial (or resumed) model and optimizer state from rank 0.
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -142,7 +143,8 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, device: torch.device,
 
     return Steps(train_epoch, lambda x: logits(model, x, device), state_bytes, load_state_bytes,
                  lambda: weights_digest(model), export,
-                 sum(p.numel() for p in model.parameters() if p.requires_grad))
+                 sum(p.numel() for p in model.parameters() if p.requires_grad),
+                 [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()])
 
 
 def logits(model: nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:

@@ -40,7 +40,7 @@ def render(spec_path: Path, overrides: list[str], *, workers: int, gpus_per_work
             raise UserError(f"{flag} {value!r} is not a Kubernetes quantity (e.g. 4Gi, 512Mi)")
     if namespace is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace):
         raise UserError(f"--namespace {namespace!r} is not a valid namespace name")
-    given = load_spec(spec_path, overrides)
+    given = load_spec(spec_path, overrides, check_paths=False)
     name = k8s_name(given.name)
     gpus = given.resources.gpus_per_worker if gpus_per_worker is None else gpus_per_worker
     if gpus < 0:
@@ -53,7 +53,7 @@ def render(spec_path: Path, overrides: list[str], *, workers: int, gpus_per_work
     # resources as deployed (one GPU per rank when there are GPUs).
     spec = load_spec(spec_path, [*overrides, f"output={OUTPUT_DIR}/{name}",
                                  f"resources.workers={workers * slots}",
-                                 f"resources.gpus_per_worker={1 if gpus else 0}"])
+                                 f"resources.gpus_per_worker={1 if gpus else 0}"], check_paths=False)
     configmap, job = (copy.deepcopy(d) for d in yaml.safe_load_all(template.read_text()))
     fill_configmap(configmap, name, spec)
     fill_job(job, name, spec, workers=workers, gpus=gpus, slots=slots, image=image,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +26,9 @@ def rank_command(spec_path: str, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "hvdtrain", "train", spec_path, *overrides]
 
 
-def horovodrun_command(spec_path: str, overrides: list[str], np: int) -> list[str]:
+def horovodrun_command(spec_path: str, overrides: list[str], np: int, start_timeout: int = 120) -> list[str]:
     return [horovodrun_path(), "-np", str(np), "-H", f"localhost:{np}", "--gloo",
-            *rank_command(spec_path, overrides)]
+            "--start-timeout", str(start_timeout), *rank_command(spec_path, overrides)]
 
 
 def rank_environment(spec: JobSpec) -> dict[str, str]:
@@ -45,7 +46,7 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int) -> int:
     hold its traceback, replaced here by one line naming the rank that failed
     first. The ranks' own errors, prefixed [rank], are shown as they come.
     """
-    cmd = horovodrun_command(spec_path, overrides, np)
+    cmd = horovodrun_command(spec_path, overrides, np, spec.horovod.start_timeout_seconds)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=rank_environment(spec))
     launcher_lines = []
@@ -63,9 +64,21 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int) -> int:
         tail = "".join(launcher_lines[-5:]).rstrip()
         print(f"hvdtrain: training failed: horovodrun exited with status {code}\n{tail}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"hvdtrain: training failed: rank {rank} exited with status {status} "
-          f"(its error is above, in lines starting [{rank}])", file=sys.stderr)
+    if status < 0:  # horovodrun reports a signal as a negative status
+        how = f"was killed by signal {-status} ({signal_name(-status)}) on localhost"
+        where = "its last lines are above"
+    else:
+        how, where = f"exited with status {status}", "its error is above"
+    print(f"hvdtrain: training failed: rank {rank} {how} ({where}, in lines starting [{rank}])",
+          file=sys.stderr)
     return EXIT_USAGE if status == EXIT_USAGE else EXIT_FAILED
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"
 
 
 RANK_LINE = re.compile(r"^\[\d+\]<(stdout|stderr)>:")
