@@ -64,8 +64,10 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int) -> int:
         tail = "".join(launcher_lines[-5:]).rstrip()
         print(f"hvdtrain: training failed: horovodrun exited with status {code}\n{tail}", file=sys.stderr)
         return EXIT_FAILED
-    if status < 0:  # horovodrun reports a signal as a negative status
-        how = f"was killed by signal {-status} ({signal_name(-status)}) on localhost"
+    # a signal shows as a negative status, or as 128 + signal from the shell horovodrun uses
+    killed_by = -status if status < 0 else status - 128 if 128 < status <= 128 + 64 else None
+    if killed_by:
+        how = f"was killed by signal {killed_by} ({signal_name(killed_by)}) on localhost"
         where = "its last lines are above"
     else:
         how, where = f"exited with status {status}", "its error is above"

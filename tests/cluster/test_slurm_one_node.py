@@ -1,7 +1,11 @@
 """sbatch --wait of rendered scripts on a real one-node Slurm cluster (2 tasks)."""
 import json
+import re
+import signal
 import subprocess
+import time
 
+import psutil
 import pytest
 
 from tests.conftest import ROOT
@@ -44,3 +48,34 @@ def test_mpi_type_this_open_mpi_cannot_use_gets_a_hint(slurm_one_node):
     assert proc.returncode != 0 and slurm_one_node.state(job) == "FAILED"
     assert "use `srun --mpi=pmix`" in log and "PMI-1/PMI-2" in log
     assert "OMPI was not built with SLURM's PMI support" not in log  # stopped before MPI_Init
+
+
+def test_killed_task_ends_the_job_within_60s_naming_it(slurm_one_node):
+    script = slurm_one_node.jobs / "killed.sbatch"
+    result = slurm_one_node.hvdtrain("submit", "slurm", MLP, "--tasks-per-node", "2", "-o", script,
+                                     f"output={slurm_one_node.jobs / 'killed'}", "train.epochs=300")
+    job = re.search(r"submitted job (\d+)", result.stdout).group(1)
+    log = slurm_one_node.jobs / f"slurm-digits-mlp-torch-{job}.out"
+    deadline = time.monotonic() + 300
+    while "epoch 2/300" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.5)
+    [victim] = [p for p in psutil.process_iter(["cmdline"])
+                if "hvdtrain" in (p.info["cmdline"] or []) and _env(p).get("SLURM_JOB_ID") == job
+                and _env(p).get("SLURM_PROCID") == "1"]
+    killed_at = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    while slurm_one_node.state(job) in ("RUNNING", "COMPLETING", "PENDING"):
+        assert time.monotonic() - killed_at < 90, "job still running 90s after the kill"
+        time.sleep(0.5)
+    seconds = time.monotonic() - killed_at
+    print(f"srun: job {job} {slurm_one_node.state(job)} {seconds:.1f}s after SIGKILL of task 1")
+    assert slurm_one_node.state(job) == "FAILED" and seconds < 60
+    assert "node1: task 1: Killed" in log.read_text()
+
+
+def _env(process):
+    try:
+        return process.environ()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return {}
