@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import EXIT_FAILED, EXIT_USAGE, UserError
+from .errors import EXIT_FAILED, EXIT_USAGE, TrainingError, UserError
 
 
 def cmd_validate(args) -> int:
@@ -86,11 +86,21 @@ def cmd_submit_slurm(args) -> int:
     return submit(script, args.wait)
 
 
+def elastic_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    low, sep, high = text.partition(":")
+    if not (sep and low.isdigit() and high.isdigit()):
+        raise UserError(f"--elastic {text!r}: expected MIN_RANKS:MAX_WORKERS, e.g. 2:8")
+    return int(low), int(high)
+
+
 def cmd_render_k8s(args) -> int:
     from .launch.k8s import render
     text = render(Path(args.spec), args.overrides, workers=args.workers,
                   gpus_per_worker=args.gpus_per_worker, image=args.image, namespace=args.namespace,
-                  slots_per_worker=args.slots_per_worker, memory=args.memory, shm=args.shm)
+                  slots_per_worker=args.slots_per_worker, memory=args.memory, shm=args.shm,
+                  elastic=elastic_range(args.elastic))
     if args.output:
         Path(args.output).write_text(text)
         print(f"wrote {args.output}", file=sys.stderr)
@@ -194,6 +204,9 @@ def parser() -> argparse.ArgumentParser:
     k8s.add_argument("--slots-per-worker", type=int, help="ranks per worker (default: GPUs, or 1)")
     k8s.add_argument("--memory", default="4Gi", help="memory per worker (default 4Gi)")
     k8s.add_argument("--shm", default="1Gi", help="/dev/shm size per worker (default 1Gi)")
+    k8s.add_argument("--elastic", metavar="MIN_RANKS:MAX_WORKERS",
+                     help="elastic job: horovodrun with the operator's discover_hosts.sh; "
+                          "Worker replicas = MAX_WORKERS")
     k8s.add_argument("-o", "--output", help="write the manifests here")
     k8s.set_defaults(func=cmd_render_k8s)
     return top
@@ -215,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         print(f"hvdtrain: error: {err}", file=sys.stderr)
         code = EXIT_USAGE
-    except OSError as err:
+    except (OSError, TrainingError) as err:
         print(f"hvdtrain: error: {err}", file=sys.stderr)
         code = EXIT_FAILED
     except Exception as err:

@@ -23,3 +23,7 @@ class SpecError(UserError):
 
 class DataError(UserError):
     """The data a spec names cannot be read or used."""
+
+
+class TrainingError(Exception):
+    """Training went wrong in a way the message explains (e.g. ranks diverged); exits EXIT_FAILED."""

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .data import Dataset, eval_shard, shard_batches, steps_per_epoch
-from .errors import UserError
+from .errors import TrainingError, UserError
 from .metrics import confusion, scores
 from .spec import JobSpec, dump
 
@@ -119,20 +119,25 @@ def resume(spec: JobSpec, comm: Comm, steps: Steps) -> int:
     broadcast of initial state then carries the weights to the other ranks.
     A problem found by rank 0 is sent to all ranks, so all stop with it at once.
     """
-    start, problem = 0, None
-    if comm.rank == 0:
-        problem = writable_problem(spec)
-        found = None if problem else checkpoint.latest_valid(spec.checkpoint.dir)
-        if found is not None:
-            problem = foreign_checkpoint(spec, found)
-            if not problem:
-                steps.load_state_bytes(found.payload)
-                start = found.epoch
-                print(f"resuming from {found.path} (epoch {start} done)", flush=True)
+    start, problem = load_latest(spec, steps) if comm.rank == 0 else (0, None)
     start, problem = comm.broadcast_object((start, problem), "hvdtrain.resume")
     if problem:
         raise UserError(problem)
     return start
+
+
+def load_latest(spec: JobSpec, steps: Steps) -> tuple[int, str | None]:
+    """Rank 0's part of resume, with no collective: (epoch to start at, problem)."""
+    problem = writable_problem(spec)
+    found = None if problem else checkpoint.latest_valid(spec.checkpoint.dir)
+    if found is None:
+        return 0, problem
+    problem = foreign_checkpoint(spec, found)
+    if problem:
+        return 0, problem
+    steps.load_state_bytes(found.payload)
+    print(f"resuming from {found.path} (epoch {found.epoch} done)", flush=True)
+    return found.epoch, None
 
 
 def check_world(comm: Comm) -> None:
@@ -185,7 +190,6 @@ def evaluate(dataset: Dataset, comm: Comm, steps: Steps, batch_size: int) -> tup
 def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, target_lr: float,
                start_epoch: int, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     progress = progress or tqdm.write
-    out = Path(spec.output)
     n, k = len(dataset.y_train), dataset.num_classes
     per_epoch = steps_per_epoch(n, comm.size, spec.train.batch_size)
     if comm.rank == 0:
@@ -217,21 +221,107 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, target
             raise UserError(f"epoch {epoch + 1}: loss is not finite; lower optimizer.lr")
         # Horovod: checkpoint and log on rank 0 only, so ranks never race on one file.
         if comm.rank == 0:
-            with open(out / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
             bar.set_postfix(val_acc=f"{record['val_accuracy']:.4f}", refresh=False)
-            progress(f"epoch {epoch + 1}/{spec.train.epochs}  train_loss {record['train_loss']:.4f}  "
-                     f"val_loss {record['val_loss']:.4f}  val_acc {record['val_accuracy']:.4f}  "
-                     f"val_f1 {record['val_f1']:.4f}  ({elapsed:.1f}s)")
-            if (epoch + 1) % spec.checkpoint.every_epochs == 0 or epoch + 1 == spec.train.epochs:
-                checkpoint.save(spec.checkpoint.dir, epoch + 1, steps.state_bytes(),
-                                {"spec": spec.model_dump(mode="json"), "metrics": record},
-                                spec.checkpoint.keep_last)
+            log_epoch(spec, record, steps, progress)
     digest = check_consistency(comm, steps)
     summary = finish(spec, dataset, comm, steps, record, digest)
     if comm.rank == 0 and summary["final"]:
         progress(f"final validation accuracy {summary['final']['val_accuracy']:.4f}")
     return summary
+
+
+def elastic_batches(remaining: np.ndarray, size: int, batch_size: int) -> list[np.ndarray]:
+    """The global batches (size x batch_size samples each) that finish an epoch.
+
+    A last chunk too small for every rank to get a sample joins the one before,
+    so no sample is skipped or repeated and no rank gets an empty batch."""
+    chunk = size * batch_size
+    batches = [remaining[i:i + chunk] for i in range(0, len(remaining), chunk)]
+    if len(batches) > 1 and len(batches[-1]) < size:
+        batches[-2:] = [np.concatenate(batches[-2:])]
+    return batches
+
+
+def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], steps: Steps,
+                state, elastic_run: Callable, progress: Callable[[str], None] | None = None
+                ) -> dict[str, Any]:
+    """Training under Horovod's elastic API: workers may leave or join at any step.
+
+    `state` is the backend's Horovod elastic state (model, optimizer and the
+    attributes epoch, processed, loss_sum, seen). Every `commit_every_steps`
+    steps it is committed in memory; when a worker fails, the others go back
+    to the last commit, and the remaining samples of the epoch (its permutation
+    from `processed` on) are shared anew among the workers now present."""
+    progress = progress or tqdm.write
+    elastic = spec.horovod.elastic
+    n, k, bs = len(dataset.y_train), dataset.num_classes, spec.train.batch_size
+
+    @elastic_run
+    def train(state) -> dict[str, Any]:
+        comm = make_comm()
+        preflight(spec, dataset, comm, steps)
+        if comm.rank == 0:
+            progress(f"{spec.backend} {spec.model.kind} with {steps.parameters:,} parameters on "
+                     f"{comm.size} workers (elastic), from epoch {state.epoch + 1}")
+        record: dict[str, Any] = {}
+        while state.epoch < spec.train.epochs:
+            epoch, began = state.epoch, time.perf_counter()
+            if comm.rank == 0 and state.processed == 0:
+                prepare_run_dir(spec, epoch)
+            order = np.random.default_rng([spec.train.seed, epoch]).permutation(n)
+            global_batches = elastic_batches(order[state.processed:], comm.size, bs)
+            per_epoch = len(elastic_batches(order, comm.size, bs))
+            # Horovod: the lr follows the number of workers present
+            lr_at = lr_schedule(spec, scaled_lr(spec, comm), epoch, per_epoch)
+            done = max(0, per_epoch - len(global_batches))  # steps of this epoch already taken
+            for first in range(0, len(global_batches), elastic.commit_every_steps):
+                group = global_batches[first:first + elastic.commit_every_steps]
+                mine = [(dataset.x_train[b], dataset.y_train[b])
+                        for b in (np.array_split(g, comm.size)[comm.rank] for g in group)]
+                # dropout seed: per epoch, position in it and rank (reproducible after a reset)
+                loss_sum, seen = steps.train_epoch(epoch * 1_000_003 + state.processed, mine,
+                                                   lambda i: lr_at(done + first + i))
+                totals = comm.allreduce_sum(np.array([loss_sum, seen]), f"hvdtrain.elastic.{epoch}.{first}")
+                state.loss_sum += float(totals[0])
+                state.seen += int(totals[1])
+                state.processed += sum(len(g) for g in group)
+                state.commit()
+            counts, val_loss = evaluate(dataset, comm, steps, max(bs, 256))
+            totals = comm.allreduce_sum(np.concatenate([[val_loss], counts.ravel()]),
+                                        f"hvdtrain.metrics.{epoch}")
+            elapsed = time.perf_counter() - began
+            record = {"epoch": epoch + 1, "workers": comm.size,
+                      "train_loss": state.loss_sum / max(state.seen, 1),
+                      "val_loss": totals[0] / len(dataset.y_val),
+                      **{f"val_{m}": v for m, v in scores(totals[1:].reshape(k, k)).items()},
+                      "lr": lr_at(per_epoch - 1), "samples_per_s": state.seen / elapsed,
+                      "seconds": elapsed}
+            if comm.rank == 0:
+                log_epoch(spec, record, steps, progress)
+            state.epoch, state.processed, state.loss_sum, state.seen = epoch + 1, 0, 0.0, 0
+            state.commit()
+        digest = check_consistency(comm, steps)
+        return finish(spec, dataset, comm, steps, record, digest)
+
+    summary = train(state)
+    if make_comm().rank == 0 and summary["final"]:
+        progress(f"final validation accuracy {summary['final']['val_accuracy']:.4f}")
+    return summary
+
+
+def log_epoch(spec: JobSpec, record: dict[str, Any], steps: Steps, progress: Callable[[str], None]) -> None:
+    """Rank 0: the epoch's line, metrics.jsonl and, when due, a checkpoint."""
+    out, epoch = Path(spec.output), record["epoch"]
+    with open(out / "metrics.jsonl", "a") as log:
+        log.write(json.dumps(record) + "\n")
+    workers = f"  ({record['workers']} workers)" if "workers" in record else ""
+    progress(f"epoch {epoch}/{spec.train.epochs}  train_loss {record['train_loss']:.4f}  "
+             f"val_loss {record['val_loss']:.4f}  val_acc {record['val_accuracy']:.4f}  "
+             f"val_f1 {record['val_f1']:.4f}  ({record['seconds']:.1f}s){workers}")
+    if epoch % spec.checkpoint.every_epochs == 0 or epoch == spec.train.epochs:
+        checkpoint.save(spec.checkpoint.dir, epoch, steps.state_bytes(),
+                        {"spec": spec.model_dump(mode="json"), "metrics": record},
+                        spec.checkpoint.keep_last)
 
 
 def prepare_run_dir(spec: JobSpec, start_epoch: int) -> None:
@@ -252,7 +342,7 @@ def check_consistency(comm: Comm, steps: Steps) -> str:
     digests = comm.allgather_object(steps.weights_digest(), "hvdtrain.weights_digest")
     if len(set(digests)) != 1:
         groups = {d: [r for r, x in enumerate(digests) if x == d] for d in digests}
-        raise RuntimeError("ranks ended with different weights: " +
+        raise TrainingError("ranks ended with different weights: " +
                            "; ".join(f"ranks {r}: {d[:12]}" for d, r in groups.items()))
     return digests[0]
 

@@ -99,6 +99,24 @@ class TrainSpec(Section):
     seed: Seed = 0
 
 
+class ElasticSpec(Section):
+    min_workers: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=1, description="keep training while at least this many workers are alive")
+    max_workers: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        description="never more workers than this")
+    discovery: Path = Field(description="executable printing the available hosts, one 'host:slots' "
+                                        "per line (horovodrun --host-discovery-script)")
+    commit_every_steps: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=10, description="commit the training state in memory every N steps; a reset "
+                                "goes back to the last commit")
+
+    @model_validator(mode="after")
+    def _range(self) -> "ElasticSpec":
+        if self.max_workers < self.min_workers:
+            raise ValueError("max_workers must be at least min_workers")
+        return self
+
+
 class HorovodSpec(Section):
     fp16_compression: bool = Field(default=False, description="send gradients as float16")
     backward_passes_per_step: Annotated[int, Field(gt=0, le=1024)] = 1
@@ -111,6 +129,8 @@ class HorovodSpec(Section):
         default=60, description="Gloo's timeout for connections and collectives")
     start_timeout_seconds: Annotated[int, Field(ge=1, le=86_400)] = Field(
         default=120, description="how long ranks may take to start and meet")
+    elastic: ElasticSpec | None = Field(
+        default=None, description="elastic training (hvdtrain run / horovodrun): workers may leave and join")
 
     @model_validator(mode="after")
     def _stall(self) -> "HorovodSpec":

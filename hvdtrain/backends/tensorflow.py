@@ -24,7 +24,9 @@ import keras  # noqa: E402
 
 from . import import_horovod  # noqa: E402
 from ..data import Dataset, Preprocessing  # noqa: E402
-from ..loop import Batch, Comm, Steps, epoch_seed, preflight, resume, run_epochs, scaled_lr  # noqa: E402
+from ..errors import UserError  # noqa: E402
+from ..loop import (Batch, Comm, Steps, epoch_seed, load_latest, preflight, resume, run_elastic,  # noqa: E402
+                    run_epochs, scaled_lr)
 from ..spec import CNNSpec, JobSpec, MLPSpec, model_from_dict  # noqa: E402
 
 MODEL_FILE = "model.keras"
@@ -98,6 +100,18 @@ def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None 
 
     # Horovod: the gradient tape is wrapped so gradients are allreduced (in make_steps).
     steps = make_steps(spec, model, optimizer, hvd, comm.rank)
+    if spec.horovod.elastic:
+        # Horovod elastic: no collective may run before the elastic loop (a worker that
+        # joins later would meet the others inside it). Rank 0 loads the checkpoint
+        # locally; the state, model and optimizer included, is broadcast from rank 0 at
+        # every (re)start and committed in memory. Preflight runs after each reset.
+        start_epoch, problem = load_latest(spec, steps) if comm.rank == 0 else (0, None)
+        if problem:
+            raise UserError(problem)
+        state = hvd.elastic.TensorFlowKerasState(model, optimizer, epoch=start_epoch,
+                                                 processed=0, loss_sum=0.0, seen=0)
+        return run_elastic(spec, dataset, lambda: horovod_comm(hvd), steps, state,
+                           hvd.elastic.run, progress)
     preflight(spec, dataset, comm, steps)  # same parameters and step counts on every rank
     start_epoch = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
     # Horovod: broadcast model and optimizer variables from rank 0. Upstream's

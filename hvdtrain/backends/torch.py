@@ -14,7 +14,9 @@ from torch import nn
 
 from . import import_horovod
 from ..data import Dataset, Preprocessing
-from ..loop import Batch, Comm, Steps, epoch_seed, preflight, resume, run_epochs, scaled_lr
+from ..errors import UserError
+from ..loop import (Batch, Comm, Steps, epoch_seed, load_latest, preflight, resume, run_elastic, run_epochs,
+                    scaled_lr)
 from ..spec import CNNSpec, JobSpec, MLPSpec, model_from_dict
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -84,6 +86,17 @@ def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None 
         op=hvd.Adasum if spec.horovod.adasum else hvd.Average)
 
     steps = make_steps(spec, model, optimizer, device, comm.rank)
+    if spec.horovod.elastic:
+        # Horovod elastic: no collective may run before the elastic loop (a worker that
+        # joins later would meet the others inside it). Rank 0 loads the checkpoint
+        # locally; the state, model and optimizer included, is broadcast from rank 0 at
+        # every (re)start and committed in memory. Preflight runs after each reset.
+        start_epoch, problem = load_latest(spec, steps) if comm.rank == 0 else (0, None)
+        if problem:
+            raise UserError(problem)
+        state = elastic_state(hvd, model, optimizer, epoch=start_epoch, processed=0, loss_sum=0.0, seen=0)
+        return run_elastic(spec, dataset, lambda: horovod_comm(hvd), steps, state,
+                           hvd.elastic.run, progress)
     preflight(spec, dataset, comm, steps)  # same parameters and step counts on every rank
     start_epoch = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
     # Horovod: broadcast initial (or resumed) model and optimizer state from rank 0.
@@ -91,6 +104,20 @@ def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None 
     broadcast_optimizer_state(hvd, optimizer, comm)
     # Horovod: checkpoint on rank 0 only -- inside run_epochs.
     return run_epochs(spec, dataset, comm, steps, lr, start_epoch, progress)
+
+
+def elastic_state(hvd, model: nn.Module, optimizer, **attributes):
+    """Horovod's TorchState, with the model sent again after each sync.
+
+    TorchState syncs the model, then the optimizer; a worker that joins with an
+    empty optimizer takes a zero-gradient step first, which with weight decay
+    or momentum moves its weights away from the model just received."""
+    class State(hvd.elastic.TorchState):
+        def sync(self):
+            super().sync()
+            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+    return State(model=model, optimizer=optimizer, **attributes)
 
 
 def broadcast_optimizer_state(hvd, optimizer: torch.optim.Optimizer, comm: Comm) -> None:

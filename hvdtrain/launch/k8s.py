@@ -15,6 +15,7 @@ from ..spec import JobSpec, dump, load_spec
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "k8s" / "mpijob.yaml"
 SPEC_DIR, SPEC_KEY, OUTPUT_DIR = "/etc/hvdtrain", "spec.yaml", "/output"
+DISCOVER_HOSTS = "/etc/mpi/discover_hosts.sh"  # written by the mpi-operator into the launcher
 QUANTITY = re.compile(r"^\d+(\.\d+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
 
 
@@ -29,7 +30,8 @@ def k8s_name(name: str) -> str:
 
 def render(spec_path: Path, overrides: list[str], *, workers: int, gpus_per_worker: int | None,
            image: str, namespace: str | None = None, slots_per_worker: int | None = None,
-           memory: str = "4Gi", shm: str = "1Gi", template: Path = TEMPLATE) -> str:
+           memory: str = "4Gi", shm: str = "1Gi", elastic: tuple[int, int] | None = None,
+           template: Path = TEMPLATE) -> str:
     """Multi-document YAML: the ConfigMap, then the MPIJob."""
     if workers < 1:
         raise UserError("--workers must be at least 1")
@@ -49,11 +51,19 @@ def render(spec_path: Path, overrides: list[str], *, workers: int, gpus_per_work
     if gpus and slots != gpus:
         raise UserError(f"--slots-per-worker {slots} with {gpus} GPUs per worker: "
                         "Horovod runs one rank per GPU, so they must be equal")
+    extra = []
+    if elastic is not None:
+        low, high = elastic
+        if not 1 <= low <= workers * slots <= high * slots:
+            raise UserError(f"--elastic {low}:{high}: need 1 <= min ranks <= workers x slots "
+                            f"({workers * slots}) <= max workers x slots")
+        extra.append(f"horovod.elastic={{min_workers: {low}, max_workers: {high * slots}, "
+                     f"discovery: {DISCOVER_HOSTS}}}")
     # The spec as every rank reads it: overrides applied, output inside the output volume,
     # resources as deployed (one GPU per rank when there are GPUs).
     spec = load_spec(spec_path, [*overrides, f"output={OUTPUT_DIR}/{name}",
                                  f"resources.workers={workers * slots}",
-                                 f"resources.gpus_per_worker={1 if gpus else 0}"], check_paths=False)
+                                 f"resources.gpus_per_worker={1 if gpus else 0}", *extra], check_paths=False)
     configmap, job = (copy.deepcopy(d) for d in yaml.safe_load_all(template.read_text()))
     fill_configmap(configmap, name, spec)
     fill_job(job, name, spec, workers=workers, gpus=gpus, slots=slots, image=image,
@@ -99,6 +109,16 @@ def fill_job(job: dict, name: str, spec: JobSpec, *, workers: int, gpus: int, sl
                             for e in container["env"]]
     launcher = replicas["Launcher"]["template"]["spec"]["containers"][0]
     launcher["args"] = with_np(launcher["args"], workers * slots)
+    if spec.horovod.elastic is not None:
+        # Elastic: horovodrun instead of mpirun, with the hosts the operator lists in
+        # /etc/mpi/discover_hosts.sh as worker pods come and go (ssh to the workers as mpirun).
+        elastic = spec.horovod.elastic
+        launcher["command"] = ["horovodrun"]
+        launcher["args"] = ["--gloo", "-np", str(workers * slots), "--min-np", str(elastic.min_workers),
+                            "--max-np", str(elastic.max_workers), "--host-discovery-script",
+                            str(elastic.discovery), *entry_point(launcher["args"])]
+        replicas["Worker"]["replicas"] = elastic.max_workers // slots
+        job["spec"]["runPolicy"]["schedulingPolicy"] = {"minAvailable": -(-elastic.min_workers // slots)}
     worker_pod = replicas["Worker"]["template"]["spec"]
     worker = worker_pod["containers"][0]
     resources = worker["resources"]
@@ -114,6 +134,11 @@ def set_configmap(volume: dict[str, Any], configmap: str) -> dict[str, Any]:
     if "configMap" in volume:
         volume["configMap"]["name"] = configmap
     return volume
+
+
+def entry_point(args: list[str]) -> list[str]:
+    """The per-rank command at the end of the launcher's mpirun arguments."""
+    return args[args.index("python3"):]
 
 
 def with_np(args: list[str], ranks: int) -> list[str]:

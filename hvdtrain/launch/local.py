@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
-from ..spec import JobSpec
+from ..spec import ElasticSpec, JobSpec
 
 
 def horovodrun_path() -> str:
@@ -26,8 +26,14 @@ def rank_command(spec_path: str, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "hvdtrain", "train", spec_path, *overrides]
 
 
-def horovodrun_command(spec_path: str, overrides: list[str], np: int, start_timeout: int = 120) -> list[str]:
-    return [horovodrun_path(), "-np", str(np), "-H", f"localhost:{np}", "--gloo",
+def horovodrun_command(spec_path: str, overrides: list[str], np: int, start_timeout: int = 120,
+                       elastic: ElasticSpec | None = None) -> list[str]:
+    if elastic is None:
+        hosts = ["-H", f"localhost:{np}"]
+    else:  # the discovery script names the hosts, now and as they change
+        hosts = ["--min-np", str(elastic.min_workers), "--max-np", str(elastic.max_workers),
+                 "--host-discovery-script", str(elastic.discovery.resolve())]
+    return [horovodrun_path(), "-np", str(np), *hosts, "--gloo",
             "--start-timeout", str(start_timeout), *rank_command(spec_path, overrides)]
 
 
@@ -46,7 +52,11 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int) -> int:
     hold its traceback, replaced here by one line naming the rank that failed
     first. The ranks' own errors, prefixed [rank], are shown as they come.
     """
-    cmd = horovodrun_command(spec_path, overrides, np, spec.horovod.start_timeout_seconds)
+    elastic = spec.horovod.elastic
+    if elastic is not None and not (elastic.discovery.is_file() and os.access(elastic.discovery, os.X_OK)):
+        raise UserError(f"horovod.elastic.discovery: {str(elastic.discovery)!r} is not an executable file")
+    cmd = horovodrun_command(spec_path, overrides, np, spec.horovod.start_timeout_seconds,
+                             spec.horovod.elastic)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=rank_environment(spec))
     launcher_lines = []
@@ -59,7 +69,8 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int) -> int:
     code = proc.wait()
     if code == 0:
         return 0
-    rank, status = first_failure(launcher_lines)
+    # elastic: workers may fail and be replaced; the failure that ended the job is the last
+    rank, status = first_failure(launcher_lines[::-1] if spec.horovod.elastic else launcher_lines)
     if rank is None:
         tail = "".join(launcher_lines[-5:]).rstrip()
         print(f"hvdtrain: training failed: horovodrun exited with status {code}\n{tail}", file=sys.stderr)

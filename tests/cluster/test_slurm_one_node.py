@@ -26,13 +26,13 @@ def test_two_tasks_train_to_095(slurm_one_node, mode):
 
 
 def test_failing_rank_ends_the_job_failed_with_its_message(slurm_one_node):
-    blocker = slurm_one_node.jobs / "blocker"
-    blocker.write_text("a file, not a directory")
+    bad = slurm_one_node.jobs / "bad.csv"  # passes the spec's checks, fails on loading
+    bad.write_text("a,b,label\n1,2,0\n3,oops,1\n")
     job, status, log = slurm_one_node.submit(MLP, "broken", "--tasks-per-node", "2",
-                                             f"checkpoint.dir={blocker / 'ckpt'}")
+                                             "data.source=file", f"data.path={bad}")
     assert status != 0
     assert slurm_one_node.state(job) == "FAILED"
-    assert f"hvdtrain: error: cannot write to {blocker / 'ckpt'}" in log
+    assert f"hvdtrain: error: {bad}:3: column 'b' holds 'oops', not a number" in log
     assert "Traceback" not in log
 
 

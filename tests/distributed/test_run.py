@@ -115,12 +115,12 @@ def test_resume_after_stop_gives_the_same_final_weights(cli, tmp_path, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_failing_rank_fails_the_job_with_its_message(cli, tmp_path, backend):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
+    # a data file that passes the spec's checks but cannot be parsed: each rank finds it when loading
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,label\n1,2,0\n3,oops,1\n")
     result = cli("run", example("mlp", backend), "-np", "2", f"output={tmp_path / 'out'}",
-                 f"checkpoint.dir={blocker / 'ckpt'}")
+                 "data.source=file", f"data.path={bad}")
     assert result.returncode == 2
-    # rank 0 finds the problem and sends it to every rank: all stop with it, the first to exit is named
-    assert "cannot write to" in result.stderr
+    assert f"{bad}:3: column 'b' holds 'oops', not a number" in result.stderr
     assert re.search(r"training failed: rank [01] exited with status 2", result.stderr)
     assert "Traceback" not in result.stderr

@@ -151,3 +151,20 @@ def test_image_recipe_matches_the_manifest_and_the_tested_build():
     launcher, worker = (pod["containers"][0] for pod in launcher_and_worker(job))
     assert worker["command"] == ["/usr/sbin/sshd"] and "mkdir -p /run/sshd" in recipe
     assert "python3" in launcher["args"] and "ENV VIRTUAL_ENV=/opt/hvdtrain PATH=/opt/hvdtrain/bin:$PATH" in recipe
+
+
+def test_elastic_variant_uses_the_operators_discovery_script():
+    text = rendered(ROOT / "examples" / "digits-mlp-torch.yaml", gpus_per_worker=0, elastic=(1, 4))
+    assert manifest_problems(text) == []
+    configmap, job = documents(text)
+    launcher, _ = (pod["containers"][0] for pod in launcher_and_worker(job))
+    assert launcher["command"] == ["horovodrun"]
+    args = launcher["args"]
+    assert args[:10] == ["--gloo", "-np", "2", "--min-np", "1", "--max-np", "4",
+                         "--host-discovery-script", "/etc/mpi/discover_hosts.sh", "python3"]
+    assert job["spec"]["mpiReplicaSpecs"]["Worker"]["replicas"] == 4
+    assert job["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 1}
+    elastic = yaml.safe_load(configmap["data"][k8s.SPEC_KEY])["horovod"]["elastic"]
+    assert elastic["discovery"] == "/etc/mpi/discover_hosts.sh" and elastic["max_workers"] == 4
+    with pytest.raises(UserError, match="--elastic"):
+        rendered(gpus_per_worker=0, elastic=(3, 1))

@@ -1,0 +1,79 @@
+"""Elastic training for real: `hvdtrain run` with horovod.elastic starts 2 workers
+on two local "hosts" named by a discovery script; one worker is SIGKILLed and
+its host removed, the job goes on alone; a host added to the discovery output
+brings a worker back, which joins. The job must finish with identical weights
+on every rank and accuracy >= 0.95 on digits."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.distributed
+MLP = ROOT / "examples" / "digits-mlp-torch.yaml"
+
+
+def worker_on(host: str, parent: psutil.Process):
+    for child in parent.children(recursive=True):
+        try:
+            if "hvdtrain" in child.cmdline() and child.environ().get("HOROVOD_HOSTNAME") == host:
+                return child
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def wait_for_line(proc, lines, predicate, timeout):
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if predicate(line):
+            return line
+        assert time.monotonic() < deadline, "".join(lines)[-3000:]
+    pytest.fail("".join(lines)[-3000:])
+
+
+def test_worker_killed_then_added_back(tmp_path):
+    third = socket.gethostname()  # a third local name, resolving to this machine
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:1\n127.0.0.1:1\n")
+    discover = tmp_path / "discover.sh"
+    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    discover.chmod(0o755)
+    elastic = (f"horovod.elastic={{min_workers: 1, max_workers: 2, discovery: {discover}, "
+               "commit_every_steps: 5}")
+    proc = subprocess.Popen([sys.executable, "-m", "hvdtrain", "run", MLP, "-np", "2", "train.epochs=150",
+                             f"output={tmp_path / 'out'}", elastic],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    try:
+        wait_for_line(proc, lines, lambda ln: "epoch 3/150" in ln, 300)
+        victim = worker_on("127.0.0.1", psutil.Process(proc.pid))
+        assert victim is not None
+        hosts.write_text("localhost:1\n")
+        victim.send_signal(signal.SIGKILL)
+        wait_for_line(proc, lines, lambda ln: "on 1 workers (elastic)" in ln, 120)
+        hosts.write_text(f"localhost:1\n{third}:1\n")
+        wait_for_line(proc, lines, lambda ln: "on 2 workers (elastic)" in ln, 180)
+        rest, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output[-4000:]
+    records = [json.loads(ln) for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, 151))  # every epoch once, none lost
+    workers = [r["workers"] for r in records]
+    assert workers[0] == 2 and 1 in workers and workers[-1] == 2  # shrank, then grew back
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["final"]["val_accuracy"] >= 0.95
+    print(f"elastic: workers {workers[0]} -> 1 (after the kill) -> {workers[-1]}; "
+          f"final accuracy {summary['final']['val_accuracy']:.4f}")
