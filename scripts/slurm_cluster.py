@@ -9,9 +9,8 @@ Everything lives in DIR (config, munge key and socket, state, logs); `start`
 prints the `SLURM_CONF=...` to export for sbatch/srun/sinfo and waits until
 sinfo shows every node idle. With --nodes N each slurmd runs in a network
 namespace and UTS namespace of its own (its own address on a veth bridge and
-its own hostname, /etc/hosts and /tmp), so a job spans N "hosts"; DIR and the
-files jobs share must then lie outside /tmp, like a cluster's shared filesystem.
-Needs root.
+its own hostname, /etc/hosts and PMIx directory), so a job spans N "hosts" that
+share the filesystem, like a cluster's nodes. Needs root.
 """
 from __future__ import annotations
 
@@ -130,9 +129,6 @@ def wait_idle(env: dict, nodes: int, timeout: float = 90) -> None:
 
 def start(d: Path, nodes: int, netns: bool) -> None:
     d = d.resolve()
-    if netns and Path("/tmp") in (d, *d.parents):
-        raise SystemExit(f"{d}: with several nodes each node has its own /tmp, so the cluster "
-                         "directory (and job files the nodes share) must be outside /tmp")
     d.mkdir(parents=True, exist_ok=True)
     (d / "state").mkdir(exist_ok=True)
     key = d / "munge.key"
@@ -142,6 +138,8 @@ def start(d: Path, nodes: int, netns: bool) -> None:
     memory_mb = max(500, int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 // (2 * nodes)))
     conf = d / "slurm.conf"
     conf.write_text(slurm_conf(d, nodes, netns, cpus, memory_mb))
+    (d / "pmix").mkdir(exist_ok=True)
+    (d / "mpi.conf").write_text(f"PMIxCliTmpDirBase={d}/pmix\n")
     (d / "cluster.json").write_text(json.dumps({"nodes": nodes, "netns": netns}))
     env = {**os.environ, "SLURM_CONF": str(conf)}
 
@@ -156,12 +154,13 @@ def start(d: Path, nodes: int, netns: bool) -> None:
             # Own network, hostname and /etc/hosts: a separate host as far as the job can
             # tell. nsenter rather than `ip netns exec`, which remounts /sys without the
             # cgroup hierarchy that slurmd needs.
-            # Each node has its own /tmp too (PMIx keeps per-node files there).
-            node_tmp = d / f"node{i}-tmp"
-            node_tmp.mkdir(exist_ok=True)
-            node_tmp.chmod(0o1777)
+            # Each node has its own PMIx directory (PMIxCliTmpDirBase in mpi.conf), as
+            # each host has its own /tmp; everything else is shared like a cluster filesystem.
+            node_pmix = d / f"node{i}-pmix"
+            node_pmix.mkdir(exist_ok=True)
+            node_pmix.chmod(0o1777)
             daemon = ["nsenter", f"--net=/run/netns/{netns_name(i)}", "unshare", "--mount", "--uts",
-                      "sh", "-c", f"mount --bind {d}/hosts /etc/hosts && mount --bind {node_tmp} /tmp && "
+                      "sh", "-c", f"mount --bind {d}/hosts /etc/hosts && mount --bind {node_pmix} {d}/pmix && "
                                   f"hostname node{i} && exec {' '.join(daemon)}"]
         subprocess.run(daemon, env=env, check=True)
     wait_idle(env, nodes)

@@ -58,8 +58,7 @@ def start_cluster(nodes: int):
     missing = [d for d in DAEMONS if not shutil.which(d)]
     if missing:
         unavailable(f"{', '.join(missing)} not installed (apt-get install slurm-wlm munge)")
-    # outside /tmp: with several nodes each node gets its own /tmp
-    directory = Path(tempfile.mkdtemp(prefix=f"hvdtrain-slurm{nodes}-", dir="/var/tmp"))
+    directory = Path(tempfile.mkdtemp(prefix=f"hvdtrain-slurm{nodes}-"))
     proc = subprocess.run([sys.executable, str(SCRIPT), "start", str(directory), "--nodes", str(nodes)],
                           capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
