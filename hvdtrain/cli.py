@@ -32,7 +32,7 @@ def cmd_run(args) -> int:
 
 
 def horovod_knobs(spec) -> None:
-    """The spec's stall and timeout settings as Horovod's variables (set by the user wins)."""
+    """The spec's horovod section as Horovod's variables (a variable the user set wins)."""
     import os
     knobs = spec.horovod
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(knobs.stall_check_seconds))
@@ -41,6 +41,15 @@ def horovod_knobs(spec) -> None:
         os.environ.setdefault("HOROVOD_STALL_CHECK_DISABLE", "1")
     os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(knobs.gloo_timeout_seconds))
     os.environ.setdefault("HVDTRAIN_START_TIMEOUT", str(knobs.start_timeout_seconds))
+    os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", str(int(knobs.fusion_threshold_mb * 2**20)))
+    os.environ.setdefault("HOROVOD_CYCLE_TIME", str(knobs.cycle_time_ms))
+    if knobs.autotune:
+        os.environ.setdefault("HOROVOD_AUTOTUNE", "1")
+        if knobs.autotune_log:
+            os.environ.setdefault("HOROVOD_AUTOTUNE_LOG", str(knobs.autotune_log))
+    if knobs.timeline:
+        knobs.timeline.parent.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("HOROVOD_TIMELINE", str(knobs.timeline))
 
 
 def cmd_train(args) -> int:
@@ -109,6 +118,23 @@ def cmd_render_k8s(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import DEFAULT_SIZES, TRAIN_IMPLS, Settings, bench, parse_size
+    from .spec import load_spec
+    spec = load_spec(args.spec)
+    try:
+        ranks = [int(r) for r in args.ranks.split(",")]
+    except ValueError:
+        raise UserError(f"--ranks {args.ranks!r}: expected numbers such as 1,2") from None
+    sizes = [] if args.sizes == "none" else \
+        [parse_size(x) for x in args.sizes.split(",")] if args.sizes else DEFAULT_SIZES
+    impls = args.impls.split(",") if args.impls else list(TRAIN_IMPLS)
+    bench(Settings(spec=Path(args.spec), ranks=ranks, rounds=args.rounds, windows=args.windows,
+                   steps=args.steps, warmup=args.warmup, impls=impls, sizes=sizes,
+                   output=Path(args.output) if args.output else Path(spec.output) / "bench"))
+    return 0
+
+
 def cmd_predict(args) -> int:
     from .predict import predict
     predict(Path(args.run_dir), Path(args.input), Path(args.output) if args.output else None)
@@ -160,6 +186,19 @@ def parser() -> argparse.ArgumentParser:
     build = verb("build-horovod", cmd_build_horovod,
                  "build (or take from cache) and install Horovod for this environment", spec=False)
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+    bench = verb("bench", cmd_bench, "training throughput against hand-written Horovod, DDP and the "
+                 "TF backend, and allreduce bandwidth; writes bench.json and bench.png", spec=False)
+    bench.add_argument("spec", help="job spec (YAML) giving model, data and batch size")
+    bench.add_argument("--ranks", default="1,2", help="rank counts (default 1,2)")
+    bench.add_argument("--rounds", type=int, default=5, help="alternating launches per implementation")
+    bench.add_argument("--windows", type=int, default=1, help="timed windows per launch")
+    bench.add_argument("--steps", type=int, default=20, help="steps per window")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed steps per launch")
+    bench.add_argument("--impls", help="comma list of hvdtrain,horovod,ddp,tensorflow (default all)")
+    bench.add_argument("--sizes", help="allreduce message sizes, e.g. 4K,1M,256M; 'none' skips "
+                                       "(default 4K..256M)")
+    bench.add_argument("-o", "--output", help="report directory (default <output>/bench)")
 
     render = verbs.add_parser("render", help="write a cluster job for a spec",
                               description="write a cluster job for a spec").add_subparsers(

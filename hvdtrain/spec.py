@@ -131,6 +131,13 @@ class HorovodSpec(Section):
         default=120, description="how long ranks may take to start and meet")
     elastic: ElasticSpec | None = Field(
         default=None, description="elastic training (hvdtrain run / horovodrun): workers may leave and join")
+    fusion_threshold_mb: Annotated[float, Field(ge=0, le=4096)] = Field(
+        default=64, description="tensor fusion buffer (Horovod's default 64 MiB; 0 turns fusion off)")
+    cycle_time_ms: Annotated[float, Field(gt=0, le=10_000)] = Field(
+        default=1.0, description="how often Horovod's background thread batches tensors (ms)")
+    autotune: bool = Field(default=False, description="let Horovod tune fusion and cycle time")
+    autotune_log: Path | None = Field(default=None, description="CSV of autotune's trials")
+    timeline: Path | None = Field(default=None, description="write Horovod's Chrome-trace timeline here")
 
     @model_validator(mode="after")
     def _stall(self) -> "HorovodSpec":

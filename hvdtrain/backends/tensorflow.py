@@ -80,7 +80,9 @@ def configure_tensorflow(spec: JobSpec, local_rank: int) -> bool:
     return bool(gpus)
 
 
-def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None = None) -> dict:
+def setup(spec: JobSpec, dataset: Dataset):
+    """Horovod's set-up for training (init, pin, scale, wrap): (hvd, comm, model,
+    optimizer, steps, lr). `fit` goes on from here; `hvdtrain bench` times `steps`."""
     hvd = import_horovod("tensorflow")
 
     # Horovod: initialise.
@@ -100,6 +102,11 @@ def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None 
 
     # Horovod: the gradient tape is wrapped so gradients are allreduced (in make_steps).
     steps = make_steps(spec, model, optimizer, hvd, comm.rank)
+    return hvd, comm, model, optimizer, steps, lr
+
+
+def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None = None) -> dict:
+    hvd, comm, model, optimizer, steps, lr = setup(spec, dataset)
     if spec.horovod.elastic:
         # Horovod elastic: no collective may run before the elastic loop (a worker that
         # joins later would meet the others inside it). Rank 0 loads the checkpoint

@@ -60,7 +60,9 @@ def make_optimizer(spec: JobSpec, params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
 
 
-def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None = None) -> dict:
+def setup(spec: JobSpec, dataset: Dataset):
+    """Horovod's set-up for training (init, pin, scale, wrap): (hvd, comm, model,
+    optimizer, steps, lr). `fit` goes on from here; `hvdtrain bench` times `steps`."""
     hvd = import_horovod("torch")
 
     # Horovod: initialise.
@@ -86,6 +88,11 @@ def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None 
         op=hvd.Adasum if spec.horovod.adasum else hvd.Average)
 
     steps = make_steps(spec, model, optimizer, device, comm.rank)
+    return hvd, comm, model, optimizer, steps, lr
+
+
+def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None = None) -> dict:
+    hvd, comm, model, optimizer, steps, lr = setup(spec, dataset)
     if spec.horovod.elastic:
         # Horovod elastic: no collective may run before the elastic loop (a worker that
         # joins later would meet the others inside it). Rank 0 loads the checkpoint

@@ -1,0 +1,284 @@
+"""`hvdtrain bench`: training throughput of hvdtrain against a hand-written
+Horovod loop, PyTorch DDP and hvdtrain's TensorFlow backend on the same spec,
+and an allreduce micro-benchmark, measured side by side in one run.
+
+Launches alternate (A, B, C, A, B, C, ...) so that drift of the machine hits
+every implementation alike; each launch warms up, then times whole windows of
+steps between barriers on rank 0. Every process runs one thread.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+TRAIN_IMPLS = ("hvdtrain", "horovod", "ddp", "tensorflow")
+DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
+TARGETS = {"hvdtrain_vs_horovod": 0.97, "horovod_vs_ddp": 1.0, "scaling_efficiency": 0.9,
+           "allreduce_vs_torch": 0.9}
+
+
+# -- arithmetic of the report (unit tested) ------------------------------------------
+
+def summarize(samples_per_s: list[float]) -> dict[str, float]:
+    """Median and spread of per-window throughputs."""
+    if not samples_per_s or any(v <= 0 for v in samples_per_s):
+        raise ValueError("throughputs must be positive and present")
+    ordered = sorted(samples_per_s)
+    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1],
+            "spread": (ordered[-1] - ordered[0]) / statistics.median(ordered), "windows": len(ordered)}
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b
+
+
+def scaling_efficiency(one_rank: float, n_ranks: float, n: int) -> float:
+    """throughput(n) / (n x throughput(1))."""
+    return n_ranks / (n * one_rank)
+
+
+def bandwidths(nbytes: int, seconds: float, ranks: int) -> tuple[float, float]:
+    """(algorithm bandwidth, bus bandwidth) in bytes/s; a ring allreduce moves
+    2 (n - 1) / n of the buffer per rank (NCCL-tests' convention)."""
+    algbw = nbytes / seconds
+    return algbw, algbw * (2 * (ranks - 1) / ranks if ranks > 1 else 1.0)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+    except (ValueError, IndexError):
+        raise UserError(f"message size {text!r}: use e.g. 4K, 1M, 256M") from None
+
+
+# -- launching ------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    spec: Path
+    ranks: list[int]
+    rounds: int
+    windows: int
+    steps: int
+    warmup: int
+    impls: list[str]
+    sizes: list[int]
+    output: Path
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def launcher(impl: str, ranks: int, controller: str = "gloo") -> list[str]:
+    from ..launch.local import horovodrun_path
+    if impl in ("ddp", "torch"):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                "-m", "hvdtrain.bench.worker"]
+    return [horovodrun_path(), "-np", str(ranks), "-H", f"localhost:{ranks}", f"--{controller}",
+            sys.executable, "-m", "hvdtrain.bench.worker"]
+
+
+def launch(cmd: list[str], out: Path, what: str) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=1800)
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stdout + proc.stderr)[-2500:]
+        raise UserError(f"benchmark run {what} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(out.read_text())
+
+
+def run_training(s: Settings, scratch: Path, log) -> list[dict]:
+    runs = []
+    for ranks in s.ranks:
+        for round_ in range(s.rounds):
+            for impl in s.impls:  # alternate: A, B, C, A, B, C ...
+                out = scratch / f"train-{impl}-{ranks}-{round_}.json"
+                cmd = [*launcher(impl, ranks), "train", impl, str(s.spec), str(out), "--windows",
+                       str(s.windows), "--steps", str(s.steps), "--warmup", str(s.warmup)]
+                result = launch(cmd, out, f"{impl} on {ranks} rank(s)")
+                rates = [result["samples_per_window"] / t for t in result["window_seconds"]]
+                runs.append({"impl": impl, "ranks": ranks, "round": round_, "samples_per_s": rates})
+                log(f"  {impl:10s} {ranks} rank(s), round {round_ + 1}: "
+                    f"{statistics.median(rates):9.1f} samples/s")
+    return runs
+
+
+def run_allreduce(s: Settings, scratch: Path, mpi: bool, log) -> list[dict]:
+    if not s.sizes or max(s.ranks) < 2:
+        return []
+    ranks = max(s.ranks)
+    sizes = ",".join(map(str, s.sizes))
+    variants = [("horovod-gloo", "horovod", "gloo"), ("torch-gloo", "torch", "gloo")]
+    if mpi:
+        variants.insert(1, ("horovod-mpi", "horovod", "mpi"))
+    rows = []
+    for name, impl, controller in variants:
+        out = scratch / f"allreduce-{name}.json"
+        cmd = [*launcher(impl, ranks, controller), "allreduce", impl, str(out), "--sizes", sizes]
+        if controller == "mpi":  # horovodrun --mpi runs mpirun, which needs this as root
+            cmd[1:1] = ["--mpi-args=--allow-run-as-root"] if os.geteuid() == 0 else []
+        result = launch(cmd, out, f"allreduce {name}")
+        for row in result["allreduce"]:
+            algbw, busbw = bandwidths(row["bytes"], row["seconds"], ranks)
+            rows.append({"impl": name, "ranks": ranks, "bytes": row["bytes"], "seconds": row["seconds"],
+                         "algbw": algbw, "busbw": busbw})
+        log(f"  allreduce {name}: done")
+    rows += memcpy_rows(s.sizes)
+    return rows
+
+
+def memcpy_rows(sizes: list[int]) -> list[dict]:
+    """One process copying the same bytes: the loopback limit on one host."""
+    import numpy as np
+    rows = []
+    for nbytes in sizes:
+        src, dst = np.ones(nbytes, dtype=np.uint8), np.empty(nbytes, dtype=np.uint8)
+        times = []
+        for _ in range(max(5, min(100, (256 << 20) // nbytes))):
+            began = time.perf_counter()
+            np.copyto(dst, src)
+            times.append(time.perf_counter() - began)
+        seconds = statistics.median(times)
+        rows.append({"impl": "memcpy", "ranks": 1, "bytes": nbytes, "seconds": seconds,
+                     "algbw": nbytes / seconds, "busbw": nbytes / seconds})
+    return rows
+
+
+# -- the report -----------------------------------------------------------------------
+
+def throughput_table(runs: list[dict]) -> list[dict]:
+    table = []
+    for impl in dict.fromkeys(r["impl"] for r in runs):
+        for ranks in sorted({r["ranks"] for r in runs}):
+            rates = [v for r in runs if r["impl"] == impl and r["ranks"] == ranks for v in r["samples_per_s"]]
+            if rates:
+                table.append({"impl": impl, "ranks": ranks, **summarize(rates)})
+    return table
+
+
+def figures(table: list[dict], allreduce: list[dict]) -> dict[str, Any]:
+    med = {(t["impl"], t["ranks"]): t["median"] for t in table}
+    top = max(r for _, r in med)
+    out: dict[str, Any] = {}
+    if ("hvdtrain", top) in med and ("horovod", top) in med:
+        out["hvdtrain_vs_horovod"] = ratio(med["hvdtrain", top], med["horovod", top])
+    if ("horovod", top) in med and ("ddp", top) in med:
+        out["horovod_vs_ddp"] = ratio(med["horovod", top], med["ddp", top])
+    if ("tensorflow", top) in med and ("hvdtrain", top) in med:
+        out["tensorflow_vs_hvdtrain"] = ratio(med["tensorflow", top], med["hvdtrain", top])
+    out["scaling_efficiency"] = {impl: scaling_efficiency(med[impl, 1], med[impl, top], top)
+                                 for impl, r in med if r == 1 and top > 1 and (impl, top) in med}
+    big = [r for r in allreduce if r["bytes"] >= 1 << 20]
+    by = {(r["impl"], r["bytes"]): r["busbw"] for r in big}
+    ratios = [by["horovod-gloo", b] / by["torch-gloo", b] for (i, b) in by if i == "horovod-gloo"
+              and ("torch-gloo", b) in by]
+    if ratios:
+        out["allreduce_vs_torch"] = {"min": min(ratios), "median": statistics.median(ratios)}
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1),
+            "os": platform.platform()}
+
+
+def versions() -> dict[str, str | None]:
+    from ..horovod_build.build import installed_version, mpi_version
+    return {"python": platform.python_version(), "torch": installed_version("torch"),
+            "tensorflow": installed_version("tensorflow", "tensorflow-cpu"),
+            "horovod": installed_version("horovod"), "mpi": mpi_version()}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(13, 4.8))
+    table = report["throughput"]
+    labels = [f"{t['impl']}\n{t['ranks']} rank{'s' if t['ranks'] > 1 else ''}" for t in table]
+    medians = [t["median"] for t in table]
+    errors = [[t["median"] - t["min"] for t in table], [t["max"] - t["median"] for t in table]]
+    bars.bar(range(len(table)), medians, yerr=errors, capsize=4,
+             color=[f"C{sorted({t['impl'] for t in table}).index(t['impl'])}" for t in table])
+    bars.set_xticks(range(len(table)), labels, fontsize=8)
+    bars.set_ylabel("samples/s (median, min-max over windows)")
+    bars.set_title(f"training throughput: {report['settings']['spec_name']}")
+    for impl in dict.fromkeys(r["impl"] for r in report["allreduce"]):
+        rows = [r for r in report["allreduce"] if r["impl"] == impl]
+        lines.plot([r["bytes"] for r in rows], [r["busbw"] / 1e9 for r in rows], marker="o", label=impl)
+    lines.set_xscale("log", base=2)
+    lines.set_yscale("log")
+    lines.set_xlabel("message size (bytes)")
+    lines.set_ylabel("bus bandwidth (GB/s); memcpy: copy rate")
+    lines.set_title("allreduce, 2 ranks on one host")
+    if report["allreduce"]:
+        lines.legend()
+    fig.suptitle(f"{report['machine']['cpu']} ({report['machine']['cores']} cores), {report['date']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(report: dict, log) -> None:
+    log(f"\n{'implementation':14s} {'ranks':>5s} {'median':>10s} {'min':>10s} {'max':>10s}  samples/s")
+    for t in report["throughput"]:
+        log(f"{t['impl']:14s} {t['ranks']:5d} {t['median']:10.1f} {t['min']:10.1f} {t['max']:10.1f}")
+    for name, value in report["figures"].items():
+        if isinstance(value, dict):
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in value.items())
+        else:
+            shown = f"{value:.3f}"
+        target = f" (target >= {TARGETS[name]})" if name in TARGETS else ""
+        log(f"{name}: {shown}{target}")
+
+
+def bench(s: Settings, log=print) -> dict:
+    from ..horovod_build.build import mpi_version
+    from ..spec import load_spec
+    spec = load_spec(s.spec)
+    unknown = set(s.impls) - set(TRAIN_IMPLS)
+    if unknown:
+        raise UserError(f"unknown implementation(s) {sorted(unknown)}: choose from {', '.join(TRAIN_IMPLS)}")
+    if min(s.ranks) < 1 or min(s.windows, s.steps, s.rounds) < 1 or s.warmup < 0:
+        raise UserError("--ranks, --rounds, --windows and --steps must be at least 1")
+    s.output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hvdtrain-bench-") as scratch:
+        log(f"training throughput, {s.rounds} round(s) x {s.windows} window(s) x {s.steps} steps:")
+        runs = run_training(s, Path(scratch), log)
+        log("allreduce:")
+        allreduce = run_allreduce(s, Path(scratch), mpi=mpi_version() is not None, log=log)
+    table = throughput_table(runs)
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "versions": versions(),
+              "settings": {"spec": str(s.spec), "spec_name": spec.name, "ranks": s.ranks, "rounds": s.rounds,
+                           "windows_per_round": s.windows, "steps_per_window": s.steps,
+                           "warmup_steps": s.warmup, "batch_size_per_rank": spec.train.batch_size,
+                           "threads_per_rank": 1, "impls": s.impls,
+                           "horovod": spec.horovod.model_dump(mode="json")},
+              "runs": runs, "throughput": table, "allreduce": allreduce,
+              "figures": figures(table, allreduce), "targets": TARGETS}
+    (s.output / "bench.json").write_text(json.dumps(report, indent=2))
+    plot(report, s.output / "bench.png")
+    print_table(report, log)
+    log(f"\nreport: {s.output / 'bench.json'}, plot: {s.output / 'bench.png'}")
+    return report

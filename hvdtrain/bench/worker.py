@@ -1,0 +1,201 @@
+"""One rank of `hvdtrain bench`: times training steps or allreduces and, on
+rank 0, writes what it measured as JSON.
+
+    python -m hvdtrain.bench.worker train IMPL SPEC OUT --windows W --steps K --warmup U
+    python -m hvdtrain.bench.worker allreduce IMPL OUT --sizes 4096,65536
+
+Training IMPLs: hvdtrain (hvdtrain's own backend loop, torch), tensorflow
+(hvdtrain's TF backend), horovod (a minimal hand-written Horovod loop as in
+Horovod's examples), ddp (PyTorch DistributedDataParallel over gloo, started by
+torchrun). Allreduce IMPLs: horovod (under horovodrun --gloo or --mpi), torch
+(torch.distributed gloo, under torchrun). Each process uses one thread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+THREADS = 1
+
+
+def batches_for(spec, rank: int, size: int) -> list:
+    from ..data import load_dataset, shard_batches
+    from ..spec import CNNSpec
+    dataset = load_dataset(spec.data, image=isinstance(spec.model, CNNSpec))
+    order = shard_batches(len(dataset.y_train), rank, size, spec.train.batch_size, spec.train.seed, 0)
+    return dataset, [(dataset.x_train[b], dataset.y_train[b]) for b in order]
+
+
+def cycle(batches: list, count: int, start: int) -> list:
+    return [batches[(start + i) % len(batches)] for i in range(count)]
+
+
+def train_hvdtrain(spec, backend_name: str):
+    """hvdtrain's own loop: the backend's setup and its train_epoch."""
+    from ..backends import get_backend
+    backend = get_backend(backend_name)
+    from ..data import load_dataset
+    from ..spec import CNNSpec
+    dataset = load_dataset(spec.data, image=isinstance(spec.model, CNNSpec))
+    hvd, comm, model, optimizer, steps, lr = backend.setup(spec, dataset)
+    _, batches = batches_for(spec, comm.rank, comm.size)
+
+    def run(count: int, start: int) -> None:
+        steps.train_epoch(0, cycle(batches, count, start), lambda i: lr)
+
+    def barrier() -> None:
+        comm.allreduce_sum(np.zeros(1), "bench.barrier")
+    return comm.rank, comm.size, run, barrier, len(batches[0][1])
+
+
+def train_horovod(spec):
+    """The loop of Horovod's PyTorch examples, written out by hand."""
+    import horovod.torch as hvd
+    import torch
+    import torch.nn.functional as F
+
+    from ..backends.torch import build_model
+    hvd.init()
+    torch.set_num_threads(THREADS)
+    dataset, batches = batches_for(spec, hvd.rank(), hvd.size())
+    torch.manual_seed(spec.train.seed)
+    model = build_model(spec.model, dataset.preprocessing.input_shape, dataset.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr * hvd.size(),
+                                momentum=spec.optimizer.momentum)
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
+
+    def run(count: int, start: int) -> None:
+        model.train()
+        for x, y in cycle(tensors, count, start):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    def barrier() -> None:
+        hvd.allreduce(torch.zeros(1), name="bench.barrier")
+    return hvd.rank(), hvd.size(), run, barrier, len(batches[0][1])
+
+
+def train_ddp(spec):
+    """PyTorch DDP over gloo, as torchrun starts it."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ..backends.torch import build_model
+    dist.init_process_group("gloo")
+    torch.set_num_threads(THREADS)
+    rank, size = dist.get_rank(), dist.get_world_size()
+    dataset, batches = batches_for(spec, rank, size)
+    torch.manual_seed(spec.train.seed)
+    model = DistributedDataParallel(build_model(spec.model, dataset.preprocessing.input_shape,
+                                                dataset.num_classes))
+    optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr * size,
+                                momentum=spec.optimizer.momentum)
+    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
+
+    def run(count: int, start: int) -> None:
+        model.train()
+        for x, y in cycle(tensors, count, start):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return rank, size, run, dist.barrier, len(batches[0][1])
+
+
+def time_training(args) -> dict:
+    from ..spec import load_spec
+    from ..cli import horovod_knobs
+    spec = load_spec(args.spec, [f"resources.cpus_per_worker={THREADS}"])
+    horovod_knobs(spec)  # fusion, cycle time, autotune, timeline as the spec says
+    makers = {"hvdtrain": lambda: train_hvdtrain(spec, "torch"),
+              "tensorflow": lambda: train_hvdtrain(spec.model_copy(update={"backend": "tensorflow"}),
+                                                   "tensorflow"),
+              "horovod": lambda: train_horovod(spec), "ddp": lambda: train_ddp(spec)}
+    rank, size, run, barrier, batch = makers[args.impl]()
+    run(args.warmup, 0)
+    seconds = []
+    for window in range(args.windows):
+        barrier()
+        began = time.perf_counter()
+        run(args.steps, args.warmup + window * args.steps)
+        barrier()
+        seconds.append(time.perf_counter() - began)
+    return {"rank": rank, "ranks": size, "impl": args.impl, "window_seconds": seconds,
+            "samples_per_window": args.steps * batch * size}
+
+
+def time_allreduce(args) -> dict:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.impl == "torch":
+        import torch
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        rank, size = dist.get_rank(), dist.get_world_size()
+
+        def reduce(tensor):
+            dist.all_reduce(tensor)
+        barrier = dist.barrier
+    else:
+        import horovod.torch as hvd
+        import torch
+        hvd.init()
+        rank, size = hvd.rank(), hvd.size()
+
+        def reduce(tensor):
+            hvd.allreduce_(tensor, op=hvd.Sum, name=f"bench.{tensor.numel()}")
+
+        def barrier():
+            hvd.allreduce(torch.zeros(1), name="bench.barrier")
+    torch.set_num_threads(THREADS)
+    results = []
+    for nbytes in sizes:
+        tensor = torch.ones(nbytes // 4, dtype=torch.float32)
+        reduce(tensor)  # warm-up (and connection set-up)
+        times = []
+        for _ in range(repeats(nbytes)):  # the same count on every rank, or they would hang
+            barrier()
+            began = time.perf_counter()
+            reduce(tensor)
+            times.append(time.perf_counter() - began)
+        results.append({"bytes": nbytes, "seconds": float(np.median(times)), "repeats": len(times)})
+    return {"rank": rank, "ranks": size, "impl": args.impl, "allreduce": results}
+
+
+def repeats(nbytes: int) -> int:
+    """Many repetitions of small messages, a few of large ones (about 256 MiB moved in all)."""
+    return max(5, min(100, (256 << 20) // max(nbytes, 1)))
+
+
+def main() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    top = argparse.ArgumentParser()
+    sub = top.add_subparsers(dest="what", required=True)
+    train = sub.add_parser("train")
+    train.add_argument("impl", choices=["hvdtrain", "tensorflow", "horovod", "ddp"])
+    train.add_argument("spec")
+    train.add_argument("out")
+    train.add_argument("--windows", type=int, default=1)
+    train.add_argument("--steps", type=int, default=10)
+    train.add_argument("--warmup", type=int, default=3)
+    reduce = sub.add_parser("allreduce")
+    reduce.add_argument("impl", choices=["horovod", "torch"])
+    reduce.add_argument("out")
+    reduce.add_argument("--sizes", required=True)
+    args = top.parse_args()
+    result = time_training(args) if args.what == "train" else time_allreduce(args)
+    if result["rank"] == 0:
+        Path(args.out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

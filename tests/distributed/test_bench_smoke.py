@@ -1,0 +1,29 @@
+"""A short run of `hvdtrain bench` (few steps): the report has every field and
+every figure is positive. The full benchmark is run by hand (benchmarks/)."""
+import json
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.distributed
+
+
+def test_bench_smoke_run_writes_a_complete_report(cli, tmp_path):
+    result = cli("bench", ROOT / "examples" / "digits-mlp-torch.yaml", "--rounds", "1", "--steps", "3",
+                 "--warmup", "1", "--sizes", "4K,1M", "-o", tmp_path, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"date", "machine", "versions", "settings", "throughput", "allreduce", "figures"} <= set(report)
+    assert {(t["impl"], t["ranks"]) for t in report["throughput"]} == \
+        {(i, r) for i in ("hvdtrain", "horovod", "ddp", "tensorflow") for r in (1, 2)}
+    for t in report["throughput"]:
+        assert 0 < t["min"] <= t["median"] <= t["max"]
+    impls = {r["impl"] for r in report["allreduce"]}
+    assert {"horovod-gloo", "torch-gloo", "memcpy"} <= impls
+    assert all(r["seconds"] > 0 and r["busbw"] > 0 for r in report["allreduce"])
+    figures = report["figures"]
+    assert figures["hvdtrain_vs_horovod"] > 0 and figures["horovod_vs_ddp"] > 0
+    assert all(v > 0 for v in figures["scaling_efficiency"].values())
+    assert "hvdtrain_vs_horovod" in result.stdout  # the terminal table
