@@ -52,6 +52,19 @@ BUILD_FIXES: tuple[Fix, ...] = (
         why="PyTorch >= 2.1 headers require C++17; Horovod asks for C++14.",
     ),
     Fix(
+        path="horovod/common/group_table.h",
+        old="#include <mutex>\n#include <queue>\n",
+        new="#include <mutex>\n#include <queue>\n#include <string>\n",
+        why="GCC >= 13 no longer includes <string> through other standard headers; "
+            "group_table.h uses std::string without including it.",
+    ),
+    Fix(
+        path="horovod/common/common.h",
+        old="#include <memory>\n#include <string>\n",
+        new="#include <memory>\n#include <stdexcept>\n#include <string>\n",
+        why="GCC >= 13: common.h throws std::logic_error without including <stdexcept>.",
+    ),
+    Fix(
         path="horovod/tensorflow/CMakeLists.txt",
         old='list(APPEND TF_SOURCES "${PROJECT_SOURCE_DIR}/horovod/tensorflow/xla_mpi_ops.cc")',
         new='if(EXISTS "${Tensorflow_INCLUDE_DIRS}/highwayhash")\n'
