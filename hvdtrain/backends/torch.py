@@ -72,6 +72,9 @@ def setup(spec: JobSpec, dataset: Dataset):
     if use_cuda:
         torch.cuda.set_device(hvd.local_rank())
     device = torch.device("cuda", hvd.local_rank()) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        print(f"rank {hvd.rank()} (local rank {hvd.local_rank()}) trains on {device}: "
+              f"{torch.cuda.get_device_name(device)}", flush=True)
     torch.set_num_threads(spec.resources.cpus_per_worker)
     comm = horovod_comm(hvd)
 

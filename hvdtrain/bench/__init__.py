@@ -116,18 +116,22 @@ def run_training(s: Settings, scratch: Path, log) -> list[dict]:
     return runs
 
 
-def run_allreduce(s: Settings, scratch: Path, mpi: bool, log) -> list[dict]:
+def run_allreduce(s: Settings, scratch: Path, mpi: bool, gpu: bool, log) -> list[dict]:
     if not s.sizes or max(s.ranks) < 2:
         return []
     ranks = max(s.ranks)
     sizes = ",".join(map(str, s.sizes))
-    variants = [("horovod-gloo", "horovod", "gloo"), ("torch-gloo", "torch", "gloo")]
-    if mpi:
-        variants.insert(1, ("horovod-mpi", "horovod", "mpi"))
+    if gpu:  # GPU tensors: Horovod's NCCL ops against torch.distributed's NCCL backend
+        variants = [("horovod-nccl", "horovod", "gloo"), ("torch-nccl", "torch", "gloo")]
+    else:
+        variants = [("horovod-gloo", "horovod", "gloo"), ("torch-gloo", "torch", "gloo")]
+        if mpi:
+            variants.insert(1, ("horovod-mpi", "horovod", "mpi"))
     rows = []
     for name, impl, controller in variants:
         out = scratch / f"allreduce-{name}.json"
-        cmd = [*launcher(impl, ranks, controller), "allreduce", impl, str(out), "--sizes", sizes]
+        cmd = [*launcher(impl, ranks, controller), "allreduce", impl, str(out), "--sizes", sizes,
+               *(["--gpu"] if gpu else [])]
         if controller == "mpi":  # horovodrun --mpi runs mpirun, which needs this as root
             cmd[1:1] = ["--mpi-args=--allow-run-as-root"] if os.geteuid() == 0 else []
         result = launch(cmd, out, f"allreduce {name}")
@@ -183,8 +187,8 @@ def figures(table: list[dict], allreduce: list[dict]) -> dict[str, Any]:
                                  for impl, r in med if r == 1 and top > 1 and (impl, top) in med}
     big = [r for r in allreduce if r["bytes"] >= 1 << 20]
     by = {(r["impl"], r["bytes"]): r["busbw"] for r in big}
-    ratios = [by["horovod-gloo", b] / by["torch-gloo", b] for (i, b) in by if i == "horovod-gloo"
-              and ("torch-gloo", b) in by]
+    ratios = [by[i, b] / by[i.replace("horovod", "torch"), b] for (i, b) in by
+              if i in ("horovod-gloo", "horovod-nccl") and (i.replace("horovod", "torch"), b) in by]
     if ratios:
         out["allreduce_vs_torch"] = {"min": min(ratios), "median": statistics.median(ratios)}
     return out
@@ -200,6 +204,14 @@ def machine() -> dict[str, Any]:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1),
             "os": platform.platform()}
+
+
+def gpu_names() -> list[str]:
+    try:
+        import torch
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except (ImportError, RuntimeError, AssertionError):  # no CUDA build or driver
+        return []
 
 
 def versions() -> dict[str, str | None]:
@@ -230,7 +242,7 @@ def plot(report: dict, path: Path) -> None:
     lines.set_yscale("log")
     lines.set_xlabel("message size (bytes)")
     lines.set_ylabel("bus bandwidth (GB/s); memcpy: copy rate")
-    lines.set_title("allreduce, 2 ranks on one host")
+    lines.set_title(f"allreduce, {max(report['settings']['ranks'])} ranks on one host")
     if report["allreduce"]:
         lines.legend()
     fig.suptitle(f"{report['machine']['cpu']} ({report['machine']['cores']} cores), {report['date']}",
@@ -267,7 +279,8 @@ def bench(s: Settings, log=print) -> dict:
         log(f"training throughput, {s.rounds} round(s) x {s.windows} window(s) x {s.steps} steps:")
         runs = run_training(s, Path(scratch), log)
         log("allreduce:")
-        allreduce = run_allreduce(s, Path(scratch), mpi=mpi_version() is not None, log=log)
+        allreduce = run_allreduce(s, Path(scratch), mpi=mpi_version() is not None,
+                                  gpu=spec.resources.gpus_per_worker > 0, log=log)
     table = throughput_table(runs)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "versions": versions(),
               "settings": {"spec": str(s.spec), "spec_name": spec.name, "ranks": s.ranks, "rounds": s.rounds,
@@ -275,6 +288,7 @@ def bench(s: Settings, log=print) -> dict:
                            "warmup_steps": s.warmup, "batch_size_per_rank": spec.train.batch_size,
                            "threads_per_rank": 1, "impls": s.impls,
                            "horovod": spec.horovod.model_dump(mode="json")},
+              "gpus": gpu_names() if spec.resources.gpus_per_worker > 0 else [],
               "runs": runs, "throughput": table, "allreduce": allreduce,
               "figures": figures(table, allreduce), "targets": TARGETS}
     (s.output / "bench.json").write_text(json.dumps(report, indent=2))

@@ -49,8 +49,27 @@ def train_hvdtrain(spec, backend_name: str):
         steps.train_epoch(0, cycle(batches, count, start), lambda i: lr)
 
     def barrier() -> None:
+        if backend_name == "torch":
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
         comm.allreduce_sum(np.zeros(1), "bench.barrier")
     return comm.rank, comm.size, run, barrier, len(batches[0][1])
+
+
+def device_for(spec, local_rank: int):
+    """One GPU per rank by local rank when the spec asks for GPUs and there are any."""
+    import torch
+    if spec.resources.gpus_per_worker > 0 and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def synchronize(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train_horovod(spec):
@@ -62,15 +81,16 @@ def train_horovod(spec):
     from ..backends.torch import build_model
     hvd.init()
     torch.set_num_threads(THREADS)
+    device = device_for(spec, hvd.local_rank())
     dataset, batches = batches_for(spec, hvd.rank(), hvd.size())
     torch.manual_seed(spec.train.seed)
-    model = build_model(spec.model, dataset.preprocessing.input_shape, dataset.num_classes)
+    model = build_model(spec.model, dataset.preprocessing.input_shape, dataset.num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr * hvd.size(),
                                 momentum=spec.optimizer.momentum)
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
+    tensors = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for x, y in batches]
 
     def run(count: int, start: int) -> None:
         model.train()
@@ -80,6 +100,7 @@ def train_horovod(spec):
             optimizer.step()
 
     def barrier() -> None:
+        synchronize(device)
         hvd.allreduce(torch.zeros(1), name="bench.barrier")
     return hvd.rank(), hvd.size(), run, barrier, len(batches[0][1])
 
@@ -92,16 +113,17 @@ def train_ddp(spec):
     from torch.nn.parallel import DistributedDataParallel
 
     from ..backends.torch import build_model
-    dist.init_process_group("gloo")
     torch.set_num_threads(THREADS)
+    device = device_for(spec, int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     dataset, batches = batches_for(spec, rank, size)
     torch.manual_seed(spec.train.seed)
-    model = DistributedDataParallel(build_model(spec.model, dataset.preprocessing.input_shape,
-                                                dataset.num_classes))
+    model = build_model(spec.model, dataset.preprocessing.input_shape, dataset.num_classes).to(device)
+    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr * size,
                                 momentum=spec.optimizer.momentum)
-    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
+    tensors = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for x, y in batches]
 
     def run(count: int, start: int) -> None:
         model.train()
@@ -109,7 +131,10 @@ def train_ddp(spec):
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
-    return rank, size, run, dist.barrier, len(batches[0][1])
+    def barrier() -> None:
+        synchronize(device)
+        dist.barrier()
+    return rank, size, run, barrier, len(batches[0][1])
 
 
 def time_training(args) -> dict:
@@ -136,10 +161,13 @@ def time_training(args) -> dict:
 
 def time_allreduce(args) -> dict:
     sizes = [int(s) for s in args.sizes.split(",")]
+    import torch
+    on_gpu = args.gpu and torch.cuda.is_available()
     if args.impl == "torch":
-        import torch
         import torch.distributed as dist
-        dist.init_process_group("gloo")
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if on_gpu else "gloo")
         rank, size = dist.get_rank(), dist.get_world_size()
 
         def reduce(tensor):
@@ -147,8 +175,9 @@ def time_allreduce(args) -> dict:
         barrier = dist.barrier
     else:
         import horovod.torch as hvd
-        import torch
         hvd.init()
+        if on_gpu:
+            torch.cuda.set_device(hvd.local_rank())
         rank, size = hvd.rank(), hvd.size()
 
         def reduce(tensor):
@@ -159,16 +188,18 @@ def time_allreduce(args) -> dict:
     torch.set_num_threads(THREADS)
     results = []
     for nbytes in sizes:
-        tensor = torch.ones(nbytes // 4, dtype=torch.float32)
+        tensor = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda" if on_gpu else "cpu")
         reduce(tensor)  # warm-up (and connection set-up)
         times = []
         for _ in range(repeats(nbytes)):  # the same count on every rank, or they would hang
             barrier()
             began = time.perf_counter()
             reduce(tensor)
+            if on_gpu:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - began)
         results.append({"bytes": nbytes, "seconds": float(np.median(times)), "repeats": len(times)})
-    return {"rank": rank, "ranks": size, "impl": args.impl, "allreduce": results}
+    return {"rank": rank, "ranks": size, "impl": args.impl, "gpu": bool(on_gpu), "allreduce": results}
 
 
 def repeats(nbytes: int) -> int:
@@ -191,6 +222,7 @@ def main() -> None:
     reduce.add_argument("impl", choices=["horovod", "torch"])
     reduce.add_argument("out")
     reduce.add_argument("--sizes", required=True)
+    reduce.add_argument("--gpu", action="store_true", help="reduce GPU tensors (NCCL)")
     args = top.parse_args()
     result = time_training(args) if args.what == "train" else time_allreduce(args)
     if result["rank"] == 0:
