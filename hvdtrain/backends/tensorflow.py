@@ -198,9 +198,9 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
                 loss = accumulate_and_apply(*args, tf.constant(lr_at(i - i % passes), tf.float32), share)
             else:
                 loss = accumulate(*args, share)
-            total += float(loss) * len(y)
+            total += tf.cast(loss, tf.float64) * len(y)  # read once, after the epoch
             seen += len(y)
-        return total, seen
+        return float(total), seen
 
     def state_bytes() -> bytes:
         return variables_to_bytes({"model": model.weights, "optimizer": optimizer.variables})

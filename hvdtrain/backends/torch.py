@@ -149,7 +149,9 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, device: torch.device,
     def train_epoch(epoch: int, batches: list[Batch], lr_at: Callable[[int], float]) -> tuple[float, int]:
         model.train()
         torch.manual_seed(epoch_seed(spec.train.seed, epoch, rank))
-        total, seen = 0.0, 0
+        # the loss is summed on the device and read once: reading it every step would
+        # make the CPU wait for the GPU at each step
+        total, seen = torch.zeros((), dtype=torch.float64, device=device), 0
         for i, (x, y) in enumerate(batches):
             if i % passes == 0:
                 optimizer.zero_grad()
@@ -159,11 +161,11 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, device: torch.device,
             loss = F.cross_entropy(model(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device))
             # Gradients of a group's passes add up: each pass carries its share.
             (loss / in_group).backward()
-            total += loss.item() * len(y)
+            total += loss.detach().double() * len(y)
             seen += len(y)
             if (i + 1) % passes == 0 or i + 1 == len(batches):
                 optimizer.step()
-        return total, seen
+        return total.item(), seen
 
     def state_bytes() -> bytes:
         buffer = io.BytesIO()
