@@ -27,3 +27,16 @@ def test_bench_smoke_run_writes_a_complete_report(cli, tmp_path):
     assert figures["hvdtrain_vs_horovod"] > 0 and figures["horovod_vs_ddp"] > 0
     assert all(v > 0 for v in figures["scaling_efficiency"].values())
     assert "hvdtrain_vs_horovod" in result.stdout  # the terminal table
+
+
+def test_timeline_and_autotune_knobs_reach_horovod(cli, tmp_path):
+    timeline, autotune = tmp_path / "timeline.json", tmp_path / "autotune.csv"
+    result = cli("run", ROOT / "examples" / "digits-mlp-torch.yaml", "-np", "2", "train.epochs=2",
+                 f"output={tmp_path / 'out'}", f"horovod.timeline={timeline}", "horovod.autotune=true",
+                 f"horovod.autotune_log={autotune}", "horovod.fusion_threshold_mb=8", "horovod.cycle_time_ms=2.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trace = timeline.read_text()
+    assert trace.lstrip().startswith("[") and "ALLREDUCE" in trace  # Horovod's Chrome trace
+    assert autotune.read_text().startswith("hierarchical_allreduce,")  # the autotuner's CSV header
+    spec = (tmp_path / "out" / "spec.yaml").read_text()
+    assert "fusion_threshold_mb: 8.0" in spec and "cycle_time_ms: 2.5" in spec  # recorded with the run
