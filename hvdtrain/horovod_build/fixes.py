@@ -77,6 +77,25 @@ BUILD_FIXES: tuple[Fix, ...] = (
     ),
 )
 
+# Horovod's own bugs that hvdtrain's features run into.
+RUNTIME_FIXES: tuple[Fix, ...] = (
+    Fix(
+        path="horovod/common/parameter_manager.cc",
+        old="  } else {\n    Eigen::VectorXd v = TunableParameter::BestValue();\n",
+        new="  } else if (fixed_values_.find(variable) != fixed_values_.end()) {\n"
+            "    // Fixed earlier (before an elastic re-init): the variable has no slot left in\n"
+            "    // the tuned vector, and a fixed value is not replaced by a default.\n"
+            "    return;\n"
+            "  } else {\n    Eigen::VectorXd v = TunableParameter::BestValue();\n",
+        why="Every hvd.init() sets the fusion threshold and cycle time to their defaults "
+            "(not fixed) before applying HOROVOD_FUSION_THRESHOLD / HOROVOD_CYCLE_TIME "
+            "(fixed). A fixed variable is removed from the tuned vector, and the parameter "
+            "manager outlives shutdown, so the default set of a re-init (elastic reset) "
+            "wrote past the vector's end: SIGSEGV with both variables set, another "
+            "variable silently overwritten with one.",
+    ),
+)
+
 # Keras 3 (TensorFlow >= 2.16) variables are not tf.Variable objects: they wrap
 # one (``.value``) and lack its API (``ref()``, ...). Horovod's TensorFlow code
 # therefore works on the wrapped variable, reached through one helper, and
@@ -221,7 +240,7 @@ KERAS3_FIXES: tuple[Fix, ...] = (
     ),
 )
 
-FIXES = BUILD_FIXES + KERAS3_FIXES
+FIXES = BUILD_FIXES + RUNTIME_FIXES + KERAS3_FIXES
 
 
 def fixes_digest(fixes: tuple[Fix, ...] = FIXES) -> str:

@@ -1,4 +1,7 @@
 import dataclasses
+import os
+import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -83,3 +86,26 @@ def test_doctor_shows_pytorch_and_gloo(cli):
     assert result.returncode == 0, result.stdout + result.stderr
     for line in ("torch:      2.13.0", "[X] PyTorch", "[X] Gloo", "horovodrun --check-build:"):
         assert line in result.stdout
+
+
+REINIT = """
+import horovod.torch as hvd, torch
+for attempt in range(3):  # what an elastic reset does: shutdown, then init again
+    hvd.init()
+    print(int(hvd.allreduce(torch.ones(4), op=hvd.Sum).sum()))
+    hvd.shutdown()
+"""
+
+
+@pytest.mark.parametrize("knobs", [{"HOROVOD_FUSION_THRESHOLD": "8388608", "HOROVOD_CYCLE_TIME": "2.5"},
+                                   {"HOROVOD_CYCLE_TIME": "2.5"}, {"HOROVOD_FUSION_THRESHOLD": "0"}])
+def test_reinit_keeps_fixed_fusion_and_cycle_knobs(knobs):
+    """Horovod 0.28.1 crashed (SIGSEGV) re-initialising with both knobs fixed."""
+    if build.installed_version("horovod") is None:
+        pytest.skip("Horovod not installed: scripts/setup.sh builds it")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOROVOD_")}
+    env.update(HOROVOD_CONTROLLER="gloo", HOROVOD_CPU_OPERATIONS="gloo")  # MPI cannot re-init
+    result = subprocess.run([sys.executable, "-c", REINIT], env={**env, **knobs},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["4", "4", "4"]
