@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh Debian 12 machine (as root, with Python 3.11, gcc, cmake):
 # system packages, a virtualenv in .venv, torch 2.13.0 (CPU), tensorflow-cpu 2.21.0 (Keras 3),
-# hvdtrain, and Horovod built by hvdtrain's own build for both frameworks (about 20 minutes
+# hvdtrain, and Horovod built by hvdtrain's own build for both frameworks (7 to 10 minutes
 # on 2 cores the first time; cached in ~/.cache/hvdtrain, so a rerun takes seconds).
 #   scripts/setup.sh          set up only
 #   scripts/setup.sh --demo   set up, then train examples/digits-mlp-torch.yaml on 2 processes
