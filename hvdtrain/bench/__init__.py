@@ -100,7 +100,17 @@ def launch(cmd: list[str], out: Path, what: str) -> dict:
     return json.loads(out.read_text())
 
 
-def run_training(s: Settings, scratch: Path, log) -> list[dict]:
+def attempt(cmd: list[str], out: Path, what: str, failures: list[dict], log) -> dict | None:
+    """One launch; a failed one is logged and recorded, and the benchmark goes on."""
+    try:
+        return launch(cmd, out, what)
+    except (UserError, subprocess.TimeoutExpired) as error:
+        failures.append({"run": what, "error": str(error)})
+        log(f"  {what}: FAILED (recorded in the report)")
+        return None
+
+
+def run_training(s: Settings, scratch: Path, log, failures: list[dict]) -> list[dict]:
     runs = []
     for ranks in s.ranks:
         for round_ in range(s.rounds):
@@ -108,7 +118,9 @@ def run_training(s: Settings, scratch: Path, log) -> list[dict]:
                 out = scratch / f"train-{impl}-{ranks}-{round_}.json"
                 cmd = [*launcher(impl, ranks), "train", impl, str(s.spec), str(out), "--windows",
                        str(s.windows), "--steps", str(s.steps), "--warmup", str(s.warmup)]
-                result = launch(cmd, out, f"{impl} on {ranks} rank(s)")
+                result = attempt(cmd, out, f"{impl} on {ranks} rank(s), round {round_ + 1}", failures, log)
+                if result is None:
+                    continue
                 rates = [result["samples_per_window"] / t for t in result["window_seconds"]]
                 runs.append({"impl": impl, "ranks": ranks, "round": round_, "samples_per_s": rates})
                 log(f"  {impl:10s} {ranks} rank(s), round {round_ + 1}: "
@@ -116,7 +128,7 @@ def run_training(s: Settings, scratch: Path, log) -> list[dict]:
     return runs
 
 
-def run_allreduce(s: Settings, scratch: Path, mpi: bool, gpu: bool, log) -> list[dict]:
+def run_allreduce(s: Settings, scratch: Path, mpi: bool, gpu: bool, log, failures: list[dict]) -> list[dict]:
     if not s.sizes or max(s.ranks) < 2:
         return []
     ranks = max(s.ranks)
@@ -134,7 +146,9 @@ def run_allreduce(s: Settings, scratch: Path, mpi: bool, gpu: bool, log) -> list
                *(["--gpu"] if gpu else [])]
         if controller == "mpi":  # horovodrun --mpi runs mpirun, which needs this as root
             cmd[1:1] = ["--mpi-args=--allow-run-as-root"] if os.geteuid() == 0 else []
-        result = launch(cmd, out, f"allreduce {name}")
+        result = attempt(cmd, out, f"allreduce {name}", failures, log)
+        if result is None:
+            continue
         for row in result["allreduce"]:
             algbw, busbw = bandwidths(row["bytes"], row["seconds"], ranks)
             rows.append({"impl": name, "ranks": ranks, "bytes": row["bytes"], "seconds": row["seconds"],
@@ -175,7 +189,7 @@ def throughput_table(runs: list[dict]) -> list[dict]:
 
 def figures(table: list[dict], allreduce: list[dict]) -> dict[str, Any]:
     med = {(t["impl"], t["ranks"]): t["median"] for t in table}
-    top = max(r for _, r in med)
+    top = max((r for _, r in med), default=0)
     out: dict[str, Any] = {}
     if ("hvdtrain", top) in med and ("horovod", top) in med:
         out["hvdtrain_vs_horovod"] = ratio(med["hvdtrain", top], med["horovod", top])
@@ -277,10 +291,13 @@ def bench(s: Settings, log=print) -> dict:
     s.output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hvdtrain-bench-") as scratch:
         log(f"training throughput, {s.rounds} round(s) x {s.windows} window(s) x {s.steps} steps:")
-        runs = run_training(s, Path(scratch), log)
+        failures: list[dict] = []
+        runs = run_training(s, Path(scratch), log, failures)
         log("allreduce:")
         allreduce = run_allreduce(s, Path(scratch), mpi=mpi_version() is not None,
-                                  gpu=spec.resources.gpus_per_worker > 0, log=log)
+                                  gpu=spec.resources.gpus_per_worker > 0, log=log, failures=failures)
+    if not runs and not allreduce:
+        raise UserError("every benchmark run failed; the first error:\n" + failures[0]["error"])
     table = throughput_table(runs)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "versions": versions(),
               "settings": {"spec": str(s.spec), "spec_name": spec.name, "ranks": s.ranks, "rounds": s.rounds,
@@ -290,9 +307,12 @@ def bench(s: Settings, log=print) -> dict:
                            "horovod": spec.horovod.model_dump(mode="json")},
               "gpus": gpu_names() if spec.resources.gpus_per_worker > 0 else [],
               "runs": runs, "throughput": table, "allreduce": allreduce,
-              "figures": figures(table, allreduce), "targets": TARGETS}
+              "figures": figures(table, allreduce), "targets": TARGETS, "failures": failures}
     (s.output / "bench.json").write_text(json.dumps(report, indent=2))
     plot(report, s.output / "bench.png")
     print_table(report, log)
     log(f"\nreport: {s.output / 'bench.json'}, plot: {s.output / 'bench.png'}")
+    if failures:
+        raise UserError(f"{len(failures)} benchmark run(s) failed ({', '.join(f['run'] for f in failures)}); "
+                        f"the report holds every figure measured. The first error:\n{failures[0]['error']}")
     return report

@@ -227,6 +227,17 @@ def main() -> None:
     result = time_training(args) if args.what == "train" else time_allreduce(args)
     if result["rank"] == 0:
         Path(args.out).write_text(json.dumps(result))
+    leave()
+
+
+def leave() -> None:
+    """Take down torch.distributed's process group together: a rank leaving with
+    it still up can abort in gloo's threads ("terminate called without an active
+    exception"), which torchrun reports as a failure."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

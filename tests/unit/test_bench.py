@@ -41,3 +41,25 @@ def test_figures_from_runs():
     assert out["horovod_vs_ddp"] == pytest.approx(200 / 180)
     assert out["scaling_efficiency"]["hvdtrain"] == pytest.approx(195 / 210)
     assert out["allreduce_vs_torch"] == {"min": 0.9, "median": 0.9}  # only messages >= 1 MiB count
+
+
+def test_a_failed_launch_is_recorded_and_the_rest_is_kept(tmp_path, monkeypatch):
+    import json
+
+    import hvdtrain.bench as bench_module
+    from tests.conftest import ROOT
+
+    def launch(cmd, out, what):  # stands in for the subprocess: ddp fails, horovod measures
+        if what.startswith("ddp"):
+            raise UserError(f"benchmark run {what} failed (exit 1):\nterminate called")
+        return {"samples_per_window": 300, "window_seconds": [1.5]}
+    monkeypatch.setattr(bench_module, "launch", launch)
+    settings = bench_module.Settings(spec=ROOT / "examples" / "digits-mlp-torch.yaml", ranks=[1], rounds=2,
+                                     windows=1, steps=1, warmup=0, impls=["horovod", "ddp"], sizes=[],
+                                     output=tmp_path)
+    with pytest.raises(UserError, match=r"2 benchmark run\(s\) failed \(ddp on 1 rank\(s\), round 1"):
+        bench_module.bench(settings, log=lambda line: None)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [f["run"] for f in report["failures"]] == ["ddp on 1 rank(s), round 1", "ddp on 1 rank(s), round 2"]
+    assert [(t["impl"], t["median"]) for t in report["throughput"]] == [("horovod", 200.0)]
+    assert (tmp_path / "bench.png").stat().st_size > 0
