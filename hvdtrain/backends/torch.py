@@ -158,7 +158,7 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, device: torch.device,
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(i)
                 in_group = min(passes, len(batches) - i)
-            loss = F.cross_entropy(model(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device))
+            loss = F.cross_entropy(model(to_device(x, device)), to_device(y, device))
             # Gradients of a group's passes add up: each pass carries its share.
             (loss / in_group).backward()
             total += loss.detach().double() * len(y)
@@ -184,6 +184,16 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, device: torch.device,
                  lambda: weights_digest(model), export,
                  sum(p.numel() for p in model.parameters() if p.requires_grad),
                  [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()])
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A batch on the rank's device. To a GPU it goes from page-locked memory without
+    blocking: a copy from pageable memory would make the CPU wait for the GPU's
+    previous step at every step, so the GPU would idle while the next one is queued."""
+    tensor = torch.from_numpy(array)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def logits(model: nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:
