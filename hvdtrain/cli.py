@@ -195,7 +195,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--windows", type=int, default=1, help="timed windows per launch")
     bench.add_argument("--steps", type=int, default=20, help="steps per window")
     bench.add_argument("--warmup", type=int, default=5, help="untimed steps per launch")
-    bench.add_argument("--impls", help="comma list of hvdtrain,horovod,ddp,tensorflow (default all)")
+    bench.add_argument("--impls", help="comma list of hvdtrain,horovod,ddp,tensorflow,local "
+                       "(local: no communication, the machine's scaling ceiling; default all)")
     bench.add_argument("--sizes", help="allreduce message sizes, e.g. 4K,1M,256M; 'none' skips "
                                        "(default 4K..256M)")
     bench.add_argument("-o", "--output", help="report directory (default <output>/bench)")

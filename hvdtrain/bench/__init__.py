@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import UserError
 
-TRAIN_IMPLS = ("hvdtrain", "horovod", "ddp", "tensorflow")
+TRAIN_IMPLS = ("hvdtrain", "horovod", "ddp", "tensorflow", "local")
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
 TARGETS = {"hvdtrain_vs_horovod": 0.97, "horovod_vs_ddp": 1.0, "scaling_efficiency": 0.9,
            "allreduce_vs_torch": 0.9}
@@ -85,7 +85,7 @@ def env() -> dict[str, str]:
 
 def launcher(impl: str, ranks: int, controller: str = "gloo") -> list[str]:
     from ..launch.local import horovodrun_path
-    if impl in ("ddp", "torch"):
+    if impl in ("ddp", "local", "torch"):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                 "-m", "hvdtrain.bench.worker"]
     return [horovodrun_path(), "-np", str(ranks), "-H", f"localhost:{ranks}", f"--{controller}",

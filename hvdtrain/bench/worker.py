@@ -7,7 +7,8 @@ rank 0, writes what it measured as JSON.
 Training IMPLs: hvdtrain (hvdtrain's own backend loop, torch), tensorflow
 (hvdtrain's TF backend), horovod (a minimal hand-written Horovod loop as in
 Horovod's examples), ddp (PyTorch DistributedDataParallel over gloo, started by
-torchrun). Allreduce IMPLs: horovod (under horovodrun --gloo or --mpi), torch
+torchrun), local (the same loop with no communication: each rank alone, the
+ceiling for scaling on the machine). Allreduce IMPLs: horovod (under horovodrun --gloo or --mpi), torch
 (torch.distributed gloo, under torchrun). Each process uses one thread.
 """
 from __future__ import annotations
@@ -105,8 +106,10 @@ def train_horovod(spec):
     return hvd.rank(), hvd.size(), run, barrier, len(batches[0][1])
 
 
-def train_ddp(spec):
-    """PyTorch DDP over gloo, as torchrun starts it."""
+def train_ddp(spec, communicate: bool = True):
+    """PyTorch DDP over gloo (NCCL on GPUs), as torchrun starts it. Without
+    `communicate`, every rank trains on its own and the process group serves
+    only the timing barriers: the machine's ceiling for running N ranks at once."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -120,7 +123,8 @@ def train_ddp(spec):
     dataset, batches = batches_for(spec, rank, size)
     torch.manual_seed(spec.train.seed)
     model = build_model(spec.model, dataset.preprocessing.input_shape, dataset.num_classes).to(device)
-    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if communicate:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr * size,
                                 momentum=spec.optimizer.momentum)
     tensors = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for x, y in batches]
@@ -145,7 +149,8 @@ def time_training(args) -> dict:
     makers = {"hvdtrain": lambda: train_hvdtrain(spec, "torch"),
               "tensorflow": lambda: train_hvdtrain(spec.model_copy(update={"backend": "tensorflow"}),
                                                    "tensorflow"),
-              "horovod": lambda: train_horovod(spec), "ddp": lambda: train_ddp(spec)}
+              "horovod": lambda: train_horovod(spec), "ddp": lambda: train_ddp(spec),
+              "local": lambda: train_ddp(spec, communicate=False)}
     rank, size, run, barrier, batch = makers[args.impl]()
     run(args.warmup, 0)
     seconds = []
@@ -212,7 +217,7 @@ def main() -> None:
     top = argparse.ArgumentParser()
     sub = top.add_subparsers(dest="what", required=True)
     train = sub.add_parser("train")
-    train.add_argument("impl", choices=["hvdtrain", "tensorflow", "horovod", "ddp"])
+    train.add_argument("impl", choices=["hvdtrain", "tensorflow", "horovod", "ddp", "local"])
     train.add_argument("spec")
     train.add_argument("out")
     train.add_argument("--windows", type=int, default=1)

@@ -17,7 +17,8 @@ def test_bench_smoke_run_writes_a_complete_report(cli, tmp_path):
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"date", "machine", "versions", "settings", "throughput", "allreduce", "figures"} <= set(report)
     assert {(t["impl"], t["ranks"]) for t in report["throughput"]} == \
-        {(i, r) for i in ("hvdtrain", "horovod", "ddp", "tensorflow") for r in (1, 2)}
+        {(i, r) for i in ("hvdtrain", "horovod", "ddp", "tensorflow", "local") for r in (1, 2)}
+    assert report["failures"] == []
     for t in report["throughput"]:
         assert 0 < t["min"] <= t["median"] <= t["max"]
     impls = {r["impl"] for r in report["allreduce"]}
