@@ -19,3 +19,20 @@ def hvdtrain(*args, cwd=None, timeout=600, env=None):
 @pytest.fixture
 def cli():
     return hvdtrain
+
+
+FIGURES: list[str] = []
+
+
+@pytest.fixture
+def figure():
+    """Record a measured figure (time to exit, accuracy, job id); every one is
+    printed in a section at the end of the run, so the CI log shows them."""
+    return FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("measured figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

@@ -15,14 +15,14 @@ MLP = ROOT / "examples" / "digits-mlp-torch.yaml"
 
 
 @pytest.mark.parametrize("mode", ["gloo", "mpi"])
-def test_two_tasks_train_to_095(slurm_one_node, mode):
+def test_two_tasks_train_to_095(slurm_one_node, mode, figure):
     job, status, log = slurm_one_node.submit(MLP, f"one-{mode}", "--tasks-per-node", "2", "--mode", mode)
     assert status == 0, log[-3000:]
     assert slurm_one_node.state(job) == "COMPLETED"
     summary = json.loads((slurm_one_node.jobs / f"one-{mode}" / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["final"]["val_accuracy"] >= 0.95
     assert f"final validation accuracy {summary['final']['val_accuracy']:.4f}" in log
-    print(f"slurm one node {mode}: job {job} COMPLETED, accuracy {summary['final']['val_accuracy']:.4f}")
+    figure(f"slurm one node {mode}: job {job} COMPLETED, accuracy {summary['final']['val_accuracy']:.4f}")
 
 
 def test_failing_rank_ends_the_job_failed_with_its_message(slurm_one_node):
@@ -50,7 +50,7 @@ def test_mpi_type_this_open_mpi_cannot_use_gets_a_hint(slurm_one_node):
     assert "OMPI was not built with SLURM's PMI support" not in log  # stopped before MPI_Init
 
 
-def test_killed_task_ends_the_job_within_60s_naming_it(slurm_one_node):
+def test_killed_task_ends_the_job_within_60s_naming_it(slurm_one_node, figure):
     script = slurm_one_node.jobs / "killed.sbatch"
     result = slurm_one_node.hvdtrain("submit", "slurm", MLP, "--tasks-per-node", "2", "-o", script,
                                      f"output={slurm_one_node.jobs / 'killed'}", "train.epochs=300")
@@ -69,7 +69,7 @@ def test_killed_task_ends_the_job_within_60s_naming_it(slurm_one_node):
         assert time.monotonic() - killed_at < 90, "job still running 90s after the kill"
         time.sleep(0.5)
     seconds = time.monotonic() - killed_at
-    print(f"srun: job {job} {slurm_one_node.state(job)} {seconds:.1f}s after SIGKILL of task 1")
+    figure(f"srun: job {job} {slurm_one_node.state(job)} {seconds:.1f}s after SIGKILL of task 1")
     assert slurm_one_node.state(job) == "FAILED" and seconds < 60
     assert "node1: task 1: Killed" in log.read_text()
 

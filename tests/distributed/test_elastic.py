@@ -40,7 +40,7 @@ def wait_for_line(proc, lines, predicate, timeout):
     pytest.fail("".join(lines)[-3000:])
 
 
-def test_worker_killed_then_added_back(tmp_path):
+def test_worker_killed_then_added_back(tmp_path, figure):
     third = socket.gethostname()  # a third local name, resolving to this machine
     hosts = tmp_path / "hosts"
     hosts.write_text("localhost:1\n127.0.0.1:1\n")
@@ -75,5 +75,5 @@ def test_worker_killed_then_added_back(tmp_path):
     assert workers[0] == 2 and 1 in workers and workers[-1] == 2  # shrank, then grew back
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["final"]["val_accuracy"] >= 0.95
-    print(f"elastic: workers {workers[0]} -> 1 (after the kill) -> {workers[-1]}; "
+    figure(f"elastic: workers {workers[0]} -> 1 (after the kill) -> {workers[-1]}; "
           f"final accuracy {summary['final']['val_accuracy']:.4f}")

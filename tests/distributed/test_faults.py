@@ -72,7 +72,7 @@ def test_ranks_that_disagree_fail_fast_with_a_diff(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_killed_rank_under_run_ends_the_job_then_rerun_resumes_exactly(tmp_path):
+def test_killed_rank_under_run_ends_the_job_then_rerun_resumes_exactly(tmp_path, figure):
     args = [sys.executable, "-m", "hvdtrain", "run", MLP, "-np", "2", "train.epochs=12",
             "checkpoint.every_epochs=1", "checkpoint.keep_last=3"]
     whole = subprocess.run([*args, f"output={tmp_path / 'whole'}"], capture_output=True, text=True,
@@ -83,7 +83,7 @@ def test_killed_rank_under_run_ends_the_job_then_rerun_resumes_exactly(tmp_path)
     proc = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seconds, output = kill_rank_after(proc, "epoch 4/12", rank=1, variable="HOROVOD_RANK")
-    print(f"hvdtrain run: exited {seconds:.1f}s after SIGKILL of rank 1")
+    figure(f"hvdtrain run: exited {seconds:.1f}s after SIGKILL of rank 1")
     assert proc.returncode != 0 and seconds < DEADLINE_S, output[-3000:]
     assert "training failed: rank 1 was killed by signal 9 (SIGKILL) on localhost" in output
     assert "Traceback" not in output.split("training failed")[-1]
@@ -97,7 +97,7 @@ def test_killed_rank_under_run_ends_the_job_then_rerun_resumes_exactly(tmp_path)
     assert digest["killed"] == digest["whole"]
 
 
-def test_killed_rank_under_mpirun_ends_the_job(tmp_path):
+def test_killed_rank_under_mpirun_ends_the_job(tmp_path, figure):
     mpirun = ["mpirun", "-np", "2", "--oversubscribe", "-bind-to", "none", "-map-by", "slot",
               *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
               sys.executable, "-m", "hvdtrain", "train", str(MLP), "train.epochs=200",
@@ -105,6 +105,6 @@ def test_killed_rank_under_mpirun_ends_the_job(tmp_path):
     proc = subprocess.Popen(mpirun, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seconds, output = kill_rank_after(proc, "epoch 2/200", rank=1, variable="OMPI_COMM_WORLD_RANK")
-    print(f"mpirun: exited {seconds:.1f}s after SIGKILL of rank 1")
+    figure(f"mpirun: exited {seconds:.1f}s after SIGKILL of rank 1")
     assert proc.returncode != 0 and seconds < DEADLINE_S, output[-3000:]
     assert "process rank 1 with PID" in output and "exited on signal 9 (Killed)" in output

@@ -35,7 +35,7 @@ def pod_paths():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def test_launcher_command_trains_two_ranks_with_the_configmap_spec(pod_paths, tmp_path):
+def test_launcher_command_trains_two_ranks_with_the_configmap_spec(pod_paths, tmp_path, figure):
     text = k8s.render(ROOT / "examples" / "digits-mlp-torch.yaml", ["checkpoint.every_epochs=10"],
                       workers=1, gpus_per_worker=0, slots_per_worker=2, image="hvdtrain:test")
     configmap, job = yaml.safe_load_all(text)
@@ -63,7 +63,7 @@ def test_launcher_command_trains_two_ranks_with_the_configmap_spec(pod_paths, tm
         summary = json.loads((output / "summary.json").read_text())
         assert summary["workers"] == 2 and summary["final"]["val_accuracy"] >= 0.95
         assert (output / "checkpoints" / "epoch-000020.ckpt").exists()
-        print(f"k8s launcher: mpirun -np 2 trained to {summary['final']['val_accuracy']:.4f}")
+        figure(f"k8s launcher: mpirun -np 2 trained to {summary['final']['val_accuracy']:.4f}")
     finally:
         shutil.rmtree(output, ignore_errors=True)
         for key in configmap["data"]:

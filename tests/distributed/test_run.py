@@ -54,7 +54,7 @@ def test_example_reaches_095_and_prints_it(run_example, model, backend):
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
-def test_backends_have_parity(run_example, model):
+def test_backends_have_parity(run_example, model, figure):
     """Same spec but for the backend: same parameter count, accuracy within 0.03."""
     runs = {b: run_example(model, b) for b in BACKENDS}
     assert all(result.returncode == 0 for _, result in runs.values())
@@ -62,6 +62,9 @@ def test_backends_have_parity(run_example, model):
     assert torch_run["parameters"] == tf_run["parameters"] > 0
     gap = abs(torch_run["final"]["val_accuracy"] - tf_run["final"]["val_accuracy"])
     assert gap <= 0.03, (torch_run["final"], tf_run["final"])
+    figure(f"parity {model}: {torch_run['parameters']:,} parameters; accuracy torch "
+           f"{torch_run['final']['val_accuracy']:.4f}, tensorflow {tf_run['final']['val_accuracy']:.4f} "
+           f"(gap {gap:.4f})")
 
 
 def test_tensorflow_start_up_noise_stays_out_of_the_terminal(run_example):
