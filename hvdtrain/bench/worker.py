@@ -8,8 +8,9 @@ Training IMPLs: hvdtrain (hvdtrain's own backend loop, torch), tensorflow
 (hvdtrain's TF backend), horovod (a minimal hand-written Horovod loop as in
 Horovod's examples), ddp (PyTorch DistributedDataParallel over gloo, started by
 torchrun), local (the same loop with no communication: each rank alone, the
-ceiling for scaling on the machine). Allreduce IMPLs: horovod (under horovodrun --gloo or --mpi), torch
-(torch.distributed gloo, under torchrun). Each process uses one thread.
+ceiling for scaling on the machine). Allreduce IMPLs: horovod (under
+horovodrun --gloo or --mpi), torch (torch.distributed gloo, under torchrun).
+Each process uses one thread.
 """
 from __future__ import annotations
 
@@ -239,7 +240,10 @@ def leave() -> None:
     """Take down torch.distributed's process group together: a rank leaving with
     it still up can abort in gloo's threads ("terminate called without an active
     exception"), which torchrun reports as a failure."""
-    import torch.distributed as dist
+    try:
+        import torch.distributed as dist
+    except ImportError:  # a TensorFlow-only environment
+        return
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
