@@ -76,14 +76,18 @@ def slurm_script(args) -> tuple[str, object]:
                   partition=args.partition, mode=args.mode), spec
 
 
-def cmd_render_slurm(args) -> int:
-    text, _ = slurm_script(args)
-    if args.output:
-        Path(args.output).write_text(text)
-        print(f"wrote {args.output}", file=sys.stderr)
+def emit(text: str, output: str | None) -> int:
+    """A rendered file to OUTPUT, or to stdout."""
+    if output:
+        Path(output).write_text(text)
+        print(f"wrote {output}", file=sys.stderr)
     else:
         print(text, end="")
     return 0
+
+
+def cmd_render_slurm(args) -> int:
+    return emit(slurm_script(args)[0], args.output)
 
 
 def cmd_submit_slurm(args) -> int:
@@ -110,12 +114,7 @@ def cmd_render_k8s(args) -> int:
                   gpus_per_worker=args.gpus_per_worker, image=args.image, namespace=args.namespace,
                   slots_per_worker=args.slots_per_worker, memory=args.memory, shm=args.shm,
                   elastic=elastic_range(args.elastic))
-    if args.output:
-        Path(args.output).write_text(text)
-        print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        print(text, end="")
-    return 0
+    return emit(text, args.output)
 
 
 def cmd_bench(args) -> int:

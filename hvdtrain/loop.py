@@ -243,16 +243,26 @@ def elastic_batches(remaining: np.ndarray, size: int, batch_size: int) -> list[n
 
 
 def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], steps: Steps,
-                state, elastic_run: Callable, progress: Callable[[str], None] | None = None
-                ) -> dict[str, Any]:
+                make_state: Callable[..., Any], elastic_run: Callable,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Training under Horovod's elastic API: workers may leave or join at any step.
 
-    `state` is the backend's Horovod elastic state (model, optimizer and the
-    attributes epoch, processed, loss_sum, seen). Every `commit_every_steps`
-    steps it is committed in memory; when a worker fails, the others go back
-    to the last commit, and the remaining samples of the epoch (its permutation
-    from `processed` on) are shared anew among the workers now present."""
+    `make_state(**attributes)` builds the backend's Horovod elastic state (model,
+    optimizer and the attributes epoch, processed, loss_sum, seen). Every
+    `commit_every_steps` steps it is committed in memory; when a worker fails,
+    the others go back to the last commit, and the remaining samples of the epoch
+    (its permutation from `processed` on) are shared anew among the workers now
+    present.
+
+    No collective may run before the elastic loop (a worker that joins later
+    would meet the others inside it): rank 0 loads the checkpoint locally, and
+    the state, model and optimizer included, is broadcast from rank 0 at every
+    (re)start. Preflight runs after each reset."""
     progress = progress or tqdm.write
+    start_epoch, problem = load_latest(spec, steps) if make_comm().rank == 0 else (0, None)
+    if problem:
+        raise UserError(problem)
+    state = make_state(epoch=start_epoch, processed=0, loss_sum=0.0, seen=0)
     elastic = spec.horovod.elastic
     n, k, bs = len(dataset.y_train), dataset.num_classes, spec.train.batch_size
 

@@ -24,8 +24,7 @@ import keras  # noqa: E402
 
 from . import import_horovod  # noqa: E402
 from ..data import Dataset, Preprocessing  # noqa: E402
-from ..errors import UserError  # noqa: E402
-from ..loop import (Batch, Comm, Steps, epoch_seed, load_latest, preflight, resume, run_elastic,  # noqa: E402
+from ..loop import (Batch, Comm, Steps, epoch_seed, preflight, resume, run_elastic,  # noqa: E402
                     run_epochs, scaled_lr)
 from ..spec import CNNSpec, JobSpec, MLPSpec, model_from_dict  # noqa: E402
 
@@ -107,17 +106,9 @@ def setup(spec: JobSpec, dataset: Dataset):
 
 def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None = None) -> dict:
     hvd, comm, model, optimizer, steps, lr = setup(spec, dataset)
-    if spec.horovod.elastic:
-        # Horovod elastic: no collective may run before the elastic loop (a worker that
-        # joins later would meet the others inside it). Rank 0 loads the checkpoint
-        # locally; the state, model and optimizer included, is broadcast from rank 0 at
-        # every (re)start and committed in memory. Preflight runs after each reset.
-        start_epoch, problem = load_latest(spec, steps) if comm.rank == 0 else (0, None)
-        if problem:
-            raise UserError(problem)
-        state = hvd.elastic.TensorFlowKerasState(model, optimizer, epoch=start_epoch,
-                                                 processed=0, loss_sum=0.0, seen=0)
-        return run_elastic(spec, dataset, lambda: horovod_comm(hvd), steps, state,
+    if spec.horovod.elastic:  # Horovod elastic: resume and broadcast happen in run_elastic
+        return run_elastic(spec, dataset, lambda: horovod_comm(hvd), steps,
+                           lambda **attributes: hvd.elastic.TensorFlowKerasState(model, optimizer, **attributes),
                            hvd.elastic.run, progress)
     preflight(spec, dataset, comm, steps)  # same parameters and step counts on every rank
     start_epoch = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint

@@ -14,8 +14,7 @@ from torch import nn
 
 from . import import_horovod
 from ..data import Dataset, Preprocessing
-from ..errors import UserError
-from ..loop import (Batch, Comm, Steps, epoch_seed, load_latest, preflight, resume, run_elastic, run_epochs,
+from ..loop import (Batch, Comm, Steps, epoch_seed, preflight, resume, run_elastic, run_epochs,
                     scaled_lr)
 from ..spec import CNNSpec, JobSpec, MLPSpec, model_from_dict
 
@@ -96,16 +95,9 @@ def setup(spec: JobSpec, dataset: Dataset):
 
 def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None = None) -> dict:
     hvd, comm, model, optimizer, steps, lr = setup(spec, dataset)
-    if spec.horovod.elastic:
-        # Horovod elastic: no collective may run before the elastic loop (a worker that
-        # joins later would meet the others inside it). Rank 0 loads the checkpoint
-        # locally; the state, model and optimizer included, is broadcast from rank 0 at
-        # every (re)start and committed in memory. Preflight runs after each reset.
-        start_epoch, problem = load_latest(spec, steps) if comm.rank == 0 else (0, None)
-        if problem:
-            raise UserError(problem)
-        state = elastic_state(hvd, model, optimizer, epoch=start_epoch, processed=0, loss_sum=0.0, seen=0)
-        return run_elastic(spec, dataset, lambda: horovod_comm(hvd), steps, state,
+    if spec.horovod.elastic:  # Horovod elastic: resume and broadcast happen in run_elastic
+        return run_elastic(spec, dataset, lambda: horovod_comm(hvd), steps,
+                           lambda **attributes: elastic_state(hvd, model, optimizer, **attributes),
                            hvd.elastic.run, progress)
     preflight(spec, dataset, comm, steps)  # same parameters and step counts on every rank
     start_epoch = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint

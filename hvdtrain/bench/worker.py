@@ -78,7 +78,6 @@ def train_horovod(spec):
     """The loop of Horovod's PyTorch examples, written out by hand."""
     import horovod.torch as hvd
     import torch
-    import torch.nn.functional as F
 
     from ..backends.torch import build_model
     hvd.init()
@@ -92,6 +91,17 @@ def train_horovod(spec):
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    def barrier() -> None:
+        synchronize(device)
+        hvd.allreduce(torch.zeros(1), name="bench.barrier")
+    return hvd.rank(), hvd.size(), plain_steps(model, optimizer, batches, device), barrier, len(batches[0][1])
+
+
+def plain_steps(model, optimizer, batches: list, device):
+    """The step loop of Horovod's and PyTorch's examples, on batches preloaded to the device."""
+    import torch
+    import torch.nn.functional as F
     tensors = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for x, y in batches]
 
     def run(count: int, start: int) -> None:
@@ -100,11 +110,7 @@ def train_horovod(spec):
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
-
-    def barrier() -> None:
-        synchronize(device)
-        hvd.allreduce(torch.zeros(1), name="bench.barrier")
-    return hvd.rank(), hvd.size(), run, barrier, len(batches[0][1])
+    return run
 
 
 def train_ddp(spec, communicate: bool = True):
@@ -113,7 +119,6 @@ def train_ddp(spec, communicate: bool = True):
     only the timing barriers: the machine's ceiling for running N ranks at once."""
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
     from ..backends.torch import build_model
@@ -128,18 +133,11 @@ def train_ddp(spec, communicate: bool = True):
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr * size,
                                 momentum=spec.optimizer.momentum)
-    tensors = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for x, y in batches]
 
-    def run(count: int, start: int) -> None:
-        model.train()
-        for x, y in cycle(tensors, count, start):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
     def barrier() -> None:
         synchronize(device)
         dist.barrier()
-    return rank, size, run, barrier, len(batches[0][1])
+    return rank, size, plain_steps(model, optimizer, batches, device), barrier, len(batches[0][1])
 
 
 def time_training(args) -> dict:
