@@ -31,39 +31,9 @@ def cmd_run(args) -> int:
     return code
 
 
-def horovod_knobs(spec) -> None:
-    """The spec's horovod section as Horovod's variables (a variable the user set wins)."""
-    import os
-    knobs = spec.horovod
-    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(knobs.stall_check_seconds))
-    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(knobs.stall_shutdown_seconds))
-    if knobs.stall_check_seconds == 0:
-        os.environ.setdefault("HOROVOD_STALL_CHECK_DISABLE", "1")
-    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(knobs.gloo_timeout_seconds))
-    os.environ.setdefault("HVDTRAIN_START_TIMEOUT", str(knobs.start_timeout_seconds))
-    os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", str(int(knobs.fusion_threshold_mb * 2**20)))
-    os.environ.setdefault("HOROVOD_CYCLE_TIME", str(knobs.cycle_time_ms))
-    if knobs.autotune:
-        os.environ.setdefault("HOROVOD_AUTOTUNE", "1")
-        if knobs.autotune_log:
-            os.environ.setdefault("HOROVOD_AUTOTUNE_LOG", str(knobs.autotune_log))
-    if knobs.timeline:
-        knobs.timeline.parent.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("HOROVOD_TIMELINE", str(knobs.timeline))
-
-
 def cmd_train(args) -> int:
-    from .backends import get_backend
-    from .data import load_dataset
-    from .launch.slurm import prepare_rank
-    from .spec import CNNSpec, load_spec
-    spec = load_spec(args.spec, args.overrides)
-    horovod_knobs(spec)
-    prepare_rank()  # under srun: Horovod's environment from Slurm's (a no-op elsewhere)
-    backend = get_backend(spec.backend)
-    dataset = load_dataset(spec.data, image=isinstance(spec.model, CNNSpec))
-    backend.fit(spec, dataset)
-    return 0
+    from .rank import main as train_rank
+    return train_rank(args.spec, args.overrides)
 
 
 def slurm_script(args) -> tuple[str, object]:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from . import __version__
+from .backends import FRAMEWORK_PACKAGES
 from .horovod_build.build import BuildPlan, cache_root, cached_wheel, installed_version
 from .launch.local import horovodrun_path
 from .errors import UserError
@@ -28,7 +29,7 @@ def report() -> tuple[list[str], list[str]]:
     fixes = []
     lines.append(f"torch:      {plan.torch or 'not installed'}")
     if not plan.torch:
-        fixes.append("torch missing: pip install torch==2.13.0 (CPU), then hvdtrain build-horovod")
+        fixes.append(f"torch missing: pip install {FRAMEWORK_PACKAGES['torch']}, then hvdtrain build-horovod")
     lines.append(f"tensorflow: {plan.tensorflow or 'not installed (optional)'}")
     lines.append(f"MPI:        {plan.mpi or 'not found (optional; Gloo works without it)'}")
     if not plan.mpi:

@@ -1,16 +1,16 @@
 """The framework-neutral epoch loop shared by every backend.
 
-A backend does Horovod's set-up (init, pin, scale, wrap, broadcast) and then
-hands this loop two small bundles of callables: `Comm` (collectives on numpy
-values) and `Steps` (train one epoch, predict, (de)serialise state). The loop
-owns resume, sharding, metrics, rank-0 checkpoints, the final cross-rank
-consistency check and export, so each is written once for all backends.
+A backend does Horovod's set-up (init, pin, wrap, broadcast) and then hands
+this loop two small bundles of callables: `Comm` (collectives on numpy values)
+and `Steps` (train one epoch, predict, (de)serialise state). The loop owns the
+learning-rate rule, sharding, the end of each epoch (metrics over all ranks,
+rank-0 checkpoints) and export, so each is written once for all backends; the
+checks that ranks agree are in `preflight`, finding a checkpoint in `resume`.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import sys
 import time
@@ -23,9 +23,11 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .data import Dataset, eval_shard, shard_batches, steps_per_epoch
-from .errors import TrainingError, UserError
+from .errors import UserError
 from .metrics import confusion, scores
-from .spec import JobSpec, dump
+from .preflight import check_consistency, preflight
+from .resume import load_latest
+from .spec import JobSpec, OptimizerSpec, dump
 
 Batch = tuple[np.ndarray, np.ndarray]
 
@@ -39,6 +41,7 @@ class Comm:
     allreduce_sum: Callable[[np.ndarray, str], np.ndarray]
     broadcast_object: Callable[[Any, str], Any]
     allgather_object: Callable[[Any, str], list]
+    hierarchical: bool = False  # GPUs with NCCL: allreduce sums within a node first
 
 
 @dataclass
@@ -53,20 +56,33 @@ class Steps:
     signature: list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) of each parameter
 
 
-def scaled_lr(spec: JobSpec, comm: Comm, gpu_adasum: bool = False) -> float:
+@dataclass
+class Training:
+    """What a backend's set-up hands back: Horovod initialised, the model and the
+    wrapped optimizer on this rank's device, and the steps the loop drives."""
+    hvd: Any  # horovod.torch or horovod.tensorflow
+    comm: Comm
+    model: Any
+    optimizer: Any
+    steps: Steps
+    make_comm: Callable[[], Comm]  # a fresh Comm (an elastic reset changes rank and size)
+
+
+def scaled_lr(optimizer: OptimizerSpec, adasum: bool, comm: Comm) -> float:
     """Horovod's rule: lr x workers. Adasum adapts to the number of workers
     itself, so it is scaled by the local size only where the GPU hierarchical
-    allreduce sums within a node first (Horovod's examples do the same)."""
-    if spec.optimizer.lr_scaling == "none":
-        return spec.optimizer.lr
-    if spec.horovod.adasum:
-        return spec.optimizer.lr * (comm.local_size if gpu_adasum else 1)
-    return spec.optimizer.lr * comm.size
+    allreduce sums within a node first (Horovod's examples do the same).
+    Every path (static, elastic after each reset, bench) takes the lr from here."""
+    if optimizer.lr_scaling == "none":
+        return optimizer.lr
+    if adasum:
+        return optimizer.lr * (comm.local_size if comm.hierarchical else 1)
+    return optimizer.lr * comm.size
 
 
-def lr_schedule(spec: JobSpec, target_lr: float, epoch: int, steps: int) -> Callable[[int], float]:
+def lr_schedule(optimizer: OptimizerSpec, target_lr: float, epoch: int, steps: int) -> Callable[[int], float]:
     """lr for each step of an epoch: linear warm-up from the base lr to target_lr."""
-    base, warmup = spec.optimizer.lr, spec.optimizer.warmup_epochs
+    base, warmup = optimizer.lr, optimizer.warmup_epochs
 
     def at(step: int) -> float:
         progress = epoch + step / steps
@@ -79,98 +95,6 @@ def lr_schedule(spec: JobSpec, target_lr: float, epoch: int, steps: int) -> Call
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Per-rank, per-epoch RNG seed (dropout): a resumed epoch draws the same numbers."""
     return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**31)
-
-
-def preflight(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps) -> None:
-    """Before any tensor is exchanged: every rank has the same parameters (names,
-    shapes, dtypes) and the same number of steps per epoch. A difference would
-    otherwise show as Horovod's stall warning and a hang; here it is a diff."""
-    check_world(comm)
-    mine = {"parameters": [list(map(str, p)) for p in steps.signature],
-            "steps_per_epoch": steps_per_epoch(len(dataset.y_train), comm.size, spec.train.batch_size),
-            "training samples": len(dataset.y_train), "classes": dataset.num_classes}
-    everyone = comm.allgather_object(mine, "hvdtrain.preflight")
-    problems = []
-    for rank, theirs in enumerate(everyone[1:], start=1):
-        problems += [f"rank {rank} vs rank 0: {line}" for line in differences(everyone[0], theirs)]
-    if problems:
-        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
-        raise UserError("ranks disagree before training (different specs, code or data on "
-                        "different hosts?):\n  " + "\n  ".join(shown))
-
-
-def differences(root: dict, other: dict) -> list[str]:
-    lines = [f"{key} {other[key]} instead of {root[key]}" for key in root
-             if key != "parameters" and root[key] != other[key]]
-    ours, theirs = root["parameters"], other["parameters"]
-    if len(ours) != len(theirs):
-        lines.append(f"{len(theirs)} parameters instead of {len(ours)}")
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        if a != b:
-            lines.append(f"parameter {i}: {b[0]} shape {b[1]} {b[2]} instead of {a[0]} shape {a[1]} {a[2]}")
-    return lines
-
-
-def resume(spec: JobSpec, comm: Comm, steps: Steps) -> int:
-    """Rank 0 checks the run dir and loads the newest valid checkpoint; returns
-    the epoch to start at on every rank.
-
-    Only rank 0 reads the file (no shared filesystem needed); the backend's
-    broadcast of initial state then carries the weights to the other ranks.
-    A problem found by rank 0 is sent to all ranks, so all stop with it at once.
-    """
-    start, problem = load_latest(spec, steps) if comm.rank == 0 else (0, None)
-    start, problem = comm.broadcast_object((start, problem), "hvdtrain.resume")
-    if problem:
-        raise UserError(problem)
-    return start
-
-
-def load_latest(spec: JobSpec, steps: Steps) -> tuple[int, str | None]:
-    """Rank 0's part of resume, with no collective: (epoch to start at, problem)."""
-    problem = writable_problem(spec)
-    found = None if problem else checkpoint.latest_valid(spec.checkpoint.dir)
-    if found is None:
-        return 0, problem
-    problem = foreign_checkpoint(spec, found)
-    if problem:
-        return 0, problem
-    steps.load_state_bytes(found.payload)
-    print(f"resuming from {found.path} (epoch {found.epoch} done)", flush=True)
-    return found.epoch, None
-
-
-def check_world(comm: Comm) -> None:
-    """A launcher that knows how many ranks it started (srun in MPI mode) sets
-    HVDTRAIN_EXPECTED_SIZE: ranks that each came up alone stop before training."""
-    expected = os.environ.get("HVDTRAIN_EXPECTED_SIZE")
-    if expected and int(expected) != comm.size:
-        raise UserError(f"Horovod sees {comm.size} rank(s) but the launcher started {expected}: "
-                        "the ranks did not join one MPI job (under srun use --mpi=pmix)")
-
-
-def writable_problem(spec: JobSpec) -> str | None:
-    """Why the run dir or checkpoint dir cannot be written, found before training."""
-    for directory in (Path(spec.output), Path(spec.checkpoint.dir)):
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with open(directory / ".write-test", "wb") as probe:
-                probe.write(b"0" * 4096)
-                probe.flush()
-            (directory / ".write-test").unlink()
-        except OSError as err:
-            return f"cannot write to {directory}: {err.strerror or err}"
-    return None
-
-
-def foreign_checkpoint(spec: JobSpec, found: checkpoint.Checkpoint) -> str | None:
-    previous = found.meta.get("spec", {})
-    now = spec.model_dump(mode="json")
-    for section in ("backend", "model", "data"):
-        if previous.get(section) != now[section]:
-            return (f"{found.path} was written for a different '{section}' section: use another "
-                    "output/checkpoint dir, or remove the old checkpoints")
-    return None
 
 
 def evaluate(dataset: Dataset, comm: Comm, steps: Steps, batch_size: int) -> tuple[np.ndarray, float]:
@@ -187,11 +111,13 @@ def evaluate(dataset: Dataset, comm: Comm, steps: Steps, batch_size: int) -> tup
     return counts, loss
 
 
-def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, target_lr: float,
-               start_epoch: int, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start_epoch: int,
+               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     progress = progress or tqdm.write
-    n, k = len(dataset.y_train), dataset.num_classes
+    n = len(dataset.y_train)
     per_epoch = steps_per_epoch(n, comm.size, spec.train.batch_size)
+    # Horovod: the learning rate scaled by the number of workers.
+    target_lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
     if comm.rank == 0:
         prepare_run_dir(spec, start_epoch)
         progress(f"{spec.backend} {spec.model.kind} with {steps.parameters:,} parameters on "
@@ -206,28 +132,43 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, target
         batches = [(dataset.x_train[b], dataset.y_train[b])
                    for b in shard_batches(n, comm.rank, comm.size, spec.train.batch_size,
                                           spec.train.seed, epoch)]
-        lr_at = lr_schedule(spec, target_lr, epoch, per_epoch)
+        lr_at = lr_schedule(spec.optimizer, target_lr, epoch, per_epoch)
         loss_sum, seen = steps.train_epoch(epoch, batches, lr_at)
-        counts, val_loss = evaluate(dataset, comm, steps, max(spec.train.batch_size, 256))
-        totals = comm.allreduce_sum(np.concatenate([[loss_sum, seen, val_loss], counts.ravel()]),
-                                    f"hvdtrain.metrics.{epoch}")
-        elapsed = time.perf_counter() - began
-        record = {"epoch": epoch + 1, "train_loss": totals[0] / totals[1],
-                  "val_loss": totals[2] / len(dataset.y_val),
-                  **{f"val_{m}": v for m, v in scores(totals[3:].reshape(k, k)).items()},
-                  "lr": lr_at(per_epoch - 1),
-                  "samples_per_s": totals[1] / elapsed, "seconds": elapsed}
-        if not all(math.isfinite(record[m]) for m in ("train_loss", "val_loss")):
-            raise UserError(f"epoch {epoch + 1}: loss is not finite; lower optimizer.lr")
-        # Horovod: checkpoint and log on rank 0 only, so ranks never race on one file.
+        train = comm.allreduce_sum(np.array([loss_sum, seen]), f"hvdtrain.train.{epoch}")
+        record = end_epoch(spec, dataset, comm, steps, epoch, train, lr_at(per_epoch - 1),
+                           time.perf_counter() - began, progress)
         if comm.rank == 0:
             bar.set_postfix(val_acc=f"{record['val_accuracy']:.4f}", refresh=False)
-            log_epoch(spec, record, steps, progress)
     digest = check_consistency(comm, steps)
     summary = finish(spec, dataset, comm, steps, record, digest)
     if comm.rank == 0 and summary["final"]:
         progress(f"final validation accuracy {summary['final']['val_accuracy']:.4f}")
     return summary
+
+
+def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: int,
+              train: np.ndarray, lr: float, train_seconds: float, progress: Callable[[str], None],
+              **extra: Any) -> dict[str, Any]:
+    """The end of an epoch on every path: validation over all ranks, the epoch's
+    record, and on rank 0 its line, metrics.jsonl and (when due) a checkpoint.
+    train: the epoch's training loss sum and sample count, summed over all ranks."""
+    began = time.perf_counter()
+    k = dataset.num_classes
+    counts, val_loss = evaluate(dataset, comm, steps, max(spec.train.batch_size, 256))
+    totals = comm.allreduce_sum(np.concatenate([[val_loss], counts.ravel()]), f"hvdtrain.metrics.{epoch}")
+    elapsed = train_seconds + time.perf_counter() - began
+    record = {"epoch": epoch + 1, **extra, "train_loss": train[0] / max(train[1], 1),
+              "val_loss": totals[0] / len(dataset.y_val),
+              **{f"val_{m}": v for m, v in scores(totals[1:].reshape(k, k)).items()},
+              "lr": lr, "samples_per_s": train[1] / elapsed, "seconds": elapsed}
+    if not all(math.isfinite(record[m]) for m in ("train_loss", "val_loss")):
+        raise UserError(f"epoch {epoch + 1}: loss is not finite; lower optimizer.lr")
+    # Horovod: checkpoint and log on rank 0 only, so ranks never race on one file.
+    if comm.rank == 0:
+        log_epoch(spec, record, progress)
+        if checkpoint_due(spec, epoch + 1):
+            save_checkpoint(spec, steps, record)
+    return record
 
 
 def elastic_batches(remaining: np.ndarray, size: int, batch_size: int) -> list[np.ndarray]:
@@ -264,7 +205,7 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
         raise UserError(problem)
     state = make_state(epoch=start_epoch, processed=0, loss_sum=0.0, seen=0)
     elastic = spec.horovod.elastic
-    n, k, bs = len(dataset.y_train), dataset.num_classes, spec.train.batch_size
+    n, bs = len(dataset.y_train), spec.train.batch_size
 
     @elastic_run
     def train(state) -> dict[str, Any]:
@@ -273,6 +214,8 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
         if comm.rank == 0:
             progress(f"{spec.backend} {spec.model.kind} with {steps.parameters:,} parameters on "
                      f"{comm.size} workers (elastic), from epoch {state.epoch + 1}")
+        # Horovod: the lr follows the number of workers present
+        target_lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
         record: dict[str, Any] = {}
         while state.epoch < spec.train.epochs:
             epoch, began = state.epoch, time.perf_counter()
@@ -281,8 +224,7 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
             order = np.random.default_rng([spec.train.seed, epoch]).permutation(n)
             global_batches = elastic_batches(order[state.processed:], comm.size, bs)
             per_epoch = len(elastic_batches(order, comm.size, bs))
-            # Horovod: the lr follows the number of workers present
-            lr_at = lr_schedule(spec, scaled_lr(spec, comm), epoch, per_epoch)
+            lr_at = lr_schedule(spec.optimizer, target_lr, epoch, per_epoch)
             done = max(0, per_epoch - len(global_batches))  # steps of this epoch already taken
             for first in range(0, len(global_batches), elastic.commit_every_steps):
                 group = global_batches[first:first + elastic.commit_every_steps]
@@ -296,18 +238,9 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
                 state.seen += int(totals[1])
                 state.processed += sum(len(g) for g in group)
                 state.commit()
-            counts, val_loss = evaluate(dataset, comm, steps, max(bs, 256))
-            totals = comm.allreduce_sum(np.concatenate([[val_loss], counts.ravel()]),
-                                        f"hvdtrain.metrics.{epoch}")
-            elapsed = time.perf_counter() - began
-            record = {"epoch": epoch + 1, "workers": comm.size,
-                      "train_loss": state.loss_sum / max(state.seen, 1),
-                      "val_loss": totals[0] / len(dataset.y_val),
-                      **{f"val_{m}": v for m, v in scores(totals[1:].reshape(k, k)).items()},
-                      "lr": lr_at(per_epoch - 1), "samples_per_s": state.seen / elapsed,
-                      "seconds": elapsed}
-            if comm.rank == 0:
-                log_epoch(spec, record, steps, progress)
+            record = end_epoch(spec, dataset, comm, steps, epoch, np.array([state.loss_sum, state.seen]),
+                               lr_at(per_epoch - 1), time.perf_counter() - began, progress,
+                               workers=comm.size)
             state.epoch, state.processed, state.loss_sum, state.seen = epoch + 1, 0, 0.0, 0
             state.commit()
         digest = check_consistency(comm, steps)
@@ -319,19 +252,26 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
     return summary
 
 
-def log_epoch(spec: JobSpec, record: dict[str, Any], steps: Steps, progress: Callable[[str], None]) -> None:
-    """Rank 0: the epoch's line, metrics.jsonl and, when due, a checkpoint."""
-    out, epoch = Path(spec.output), record["epoch"]
-    with open(out / "metrics.jsonl", "a") as log:
+def log_epoch(spec: JobSpec, record: dict[str, Any], progress: Callable[[str], None]) -> None:
+    """Rank 0: the epoch's line and its record in metrics.jsonl."""
+    with open(Path(spec.output) / "metrics.jsonl", "a") as log:
         log.write(json.dumps(record) + "\n")
     workers = f"  ({record['workers']} workers)" if "workers" in record else ""
-    progress(f"epoch {epoch}/{spec.train.epochs}  train_loss {record['train_loss']:.4f}  "
+    progress(f"epoch {record['epoch']}/{spec.train.epochs}  train_loss {record['train_loss']:.4f}  "
              f"val_loss {record['val_loss']:.4f}  val_acc {record['val_accuracy']:.4f}  "
              f"val_f1 {record['val_f1']:.4f}  ({record['seconds']:.1f}s){workers}")
-    if epoch % spec.checkpoint.every_epochs == 0 or epoch == spec.train.epochs:
-        checkpoint.save(spec.checkpoint.dir, epoch, steps.state_bytes(),
-                        {"spec": spec.model_dump(mode="json"), "metrics": record},
-                        spec.checkpoint.keep_last)
+
+
+def checkpoint_due(spec: JobSpec, epochs_done: int) -> bool:
+    return epochs_done % spec.checkpoint.every_epochs == 0 or epochs_done == spec.train.epochs
+
+
+def save_checkpoint(spec: JobSpec, steps: Steps, record: dict[str, Any]) -> None:
+    """Rank 0: model and optimizer state after record['epoch'] epochs, with the spec
+    that wrote it (a later run with another model or data refuses it)."""
+    checkpoint.save(spec.checkpoint.dir, record["epoch"], steps.state_bytes(),
+                    {"spec": spec.model_dump(mode="json"), "metrics": record},
+                    spec.checkpoint.keep_last)
 
 
 def prepare_run_dir(spec: JobSpec, start_epoch: int) -> None:
@@ -344,17 +284,6 @@ def prepare_run_dir(spec: JobSpec, start_epoch: int) -> None:
         kept = [ln for ln in log.read_text().splitlines()
                 if ln.strip() and json.loads(ln).get("epoch", 0) <= start_epoch]
         log.write_text("".join(ln + "\n" for ln in kept))
-
-
-def check_consistency(comm: Comm, steps: Steps) -> str:
-    """Every rank must end with the same weights; name the ranks that do not.
-    Returns the weights' digest, the same on every rank."""
-    digests = comm.allgather_object(steps.weights_digest(), "hvdtrain.weights_digest")
-    if len(set(digests)) != 1:
-        groups = {d: [r for r, x in enumerate(digests) if x == d] for d in digests}
-        raise TrainingError("ranks ended with different weights: " +
-                           "; ".join(f"ranks {r}: {d[:12]}" for d, r in groups.items()))
-    return digests[0]
 
 
 def finish(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, record: dict,

@@ -4,14 +4,31 @@ Frameworks are imported only when a backend is asked for."""
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 from types import ModuleType
 
 from ..errors import UserError
 
 BACKENDS = {"torch": "hvdtrain.backends.torch", "tensorflow": "hvdtrain.backends.tensorflow"}
-FRAMEWORK_PACKAGES = {"torch": "torch==2.13.0", "tensorflow": "tensorflow-cpu==2.21.0"}
 FRAMEWORK_MODULES = {"torch": ("torch",), "tensorflow": ("tensorflow", "keras")}
+
+
+def framework_requirement(backend: str) -> str:
+    """The pip requirement of a backend's framework, as the package's extra of the
+    same name pins it (pyproject.toml is the one place the versions are written)."""
+    try:
+        requirements = importlib.metadata.requires("hvdtrain") or []
+    except importlib.metadata.PackageNotFoundError:
+        requirements = []
+    for requirement in requirements:
+        package, _, marker = requirement.partition(";")
+        if marker.replace("'", '"').split() == ["extra", "==", f'"{backend}"']:
+            return package.strip()
+    return FRAMEWORK_MODULES[backend][0]
+
+
+FRAMEWORK_PACKAGES = {name: framework_requirement(name) for name in BACKENDS}
 
 
 def require_framework(name: str) -> None:

@@ -15,18 +15,23 @@ from typing import Callable
 
 import numpy as np
 
+from .quiet import start_up_notices_hidden
+
 # TensorFlow's C++ start-up chatter (CPU features, oneDNN notices) stays out of
 # the user's terminal unless they set TF_CPP_MIN_LOG_LEVEL themselves.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402  (first: a missing TensorFlow is named as such)
-import keras  # noqa: E402
+with start_up_notices_hidden():
+    import tensorflow as tf  # (first: a missing TensorFlow is named as such)
+    import keras
 
 from . import import_horovod  # noqa: E402
 from ..data import Dataset, Preprocessing  # noqa: E402
-from ..loop import (Batch, Comm, Steps, epoch_seed, preflight, resume, run_elastic,  # noqa: E402
+from ..loop import (Batch, Comm, Steps, Training, epoch_seed, run_elastic,  # noqa: E402
                     run_epochs, scaled_lr)
-from ..spec import CNNSpec, JobSpec, MLPSpec, model_from_dict  # noqa: E402
+from ..preflight import preflight  # noqa: E402
+from ..resume import resume  # noqa: E402
+from ..spec import CNNSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict  # noqa: E402
 
 MODEL_FILE = "model.keras"
 
@@ -55,12 +60,12 @@ def build_model(model: MLPSpec | CNNSpec, input_shape: list[int], num_classes: i
     return keras.Sequential(layers)
 
 
-def make_optimizer(spec: JobSpec, lr: float) -> keras.optimizers.Optimizer:
+def make_optimizer(opt: OptimizerSpec, lr: float) -> keras.optimizers.Optimizer:
     """Weight decay is not given to Keras (whose decay is decoupled): it is added
     to the gradients in the train step, as torch's SGD and Adam do."""
-    if spec.optimizer.name == "adam":
+    if opt.name == "adam":
         return keras.optimizers.Adam(learning_rate=lr)
-    return keras.optimizers.SGD(learning_rate=lr, momentum=spec.optimizer.momentum)
+    return keras.optimizers.SGD(learning_rate=lr, momentum=opt.momentum)
 
 
 def configure_tensorflow(spec: JobSpec, local_rank: int) -> bool:
@@ -79,38 +84,43 @@ def configure_tensorflow(spec: JobSpec, local_rank: int) -> bool:
     return bool(gpus)
 
 
-def setup(spec: JobSpec, dataset: Dataset):
-    """Horovod's set-up for training (init, pin, scale, wrap): (hvd, comm, model,
-    optimizer, steps, lr). `fit` goes on from here; `hvdtrain bench` times `steps`."""
+def setup(spec: JobSpec, dataset: Dataset) -> Training:
+    """Horovod's set-up for training (init, pin, scale, wrap). `fit` goes on from
+    here; `hvdtrain bench` times the steps."""
     hvd = import_horovod("tensorflow")
 
     # Horovod: initialise.
     hvd.init()
     # Horovod: pin the device to the local rank (one GPU per process, or CPU threads).
     on_gpu = configure_tensorflow(spec, hvd.local_rank())
-    comm = horovod_comm(hvd)
+    hierarchical = on_gpu and hvd.nccl_built()
+    comm = horovod_comm(hvd, hierarchical)
 
     keras.utils.set_random_seed(spec.train.seed)
     model = build_model(spec.model, dataset.preprocessing.input_shape, dataset.num_classes)
-    # Horovod: scale the learning rate by the number of workers.
-    lr = scaled_lr(spec, comm, gpu_adasum=on_gpu and hvd.nccl_built())
-    optimizer = make_optimizer(spec, lr)
+    # Horovod: scale the learning rate by the number of workers (the loop sets it
+    # at every step from the same rule, with warm-up).
+    lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
+    optimizer = make_optimizer(spec.optimizer, lr)
     # Keras 3 creates the optimizer's slots here, so rank 0 can load a checkpoint
     # into them and broadcast them before the first step.
     optimizer.build(model.trainable_variables)
 
     # Horovod: the gradient tape is wrapped so gradients are allreduced (in make_steps).
     steps = make_steps(spec, model, optimizer, hvd, comm.rank)
-    return hvd, comm, model, optimizer, steps, lr
+    return Training(hvd, comm, model, optimizer, steps, lambda: horovod_comm(hvd, hierarchical))
 
 
-def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None = None) -> dict:
-    hvd, comm, model, optimizer, steps, lr = setup(spec, dataset)
+def fit(spec: JobSpec, dataset: Dataset, expected_size: int | None = None,
+        progress: Callable[[str], None] | None = None) -> dict:
+    """Train on this rank; expected_size: the ranks the launcher started, where it knows."""
+    job = setup(spec, dataset)
+    hvd, comm, model, optimizer, steps = job.hvd, job.comm, job.model, job.optimizer, job.steps
     if spec.horovod.elastic:  # Horovod elastic: resume and broadcast happen in run_elastic
-        return run_elastic(spec, dataset, lambda: horovod_comm(hvd), steps,
+        return run_elastic(spec, dataset, job.make_comm, steps,
                            lambda **attributes: hvd.elastic.TensorFlowKerasState(model, optimizer, **attributes),
                            hvd.elastic.run, progress)
-    preflight(spec, dataset, comm, steps)  # same parameters and step counts on every rank
+    preflight(spec, dataset, comm, steps, expected_size)  # same parameters and step counts everywhere
     start_epoch = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
     # Horovod: broadcast model and optimizer variables from rank 0. Upstream's
     # examples broadcast after the first step because older Keras optimizers
@@ -119,7 +129,7 @@ def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None 
     hvd.broadcast_variables(model.weights, root_rank=0)
     hvd.broadcast_variables(optimizer.variables, root_rank=0)
     # Horovod: checkpoint on rank 0 only -- inside run_epochs.
-    return run_epochs(spec, dataset, comm, steps, lr, start_epoch, progress)
+    return run_epochs(spec, dataset, comm, steps, start_epoch, progress)
 
 
 def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Optimizer,
@@ -254,14 +264,14 @@ def weights_digest(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
-def horovod_comm(hvd) -> Comm:
+def horovod_comm(hvd, hierarchical: bool = False) -> Comm:
     def allreduce_sum(values: np.ndarray, name: str) -> np.ndarray:
         tensor = tf.constant(np.asarray(values, dtype=np.float64))
         return hvd.allreduce(tensor, op=hvd.Sum, name=name).numpy()
 
     return Comm(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), allreduce_sum,
                 lambda obj, name: hvd.broadcast_object(obj, root_rank=0, name=name),
-                lambda obj, name: hvd.allgather_object(obj, name=name))
+                lambda obj, name: hvd.allgather_object(obj, name=name), hierarchical)
 
 
 def save_model(model: keras.Model, spec: JobSpec, directory: Path) -> None:

@@ -14,9 +14,10 @@ from torch import nn
 
 from . import import_horovod
 from ..data import Dataset, Preprocessing
-from ..loop import (Batch, Comm, Steps, epoch_seed, preflight, resume, run_elastic, run_epochs,
-                    scaled_lr)
-from ..spec import CNNSpec, JobSpec, MLPSpec, model_from_dict
+from ..loop import Batch, Comm, Steps, Training, epoch_seed, run_elastic, run_epochs, scaled_lr
+from ..preflight import preflight
+from ..resume import resume
+from ..spec import CNNSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
@@ -52,16 +53,15 @@ def build_model(model: MLPSpec | CNNSpec, input_shape: list[int], num_classes: i
     return net
 
 
-def make_optimizer(spec: JobSpec, params, lr: float) -> torch.optim.Optimizer:
-    opt = spec.optimizer
+def make_optimizer(opt: OptimizerSpec, params, lr: float) -> torch.optim.Optimizer:
     if opt.name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=opt.weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
 
 
-def setup(spec: JobSpec, dataset: Dataset):
-    """Horovod's set-up for training (init, pin, scale, wrap): (hvd, comm, model,
-    optimizer, steps, lr). `fit` goes on from here; `hvdtrain bench` times `steps`."""
+def setup(spec: JobSpec, dataset: Dataset) -> Training:
+    """Horovod's set-up for training (init, pin, scale, wrap). `fit` goes on from
+    here; `hvdtrain bench` times the steps."""
     hvd = import_horovod("torch")
 
     # Horovod: initialise.
@@ -75,37 +75,42 @@ def setup(spec: JobSpec, dataset: Dataset):
         print(f"rank {hvd.rank()} (local rank {hvd.local_rank()}) trains on {device}: "
               f"{torch.cuda.get_device_name(device)}", flush=True)
     torch.set_num_threads(spec.resources.cpus_per_worker)
-    comm = horovod_comm(hvd)
+    hierarchical = use_cuda and hvd.nccl_built()
+    comm = horovod_comm(hvd, hierarchical)
 
     torch.manual_seed(spec.train.seed)
     model = build_model(spec.model, dataset.preprocessing.input_shape, dataset.num_classes).to(device)
-    # Horovod: scale the learning rate by the number of workers.
-    lr = scaled_lr(spec, comm, gpu_adasum=use_cuda and hvd.nccl_built())
+    # Horovod: scale the learning rate by the number of workers (the loop sets it
+    # at every step from the same rule, with warm-up).
+    lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
     # Horovod: wrap the optimizer so gradients are allreduced before each step.
     optimizer = hvd.DistributedOptimizer(
-        make_optimizer(spec, model.parameters(), lr),
+        make_optimizer(spec.optimizer, model.parameters(), lr),
         named_parameters=model.named_parameters(),
         compression=hvd.Compression.fp16 if spec.horovod.fp16_compression else hvd.Compression.none,
         backward_passes_per_step=spec.horovod.backward_passes_per_step,
         op=hvd.Adasum if spec.horovod.adasum else hvd.Average)
 
     steps = make_steps(spec, model, optimizer, device, comm.rank)
-    return hvd, comm, model, optimizer, steps, lr
+    return Training(hvd, comm, model, optimizer, steps, lambda: horovod_comm(hvd, hierarchical))
 
 
-def fit(spec: JobSpec, dataset: Dataset, progress: Callable[[str], None] | None = None) -> dict:
-    hvd, comm, model, optimizer, steps, lr = setup(spec, dataset)
+def fit(spec: JobSpec, dataset: Dataset, expected_size: int | None = None,
+        progress: Callable[[str], None] | None = None) -> dict:
+    """Train on this rank; expected_size: the ranks the launcher started, where it knows."""
+    job = setup(spec, dataset)
+    hvd, comm, model, optimizer, steps = job.hvd, job.comm, job.model, job.optimizer, job.steps
     if spec.horovod.elastic:  # Horovod elastic: resume and broadcast happen in run_elastic
-        return run_elastic(spec, dataset, lambda: horovod_comm(hvd), steps,
+        return run_elastic(spec, dataset, job.make_comm, steps,
                            lambda **attributes: elastic_state(hvd, model, optimizer, **attributes),
                            hvd.elastic.run, progress)
-    preflight(spec, dataset, comm, steps)  # same parameters and step counts on every rank
+    preflight(spec, dataset, comm, steps, expected_size)  # same parameters and step counts everywhere
     start_epoch = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
     # Horovod: broadcast initial (or resumed) model and optimizer state from rank 0.
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     broadcast_optimizer_state(hvd, optimizer, comm)
     # Horovod: checkpoint on rank 0 only -- inside run_epochs.
-    return run_epochs(spec, dataset, comm, steps, lr, start_epoch, progress)
+    return run_epochs(spec, dataset, comm, steps, start_epoch, progress)
 
 
 def elastic_state(hvd, model: nn.Module, optimizer, **attributes):
@@ -202,14 +207,14 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def horovod_comm(hvd) -> Comm:
+def horovod_comm(hvd, hierarchical: bool = False) -> Comm:
     def allreduce_sum(values: np.ndarray, name: str) -> np.ndarray:
         tensor = torch.from_numpy(np.asarray(values, dtype=np.float64))
         return hvd.allreduce(tensor, op=hvd.Sum, name=name).numpy()
 
     return Comm(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), allreduce_sum,
                 lambda obj, name: hvd.broadcast_object(obj, root_rank=0, name=name),
-                lambda obj, name: hvd.allgather_object(obj, name=name))
+                lambda obj, name: hvd.allgather_object(obj, name=name), hierarchical)
 
 
 def save_model(model: nn.Module, spec: JobSpec, directory: Path) -> None:

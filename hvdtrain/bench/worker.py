@@ -40,15 +40,18 @@ def cycle(batches: list, count: int, start: int) -> list:
 def train_hvdtrain(spec, backend_name: str):
     """hvdtrain's own loop: the backend's setup and its train_epoch."""
     from ..backends import get_backend
-    backend = get_backend(backend_name)
     from ..data import load_dataset
+    from ..loop import scaled_lr
     from ..spec import CNNSpec
+    backend = get_backend(backend_name)
     dataset = load_dataset(spec.data, image=isinstance(spec.model, CNNSpec))
-    hvd, comm, model, optimizer, steps, lr = backend.setup(spec, dataset)
+    job = backend.setup(spec, dataset)
+    comm = job.comm
     _, batches = batches_for(spec, comm.rank, comm.size)
+    lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
 
     def run(count: int, start: int) -> None:
-        steps.train_epoch(0, cycle(batches, count, start), lambda i: lr)
+        job.steps.train_epoch(0, cycle(batches, count, start), lambda i: lr)
 
     def barrier() -> None:
         if backend_name == "torch":
@@ -141,10 +144,10 @@ def train_ddp(spec, communicate: bool = True):
 
 
 def time_training(args) -> dict:
+    from ..rank import apply_horovod_environment
     from ..spec import load_spec
-    from ..cli import horovod_knobs
     spec = load_spec(args.spec, [f"resources.cpus_per_worker={THREADS}"])
-    horovod_knobs(spec)  # fusion, cycle time, autotune, timeline as the spec says
+    apply_horovod_environment(spec.horovod)  # fusion, cycle time, autotune, timeline as the spec says
     makers = {"hvdtrain": lambda: train_hvdtrain(spec, "torch"),
               "tensorflow": lambda: train_hvdtrain(spec.model_copy(update={"backend": "tensorflow"}),
                                                    "tensorflow"),

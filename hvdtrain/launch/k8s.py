@@ -1,5 +1,5 @@
 """Kubernetes: a Kubeflow MPIJob (v2beta1) and the ConfigMap carrying the job
-spec, filled in from k8s/mpijob.yaml. The template's structure, comments aside,
+spec, filled in from the package's templates/mpijob.yaml. The template's structure, comments aside,
 is kept; only the job-specific values are set here."""
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import Any
 
 import yaml
 
+from . import rank_command, template
 from ..errors import UserError
 from ..spec import JobSpec, dump, load_spec
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "k8s" / "mpijob.yaml"
+TEMPLATE = "mpijob.yaml"
 SPEC_DIR, SPEC_KEY, OUTPUT_DIR = "/etc/hvdtrain", "spec.yaml", "/output"
 DISCOVER_HOSTS = "/etc/mpi/discover_hosts.sh"  # written by the mpi-operator into the launcher
 QUANTITY = re.compile(r"^\d+(\.\d+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
@@ -30,8 +31,7 @@ def k8s_name(name: str) -> str:
 
 def render(spec_path: Path, overrides: list[str], *, workers: int, gpus_per_worker: int | None,
            image: str, namespace: str | None = None, slots_per_worker: int | None = None,
-           memory: str = "4Gi", shm: str = "1Gi", elastic: tuple[int, int] | None = None,
-           template: Path = TEMPLATE) -> str:
+           memory: str = "4Gi", shm: str = "1Gi", elastic: tuple[int, int] | None = None) -> str:
     """Multi-document YAML: the ConfigMap, then the MPIJob."""
     if workers < 1:
         raise UserError("--workers must be at least 1")
@@ -64,7 +64,7 @@ def render(spec_path: Path, overrides: list[str], *, workers: int, gpus_per_work
     spec = load_spec(spec_path, [*overrides, f"output={OUTPUT_DIR}/{name}",
                                  f"resources.workers={workers * slots}",
                                  f"resources.gpus_per_worker={1 if gpus else 0}", *extra], check_paths=False)
-    configmap, job = (copy.deepcopy(d) for d in yaml.safe_load_all(template.read_text()))
+    configmap, job = yaml.safe_load_all(template(TEMPLATE))
     fill_configmap(configmap, name, spec)
     fill_job(job, name, spec, workers=workers, gpus=gpus, slots=slots, image=image,
              memory=memory, shm=shm)
@@ -108,7 +108,9 @@ def fill_job(job: dict, name: str, spec: JobSpec, *, workers: int, gpus: int, sl
         container["env"] = [{**e, "value": threads} if e["name"] == "OMP_NUM_THREADS" else dict(e)
                             for e in container["env"]]
     launcher = replicas["Launcher"]["template"]["spec"]["containers"][0]
-    launcher["args"] = with_np(launcher["args"], workers * slots)
+    # the image's python3 runs the spec as mounted from the ConfigMap
+    command = rank_command(f"{SPEC_DIR}/{SPEC_KEY}", python="python3")
+    launcher["args"] = [*with_np(launcher["args"], workers * slots), *command]
     if spec.horovod.elastic is not None:
         # Elastic: horovodrun instead of mpirun, with the hosts the operator lists in
         # /etc/mpi/discover_hosts.sh as worker pods come and go (ssh to the workers as mpirun).
@@ -116,7 +118,7 @@ def fill_job(job: dict, name: str, spec: JobSpec, *, workers: int, gpus: int, sl
         launcher["command"] = ["horovodrun"]
         launcher["args"] = ["--gloo", "-np", str(workers * slots), "--min-np", str(elastic.min_workers),
                             "--max-np", str(elastic.max_workers), "--host-discovery-script",
-                            str(elastic.discovery), *entry_point(launcher["args"])]
+                            str(elastic.discovery), *command]
         replicas["Worker"]["replicas"] = elastic.max_workers // slots
         job["spec"]["runPolicy"]["schedulingPolicy"] = {"minAvailable": -(-elastic.min_workers // slots)}
     worker_pod = replicas["Worker"]["template"]["spec"]
@@ -134,11 +136,6 @@ def set_configmap(volume: dict[str, Any], configmap: str) -> dict[str, Any]:
     if "configMap" in volume:
         volume["configMap"]["name"] = configmap
     return volume
-
-
-def entry_point(args: list[str]) -> list[str]:
-    """The per-rank command at the end of the launcher's mpirun arguments."""
-    return args[args.index("python3"):]
 
 
 def with_np(args: list[str], ranks: int) -> list[str]:

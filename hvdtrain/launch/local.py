@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import rank_command
 from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
 from ..spec import ElasticSpec, JobSpec
 
@@ -21,12 +22,7 @@ def horovodrun_path() -> str:
     return found
 
 
-def rank_command(spec_path: str, overrides: list[str]) -> list[str]:
-    """The per-rank entry point that every launcher runs."""
-    return [sys.executable, "-m", "hvdtrain", "train", spec_path, *overrides]
-
-
-def horovodrun_command(spec_path: str, overrides: list[str], np: int, start_timeout: int = 120,
+def horovodrun_command(spec_path: str, overrides: list[str], np: int, start_timeout: int,
                        elastic: ElasticSpec | None = None) -> list[str]:
     if elastic is None:
         hosts = ["-H", f"localhost:{np}"]

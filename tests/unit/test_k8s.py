@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from hvdtrain.errors import UserError
-from hvdtrain.launch import k8s
+from hvdtrain.launch import k8s, template
 from tests.conftest import EXAMPLES, ROOT
 from tests.k8s_schema import manifest_problems, mpijob_problems
 
@@ -24,7 +24,7 @@ def documents(text):
 
 
 def test_shipped_template_is_valid_as_it_stands():
-    assert manifest_problems(k8s.TEMPLATE.read_text()) == []
+    assert manifest_problems(template(k8s.TEMPLATE)) == []
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.name)

@@ -5,11 +5,12 @@ import sys
 import pytest
 
 from hvdtrain.errors import UserError
-from hvdtrain.launch import slurm
-from hvdtrain.spec import load_spec
+from hvdtrain.launch import slurm, srun
+from hvdtrain.spec import HorovodSpec, load_spec
 from tests.conftest import ROOT
 
 MLP = ROOT / "examples" / "digits-mlp-torch.yaml"
+START_TIMEOUT = HorovodSpec().start_timeout_seconds
 
 
 def directives(text):
@@ -57,7 +58,7 @@ def test_render_rejects_bad_options(kwargs, message):
 @pytest.mark.parametrize("text, counts", [("2", [2]), ("2(x3)", [2, 2, 2]), ("2(x2),1", [2, 2, 1]),
                                           ("4,3(x2)", [4, 3, 3])])
 def test_slurm_task_counts_expand(text, counts):
-    assert slurm.expand_counts(text) == counts
+    assert srun.expand_counts(text) == counts
 
 
 def srun_env(**extra):
@@ -75,7 +76,7 @@ def test_gloo_rank_takes_everything_from_slurm_variables():
         port = server.getsockname()[1]
         env = srun_env(SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_NODEID="1",
                        HVDTRAIN_RENDEZVOUS_PORT=str(port), HVDTRAIN_LAUNCH="gloo")
-        slurm.prepare_rank(env)
+        srun.prepare_rank(env, START_TIMEOUT)
     # node 0 holds ranks 0-1, node 1 ranks 2-3, node 2 rank 4; this is local rank 1 of node 1
     assert {k: env[k] for k in env if k.startswith("HOROVOD_")} == {
         "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo",
@@ -90,7 +91,7 @@ def test_gloo_rank_0_serves_the_rendezvous_and_others_reach_it():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = srun_env(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", HVDTRAIN_RENDEZVOUS_PORT=str(port))
-    slurm.prepare_rank(env)
+    srun.prepare_rank(env, START_TIMEOUT)
     import urllib.request
     request = urllib.request.Request(f"http://127.0.0.1:{port}/global/key", data=b"v", method="PUT")
     assert urllib.request.urlopen(request, timeout=5).status == 200  # Horovod's KV store answers
@@ -102,24 +103,24 @@ def test_gloo_rank_without_rank_0_stops_with_a_clear_error():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = srun_env(SLURM_PROCID="1", SLURM_LOCALID="1", SLURM_NODEID="0",
-                   HVDTRAIN_RENDEZVOUS_PORT=str(port), HVDTRAIN_START_TIMEOUT="1")
+                   HVDTRAIN_RENDEZVOUS_PORT=str(port))
     with pytest.raises(UserError, match="did not answer within 1s"):
-        slurm.prepare_rank(env)
+        srun.prepare_rank(env, start_timeout=1)
 
 
 def test_rank_0_away_from_the_launch_node_is_told_so():
     env = srun_env(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
                    SLURM_LAUNCH_NODE_IPADDR="192.0.2.1")  # TEST-NET: never local
     with pytest.raises(UserError, match="does not have the rendezvous address 192.0.2.1"):
-        slurm.prepare_rank(env)
+        srun.prepare_rank(env, START_TIMEOUT)
 
 
 def test_mpi_mode_checks_the_mpi_type_and_records_the_size():
     env = srun_env(SLURM_PROCID="0", HVDTRAIN_LAUNCH="mpi", SLURM_MPI_TYPE="pmix")
-    slurm.prepare_rank(env)
-    assert env["HVDTRAIN_EXPECTED_SIZE"] == "5" and "HOROVOD_RANK" not in env
+    assert srun.prepare_rank(env, START_TIMEOUT) == 5 and "HOROVOD_RANK" not in env
     with pytest.raises(UserError, match="without MPI support"):
-        slurm.prepare_rank(srun_env(SLURM_PROCID="0", HVDTRAIN_LAUNCH="mpi", SLURM_MPI_TYPE="none"))
+        srun.prepare_rank(srun_env(SLURM_PROCID="0", HVDTRAIN_LAUNCH="mpi", SLURM_MPI_TYPE="none"),
+                          START_TIMEOUT)
 
 
 def test_other_launchers_and_the_batch_script_are_left_alone():
@@ -127,5 +128,5 @@ def test_other_launchers_and_the_batch_script_are_left_alone():
                 srun_env(SLURM_PROCID="0", HOROVOD_RANK="0"),  # horovodrun inside an allocation
                 srun_env(SLURM_PROCID="0", OMPI_COMM_WORLD_SIZE="2")):  # mpirun inside one
         before = dict(env)
-        slurm.prepare_rank(env)
+        assert srun.prepare_rank(env, START_TIMEOUT) is None
         assert env == before

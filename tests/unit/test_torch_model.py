@@ -44,9 +44,9 @@ def test_export_round_trip_gives_same_logits(tmp_path):
 
 def test_warmup_ramps_to_scaled_lr():
     spec = spec_for({"kind": "mlp"})
-    first = lr_schedule(spec, 0.4, epoch=0, steps=10)
+    first = lr_schedule(spec.optimizer, 0.4, epoch=0, steps=10)
     assert first(0) == pytest.approx(0.1) and first(5) == pytest.approx(0.1 + 0.3 * 0.25)
-    assert lr_schedule(spec, 0.4, epoch=2, steps=10)(0) == pytest.approx(0.4)
+    assert lr_schedule(spec.optimizer, 0.4, epoch=2, steps=10)(0) == pytest.approx(0.4)
 
 
 def test_unknown_backend_module_is_a_clear_error():

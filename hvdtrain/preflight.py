@@ -1,0 +1,63 @@
+"""Checks that the ranks agree: before the first step (same parameters, step
+counts and world size) and after the last (same weights). A disagreement stops
+every rank with a diff naming the ranks, instead of a stall and a hang."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .data import Dataset, steps_per_epoch
+from .errors import TrainingError, UserError
+from .spec import JobSpec
+
+if TYPE_CHECKING:
+    from .loop import Comm, Steps
+
+
+def preflight(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps,
+              expected_size: int | None = None) -> None:
+    """Before any tensor is exchanged: every rank has the same parameters (names,
+    shapes, dtypes) and the same number of steps per epoch. A difference would
+    otherwise show as Horovod's stall warning and a hang; here it is a diff.
+    expected_size: the ranks the launcher started, where it knows (srun, MPI mode)."""
+    check_world(comm, expected_size)
+    mine = {"parameters": [list(map(str, p)) for p in steps.signature],
+            "steps_per_epoch": steps_per_epoch(len(dataset.y_train), comm.size, spec.train.batch_size),
+            "training samples": len(dataset.y_train), "classes": dataset.num_classes}
+    everyone = comm.allgather_object(mine, "hvdtrain.preflight")
+    problems = []
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        problems += [f"rank {rank} vs rank 0: {line}" for line in differences(everyone[0], theirs)]
+    if problems:
+        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+        raise UserError("ranks disagree before training (different specs, code or data on "
+                        "different hosts?):\n  " + "\n  ".join(shown))
+
+
+def differences(root: dict, other: dict) -> list[str]:
+    lines = [f"{key} {other[key]} instead of {root[key]}" for key in root
+             if key != "parameters" and root[key] != other[key]]
+    ours, theirs = root["parameters"], other["parameters"]
+    if len(ours) != len(theirs):
+        lines.append(f"{len(theirs)} parameters instead of {len(ours)}")
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            lines.append(f"parameter {i}: {b[0]} shape {b[1]} {b[2]} instead of {a[0]} shape {a[1]} {a[2]}")
+    return lines
+
+
+def check_world(comm: Comm, expected: int | None) -> None:
+    """Ranks that each came up alone (srun without the right --mpi) stop before training."""
+    if expected is not None and expected != comm.size:
+        raise UserError(f"Horovod sees {comm.size} rank(s) but the launcher started {expected}: "
+                        "the ranks did not join one MPI job (under srun use --mpi=pmix)")
+
+
+def check_consistency(comm: Comm, steps: Steps) -> str:
+    """Every rank must end with the same weights; name the ranks that do not.
+    Returns the weights' digest, the same on every rank."""
+    digests = comm.allgather_object(steps.weights_digest(), "hvdtrain.weights_digest")
+    if len(set(digests)) != 1:
+        groups = {d: [r for r, x in enumerate(digests) if x == d] for d in digests}
+        raise TrainingError("ranks ended with different weights: " +
+                           "; ".join(f"ranks {r}: {d[:12]}" for d, r in groups.items()))
+    return digests[0]
