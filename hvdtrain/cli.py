@@ -10,7 +10,12 @@ from .errors import EXIT_FAILED, EXIT_USAGE, TrainingError, UserError
 
 def cmd_validate(args) -> int:
     from .spec import dump, load_spec
-    print(dump(load_spec(args.spec, args.overrides)), end="")
+    spec = load_spec(args.spec, args.overrides)
+    print(dump(spec), end="")
+    if spec.entry is not None:
+        target = spec.entry.script or f"-m {spec.entry.module}"
+        print(f"entry: each rank runs {target} with Horovod's environment from this spec; "
+              "model, data, task, loss, optimizer, train and checkpoint are not used", file=sys.stderr)
     return 0
 
 
@@ -19,15 +24,16 @@ def cmd_run(args) -> int:
 
     from .backends import require_framework
     from .launch.local import launch
+    from .metrics import final_metrics
     from .spec import load_spec
     spec = load_spec(args.spec, args.overrides)  # invalid specs stop here, before any launch
     require_framework(spec.backend)
     code = launch(spec, args.spec, args.overrides, args.np or spec.resources.workers)
     summary = Path(spec.output) / "summary.json"
-    if code == 0 and summary.exists():
+    if code == 0 and spec.entry is None and summary.exists():
         final = json.loads(summary.read_text())["final"]
-        print(f"{spec.name}: validation accuracy {final['val_accuracy']:.4f}, macro F1 "
-              f"{final['val_f1']:.4f} after {final['epoch']} epochs; run dir {spec.output}")
+        print(f"{spec.name}: {final_metrics(spec.task, final)} after {final['epoch']} epochs; "
+              f"run dir {spec.output}")
     return code
 
 

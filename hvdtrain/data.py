@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .spec import DataSpec
+from .spec import CNNSpec, CustomModelSpec, DataSpec
 
 IMAGE_SHAPES = {"digits": (1, 8, 8)}
 
@@ -27,6 +27,9 @@ class Preprocessing:
     fill: list[float]  # per-feature value for NaN/inf (training-split means)
     mean: list[float]
     std: list[float]
+    task: str = "classification"
+    target_mean: float = 0.0  # regression: the model learns (y - target_mean) / target_std
+    target_std: float = 1.0
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
@@ -37,6 +40,10 @@ class Preprocessing:
             x = np.where(bad, np.asarray(self.fill)[None, :], x)
         x = (x - np.asarray(self.mean)) / np.asarray(self.std)
         return x.astype(np.float32).reshape((len(x), *self.input_shape))
+
+    def targets(self, outputs: np.ndarray) -> np.ndarray:
+        """A regression model's outputs in the targets' own units."""
+        return np.asarray(outputs, dtype=np.float64).reshape(-1) * self.target_std + self.target_mean
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
@@ -49,7 +56,7 @@ class Preprocessing:
 @dataclass
 class Dataset:
     x_train: np.ndarray  # float32, shape (n, *input_shape)
-    y_train: np.ndarray  # int64 class indices
+    y_train: np.ndarray  # int64 class indices, or float32 standardised targets (regression)
     x_val: np.ndarray
     y_val: np.ndarray
     preprocessing: Preprocessing
@@ -59,24 +66,53 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.preprocessing.classes)
 
+    @property
+    def outputs(self) -> int:
+        """Outputs of the model: one per class, or one value (regression)."""
+        return self.num_classes if self.preprocessing.task == "classification" else 1
 
-def load_dataset(spec: DataSpec, image: bool = False) -> Dataset:
-    """The spec's data, cleaned, split (stratified), standardised, shaped for the model."""
-    x, labels, names = read_source(spec)
+
+def image_input(model, data: DataSpec) -> bool:
+    """Samples go to the model as images [C, H, W]: always for a cnn; for a custom
+    model whenever the data has an image shape (digits, image_shape, 3-D synthetic)."""
+    if isinstance(model, CNNSpec):
+        return True
+    has_shape = data.source in IMAGE_SHAPES or data.image_shape is not None or (
+        data.synthetic is not None and len(data.synthetic.shape) == 3)
+    return isinstance(model, CustomModelSpec) and has_shape
+
+
+def load_dataset(spec: DataSpec, image: bool = False, task: str = "classification") -> Dataset:
+    """The spec's data, cleaned, split (stratified for classes), standardised, shaped
+    for the model."""
+    x, labels, names = read_source(spec, task)
     if len(x) != len(labels):
         raise DataError(f"{len(x)} samples but {len(labels)} labels")
     x = x.reshape(len(x), -1).astype(np.float64)
-    keep = np.asarray([str(v) not in ("", "nan", "None") for v in labels])
+    if task == "regression":
+        labels = numeric_targets(labels)
+        keep = np.isfinite(labels)
+    else:
+        keep = np.asarray([str(v) not in ("", "nan", "None") for v in labels])
     if spec.clean == "drop":
         keep &= np.isfinite(x).all(axis=1)
     dropped = int((~keep).sum())
     x, labels = x[keep], labels[keep]
-    classes = sorted({str(v) for v in labels}, key=_natural)
-    if len(classes) < 2:
-        raise DataError(f"need at least 2 classes, found {len(classes)} after cleaning")
-    index = {label: i for i, label in enumerate(classes)}
-    y = np.asarray([index[str(v)] for v in labels], dtype=np.int64)
-    train, val = stratified_split(y, spec.validation_fraction, spec.seed)
+    target_mean, target_std = 0.0, 1.0
+    if task == "regression":
+        classes = []
+        train, val = random_split(len(labels), spec.validation_fraction, spec.seed)
+        if len(train):
+            target_mean = float(labels[train].mean())
+            target_std = float(labels[train].std()) or 1.0
+        y = ((labels - target_mean) / target_std).astype(np.float32)
+    else:
+        classes = sorted({str(v) for v in labels}, key=_natural)
+        if len(classes) < 2:
+            raise DataError(f"need at least 2 classes, found {len(classes)} after cleaning")
+        index = {label: i for i, label in enumerate(classes)}
+        y = np.asarray([index[str(v)] for v in labels], dtype=np.int64)
+        train, val = stratified_split(y, spec.validation_fraction, spec.seed)
     if len(train) == 0 or len(val) == 0:
         raise DataError(f"{len(y)} usable samples cannot be split with validation_fraction "
                         f"{spec.validation_fraction}")
@@ -86,10 +122,22 @@ def load_dataset(spec: DataSpec, image: bool = False) -> Dataset:
     std = x[train].std(axis=0) if spec.standardize else np.ones(x.shape[1])
     std = np.where(std > 1e-12, std, 1.0)  # constant features stay constant, not NaN
     shape = input_shape(spec, x.shape[1], image)
-    prep = Preprocessing(names, classes, list(shape), fill.tolist(), mean.tolist(), std.tolist())
+    prep = Preprocessing(names, classes, list(shape), fill.tolist(), mean.tolist(), std.tolist(),
+                         task, target_mean, target_std)
     xs = prep.apply(x)
-    return Dataset(xs[train], y[train].astype(np.int64), xs[val], y[val].astype(np.int64),
-                   prep, dropped)
+    return Dataset(xs[train], y[train], xs[val], y[val], prep, dropped)
+
+
+def numeric_targets(labels: np.ndarray) -> np.ndarray:
+    """Regression targets as numbers (empty cells are NaN and dropped)."""
+    values = []
+    for i, v in enumerate(labels):
+        text = str(v).strip()
+        try:
+            values.append(float(text) if text not in ("", "None") else float("nan"))
+        except ValueError:
+            raise DataError(f"task regression needs numeric targets; sample {i} has {text!r}") from None
+    return np.asarray(values, dtype=np.float64)
 
 
 def _natural(label: str):
@@ -113,10 +161,10 @@ def input_shape(spec: DataSpec, features: int, image: bool) -> tuple[int, ...]:
     return shape
 
 
-def read_source(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_source(spec: DataSpec, task: str = "classification") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Raw features, raw labels and feature names, before any cleaning."""
     if spec.source == "synthetic":
-        return synthetic(spec)
+        return synthetic(spec, task)
     if spec.source != "file":
         from sklearn import datasets  # bundled with scikit-learn: nothing downloads
         bunch = getattr(datasets, f"load_{spec.source}")()
@@ -186,11 +234,16 @@ def parse_number(cell: str, path: Path, line: int, column: str) -> float:
         raise DataError(f"{path}:{line}: column {column!r} holds {cell!r}, not a number") from None
 
 
-def synthetic(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Separable Gaussian blobs of the requested shape: a learnable benchmark task."""
+def synthetic(spec: DataSpec, task: str = "classification") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Separable Gaussian blobs of the requested shape (classification), or a
+    linear function of Gaussian features plus noise (regression): learnable tasks."""
     cfg = spec.synthetic
     rng = np.random.default_rng(spec.seed)
     features = int(np.prod(cfg.shape))
+    if task == "regression":
+        x = rng.normal(size=(cfg.samples, features)).astype(np.float32)
+        y = x @ rng.normal(size=features) + rng.normal(scale=0.1, size=cfg.samples)
+        return x, y, [f"f{i}" for i in range(features)]
     y = rng.integers(0, cfg.classes, size=cfg.samples)
     centers = rng.normal(size=(cfg.classes, features)).astype(np.float32)
     x = centers[y] + rng.normal(scale=2.0, size=(cfg.samples, features)).astype(np.float32)
@@ -207,6 +260,13 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
         val.append(members[:n_val])
         train.append(members[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def random_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation indices for numeric targets (no classes to stratify by)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def steps_per_epoch(n: int, size: int, batch_size: int) -> int:

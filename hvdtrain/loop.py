@@ -24,7 +24,8 @@ from tqdm import tqdm
 from . import checkpoint
 from .data import Dataset, eval_shard, shard_batches, steps_per_epoch
 from .errors import UserError
-from .metrics import confusion, scores
+from .metrics import (HEADLINE, confusion, epoch_metrics, final_metrics, regression_scores,
+                      regression_sums, scores)
 from .preflight import check_consistency, preflight
 from .resume import load_latest
 from .spec import JobSpec, OptimizerSpec, dump
@@ -47,13 +48,17 @@ class Comm:
 @dataclass
 class Steps:
     train_epoch: Callable[[int, list[Batch], Callable[[int], float]], tuple[float, int]]
-    logits: Callable[[np.ndarray], np.ndarray]
+    # (outputs as numpy, summed loss) of one validation batch, with the training loss
+    evaluate_batch: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, float]]
     state_bytes: Callable[[], bytes]
     load_state_bytes: Callable[[bytes], None]
     weights_digest: Callable[[], str]
     export: Callable[[Path], None]
     parameters: int  # trainable parameters of the model
     signature: list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) of each parameter
+    # Average the model's non-trained float state (BatchNorm's running statistics)
+    # over the ranks: each rank updates it from its own shard, so it would differ.
+    average_buffers: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -98,17 +103,25 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def evaluate(dataset: Dataset, comm: Comm, steps: Steps, batch_size: int) -> tuple[np.ndarray, float]:
-    """This rank's confusion counts and summed cross-entropy on its validation shard."""
-    k = dataset.num_classes
-    counts, loss = np.zeros((k, k), dtype=np.int64), 0.0
+    """This rank's metric sums (confusion counts, or regression sums in the targets'
+    units) and summed loss on its validation shard."""
+    prep, k = dataset.preprocessing, dataset.num_classes
+    regression = prep.task == "regression"
+    stats, loss = np.zeros(5 if regression else k * k), 0.0
     for idx in eval_shard(len(dataset.y_val), comm.rank, comm.size, batch_size):
-        logits = steps.logits(dataset.x_val[idx]).astype(np.float64)
+        outputs, batch_loss = steps.evaluate_batch(dataset.x_val[idx], dataset.y_val[idx])
+        loss += batch_loss
         labels = dataset.y_val[idx]
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        loss -= log_probs[np.arange(len(idx)), labels].sum()
-        counts += confusion(labels, logits.argmax(axis=1), k)
-    return counts, loss
+        stats += regression_sums(prep.targets(outputs), prep.targets(labels)) if regression else \
+            confusion(labels, np.asarray(outputs).argmax(axis=1), k).ravel()
+    return stats, loss
+
+
+def task_scores(dataset: Dataset, stats: np.ndarray) -> dict[str, float]:
+    if dataset.preprocessing.task == "regression":
+        return regression_scores(stats)
+    k = dataset.num_classes
+    return scores(stats.reshape(k, k))
 
 
 def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start_epoch: int,
@@ -138,11 +151,12 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start_
         record = end_epoch(spec, dataset, comm, steps, epoch, train, lr_at(per_epoch - 1),
                            time.perf_counter() - began, progress)
         if comm.rank == 0:
-            bar.set_postfix(val_acc=f"{record['val_accuracy']:.4f}", refresh=False)
+            short, key = HEADLINE[spec.task][0]
+            bar.set_postfix({short: f"{record[key]:.4f}"}, refresh=False)
     digest = check_consistency(comm, steps)
     summary = finish(spec, dataset, comm, steps, record, digest)
     if comm.rank == 0 and summary["final"]:
-        progress(f"final validation accuracy {summary['final']['val_accuracy']:.4f}")
+        progress(f"final {final_metrics(spec.task, summary['final'])}")
     return summary
 
 
@@ -153,13 +167,13 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
     record, and on rank 0 its line, metrics.jsonl and (when due) a checkpoint.
     train: the epoch's training loss sum and sample count, summed over all ranks."""
     began = time.perf_counter()
-    k = dataset.num_classes
-    counts, val_loss = evaluate(dataset, comm, steps, max(spec.train.batch_size, 256))
-    totals = comm.allreduce_sum(np.concatenate([[val_loss], counts.ravel()]), f"hvdtrain.metrics.{epoch}")
+    steps.average_buffers()  # every rank validates and saves the same model
+    stats, val_loss = evaluate(dataset, comm, steps, max(spec.train.batch_size, 256))
+    totals = comm.allreduce_sum(np.concatenate([[val_loss], stats]), f"hvdtrain.metrics.{epoch}")
     elapsed = train_seconds + time.perf_counter() - began
     record = {"epoch": epoch + 1, **extra, "train_loss": train[0] / max(train[1], 1),
               "val_loss": totals[0] / len(dataset.y_val),
-              **{f"val_{m}": v for m, v in scores(totals[1:].reshape(k, k)).items()},
+              **{f"val_{m}": v for m, v in task_scores(dataset, totals[1:]).items()},
               "lr": lr, "samples_per_s": train[1] / elapsed, "seconds": elapsed}
     if not all(math.isfinite(record[m]) for m in ("train_loss", "val_loss")):
         raise UserError(f"epoch {epoch + 1}: loss is not finite; lower optimizer.lr")
@@ -248,7 +262,7 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
 
     summary = train(state)
     if make_comm().rank == 0 and summary["final"]:
-        progress(f"final validation accuracy {summary['final']['val_accuracy']:.4f}")
+        progress(f"final {final_metrics(spec.task, summary['final'])}")
     return summary
 
 
@@ -258,8 +272,8 @@ def log_epoch(spec: JobSpec, record: dict[str, Any], progress: Callable[[str], N
         log.write(json.dumps(record) + "\n")
     workers = f"  ({record['workers']} workers)" if "workers" in record else ""
     progress(f"epoch {record['epoch']}/{spec.train.epochs}  train_loss {record['train_loss']:.4f}  "
-             f"val_loss {record['val_loss']:.4f}  val_acc {record['val_accuracy']:.4f}  "
-             f"val_f1 {record['val_f1']:.4f}  ({record['seconds']:.1f}s){workers}")
+             f"val_loss {record['val_loss']:.4f}  {epoch_metrics(spec.task, record)}  "
+             f"({record['seconds']:.1f}s){workers}")
 
 
 def checkpoint_due(spec: JobSpec, epochs_done: int) -> bool:

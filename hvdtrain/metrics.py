@@ -1,8 +1,9 @@
-"""Classification metrics from a confusion matrix. numpy only.
+"""Validation metrics from sums that ranks can allreduce. numpy only.
 
-Ranks each count a confusion matrix over their part of the validation set;
-the allreduced sum is the matrix of the whole set, so every rank derives the
-same metrics as one process would.
+Classification: ranks each count a confusion matrix over their part of the
+validation set; regression: each sums its errors and targets. The allreduced
+sum is that of the whole set, so every rank derives the same metrics as one
+process would (never an average of per-rank metrics).
 """
 from __future__ import annotations
 
@@ -39,3 +40,37 @@ def scores(counts: np.ndarray) -> dict[str, float]:
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
+
+
+def regression_sums(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """[n, sum |e|, sum e^2, sum y, sum y^2] with e = predicted - actual."""
+    e = np.asarray(predicted, dtype=np.float64) - np.asarray(actual, dtype=np.float64)
+    y = np.asarray(actual, dtype=np.float64)
+    return np.array([len(y), np.abs(e).sum(), (e * e).sum(), y.sum(), (y * y).sum()])
+
+
+def regression_scores(sums: np.ndarray) -> dict[str, float]:
+    """MAE, RMSE and R^2 (1 - SSE / total sum of squares around the mean) from summed sums."""
+    n, abs_err, sq_err, y_sum, y_sq = (float(v) for v in sums)
+    if n == 0:
+        return {"mae": 0.0, "rmse": 0.0, "r2": 0.0}
+    total = y_sq - y_sum * y_sum / n
+    return {"mae": abs_err / n, "rmse": (sq_err / n) ** 0.5,
+            "r2": 1.0 - sq_err / total if total > 0 else 0.0}
+
+
+# The validation metrics an epoch's line shows, by task (short name, record key).
+HEADLINE = {"classification": (("val_acc", "val_accuracy"), ("val_f1", "val_f1")),
+            "regression": (("val_mae", "val_mae"), ("val_r2", "val_r2"))}
+
+
+def epoch_metrics(task: str, record: dict) -> str:
+    return "  ".join(f"{short} {record[key]:.4f}" for short, key in HEADLINE[task])
+
+
+def final_metrics(task: str, record: dict) -> str:
+    """The final validation metrics in words, for the last line of a run."""
+    if task == "regression":
+        return (f"validation MAE {record['val_mae']:.4f}, RMSE {record['val_rmse']:.4f}, "
+                f"R2 {record['val_r2']:.4f}")
+    return f"validation accuracy {record['val_accuracy']:.4f}, macro F1 {record['val_f1']:.4f}"

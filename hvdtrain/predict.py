@@ -39,16 +39,21 @@ def predict(run_dir: Path, input_path: Path, output: Path | None) -> list[str]:
     config = json.loads((model_dir / "model.json").read_text())
     prep = Preprocessing.load(model_dir / "preprocessing.json")
     model = get_backend(config["backend"]).load_model(model_dir)
-    logits = model(prep.apply(read_inputs(input_path, prep))).astype(np.float64)
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    labels = [prep.classes[i] for i in probs.argmax(axis=1)]
+    outputs = np.asarray(model(prep.apply(read_inputs(input_path, prep))), dtype=np.float64)
+    if prep.task == "regression":
+        labels = [f"{v:.6g}" for v in prep.targets(outputs)]  # in the targets' own units
+        header, rows = ["prediction"], [[label] for label in labels]
+    else:
+        probs = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        labels = [prep.classes[i] for i in probs.argmax(axis=1)]
+        header = ["prediction", *[f"p_{c}" for c in prep.classes]]
+        rows = [[label, *[f"{p:.6f}" for p in row]] for label, row in zip(labels, probs)]
     if output is not None:
         with open(output, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["prediction", *[f"p_{c}" for c in prep.classes]])
-            for label, row in zip(labels, probs):
-                writer.writerow([label, *[f"{p:.6f}" for p in row]])
+            writer.writerow(header)
+            writer.writerows(rows)
     else:
         sys.stdout.write("".join(f"{label}\n" for label in labels))
     return labels

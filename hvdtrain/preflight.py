@@ -3,7 +3,7 @@ counts and world size) and after the last (same weights). A disagreement stops
 every rank with a diff naming the ranks, instead of a stall and a hang."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from .data import Dataset, steps_per_epoch
 from .errors import TrainingError, UserError
@@ -61,3 +61,28 @@ def check_consistency(comm: Comm, steps: Steps) -> str:
         raise TrainingError("ranks ended with different weights: " +
                            "; ".join(f"ranks {r}: {d[:12]}" for d, r in groups.items()))
     return digests[0]
+
+
+def built_on_every_rank(comm: Comm, build: Callable[[], Any], elastic: bool) -> Any:
+    """Run a rank's set-up step that may fail on some ranks only (user code: a model
+    builder, a loss). Every rank learns before its first collective whether all ranks
+    succeeded, and all stop with the first failure's message naming its rank, where
+    otherwise the others would wait for it until a timeout.
+
+    Under elastic training no collective may run before the elastic loop: a failure
+    ends this worker, and Horovod's driver ends or shrinks the job."""
+    try:
+        value, problem = build(), None
+    except UserError as err:
+        value, problem = None, str(err)
+    if elastic:
+        if problem:
+            raise UserError(problem)
+        return value
+    problems = comm.allgather_object(problem, "hvdtrain.build")
+    failed = [(rank, text) for rank, text in enumerate(problems) if text]
+    if failed:
+        rank, text = failed[0]
+        others = f" and {len(failed) - 1} other rank(s)" if len(failed) > 1 else ""
+        raise UserError(f"{text} (on rank {rank}{others})")
+    return value

@@ -1,11 +1,14 @@
 """One rank of a job: what horovodrun, srun and mpirun start on every process
 (`hvdtrain train SPEC`). It reads top to bottom: spec -> Horovod's environment
--> the launcher's bootstrap -> data -> the backend's `fit`."""
+-> the launcher's bootstrap -> the user's code path -> data -> the backend's
+`fit`, or the user's own script where the spec has an `entry`."""
 from __future__ import annotations
 
 import os
+import runpy
+import sys
 
-from .spec import CNNSpec, HorovodSpec, load_spec
+from .spec import EntrySpec, HorovodSpec, load_spec
 
 
 def horovod_environment(knobs: HorovodSpec) -> dict[str, str]:
@@ -40,14 +43,39 @@ def apply_horovod_environment(knobs: HorovodSpec) -> None:
 
 def main(spec_path: str, overrides: list[str]) -> int:
     from .backends import get_backend
-    from .data import load_dataset
+    from .data import image_input, load_dataset
     from .launch.srun import prepare_rank
+    from .plugins import add_import_paths, import_paths
 
     spec = load_spec(spec_path, overrides)
     apply_horovod_environment(spec.horovod)
     # Under srun: Horovod's rank and size from Slurm's variables (nothing elsewhere).
     expected_size = prepare_rank(os.environ, spec.horovod.start_timeout_seconds)
+    add_import_paths(import_paths(spec_path, spec.code))
+    if spec.entry is not None:
+        return run_entry(spec.entry)
     backend = get_backend(spec.backend)
-    dataset = load_dataset(spec.data, image=isinstance(spec.model, CNNSpec))
+    dataset = load_dataset(spec.data, image=image_input(spec.model, spec.data), task=spec.task)
     backend.fit(spec, dataset, expected_size=expected_size)
+    return 0
+
+
+def run_entry(entry: EntrySpec) -> int:
+    """The user's script in this process, as `python SCRIPT ARGS` or `python -m MODULE
+    ARGS` would run it: in this process, so that what the launcher's bootstrap set up
+    (Horovod's variables, rank 0's rendezvous server under srun) serves it."""
+    target = str(entry.script) if entry.script is not None else entry.module
+    sys.argv = [target, *entry.args]
+    try:
+        if entry.script is not None:
+            sys.path.insert(0, str(entry.script.resolve().parent))
+            runpy.run_path(target, run_name="__main__")
+        else:
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+    except SystemExit as done:
+        code = done.code
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr)
+        return 1
     return 0

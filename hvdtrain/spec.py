@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -14,10 +15,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from .errors import SpecError
+from .plugins import IMPORT_PATH, import_paths, reference_problem
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Activation = Literal["relu", "tanh", "gelu"]
-SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
+SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")
+REGRESSION_DATASETS = ("diabetes",)
+ImportPath = Annotated[str, Field(pattern=IMPORT_PATH, description="package.module:function")]
+# Built-in losses by task; a loss may also be user code (an import path).
+LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "mae", "huber")}
+DEFAULT_LOSS = {"classification": "cross_entropy", "regression": "mse"}
 
 
 class Section(BaseModel):
@@ -45,7 +52,29 @@ class CNNSpec(Section):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
-ModelSpec = Annotated[Union[MLPSpec, CNNSpec], Field(discriminator="kind")]
+class CustomModelSpec(Section):
+    kind: Literal["custom"]
+    builder: ImportPath = Field(description="returns a torch.nn.Module (torch) or a keras.Model "
+                                            "(tensorflow); called with args, plus input_shape and "
+                                            "num_classes (outputs) where its signature takes them")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the builder")
+
+
+ModelSpec = Annotated[Union[MLPSpec, CNNSpec, CustomModelSpec], Field(discriminator="kind")]
+
+
+class EntrySpec(Section):
+    """The user's own Horovod script, run in each rank instead of hvdtrain's loop."""
+    script: Path | None = Field(default=None, description="a Python file, run as __main__")
+    module: Annotated[str, Field(pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")] | None = Field(
+        default=None, description="a module, run as `python -m MODULE`")
+    args: list[str] = Field(default_factory=list, max_length=1000, description="its sys.argv[1:]")
+
+    @model_validator(mode="after")
+    def _one(self) -> "EntrySpec":
+        if (self.script is None) == (self.module is None):
+            raise ValueError("give exactly one of entry.script and entry.module")
+        return self
 
 
 class SyntheticSpec(Section):
@@ -56,9 +85,9 @@ class SyntheticSpec(Section):
 
 
 class DataSpec(Section):
-    source: Literal["digits", "iris", "wine", "breast_cancer", "file", "synthetic"]
+    source: Literal["digits", "iris", "wine", "breast_cancer", "diabetes", "file", "synthetic"]
     path: Path | None = Field(default=None, description=".npz (arrays x, y) or .csv; source: file only")
-    label_column: str = Field(default="label", description="csv column holding the class label")
+    label_column: str = Field(default="label", description="csv column holding the label (class or target)")
     image_shape: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
         default=None, min_length=3, max_length=3,
         description="[C, H, W] of each sample for a cnn on file data")
@@ -164,8 +193,19 @@ class JobSpec(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
                       description="job name: letters, digits, '.', '_', '-'")
     backend: Literal["torch", "tensorflow"]
-    model: ModelSpec
-    data: DataSpec
+    model: ModelSpec | None = None
+    data: DataSpec | None = None
+    entry: EntrySpec | None = Field(
+        default=None, description="run your own Horovod script in each rank; model, data, "
+                                  "optimizer, train and checkpoint are then not used")
+    code: list[Path] = Field(default_factory=list, max_length=64, description=(
+        "directories to import user code from, besides the spec file's directory and the "
+        "working directory"))
+    task: Literal["classification", "regression"] = "classification"
+    loss: str | None = Field(default=None, description=(
+        "cross_entropy (classification); mse, mae, huber (regression); or package.module:function "
+        "taking (outputs, targets) and returning the batch's mean loss as a framework tensor. "
+        "Default: cross_entropy, or mse for regression"))
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     horovod: HorovodSpec = Field(default_factory=HorovodSpec)
@@ -175,6 +215,34 @@ class JobSpec(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
+        if self.entry is None:
+            missing = [k for k in ("model", "data") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)} required (or `entry` to run your own script)")
+            self._task_rules()
+        if self.output is None:
+            self.output = Path("runs") / self.name
+        if self.checkpoint.dir is None:
+            self.checkpoint.dir = self.output / "checkpoints"
+        return self
+
+    def _task_rules(self) -> None:
+        if self.loss is None:
+            self.loss = DEFAULT_LOSS[self.task]
+        if ":" not in self.loss and self.loss not in LOSSES[self.task]:
+            other = next(t for t in LOSSES if self.loss in LOSSES[t]) if any(
+                self.loss in v for v in LOSSES.values()) else None
+            hint = f" (a {other} loss)" if other else ""
+            raise ValueError(f"loss {self.loss!r}{hint} does not fit task {self.task!r}: use one of "
+                             f"{', '.join(LOSSES[self.task])} or package.module:function")
+        if ":" in self.loss and not re.match(IMPORT_PATH, self.loss):
+            raise ValueError(f"loss {self.loss!r} is not an import path of the form package.module:function")
+        if self.task == "regression" and self.data.source in SKLEARN_DATASETS and \
+                self.data.source not in REGRESSION_DATASETS:
+            raise ValueError(f"data.source {self.data.source!r} is a classification set; for "
+                             f"regression use {', '.join(REGRESSION_DATASETS)}, file or synthetic")
+        if self.task == "classification" and self.data.source in REGRESSION_DATASETS:
+            raise ValueError(f"data.source {self.data.source!r} has numeric targets: set task: regression")
         if isinstance(self.model, CNNSpec):
             image = self.data.source == "digits" or self.data.image_shape is not None or (
                 self.data.synthetic is not None and len(self.data.synthetic.shape) == 3)
@@ -182,11 +250,6 @@ class JobSpec(Section):
                 raise ValueError(f"model.kind 'cnn' needs image data: digits, data.image_shape, "
                                  f"or data.synthetic.shape [C, H, W]; data.source {self.data.source!r} "
                                  "is tabular")
-        if self.output is None:
-            self.output = Path("runs") / self.name
-        if self.checkpoint.dir is None:
-            self.checkpoint.dir = self.output / "checkpoints"
-        return self
 
 
 def load_spec(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> JobSpec:
@@ -198,15 +261,30 @@ def load_spec(path: str | Path, overrides: list[str] = (), check_paths: bool = T
     for item in overrides:
         apply_override(raw, item)
     spec = validate(raw, source)
-    problems = path_problems(spec) if check_paths else []
+    problems = path_problems(spec) + reference_problems(spec, path) if check_paths else []
     if problems:
         raise SpecError(source, problems)
     return spec
 
 
+def reference_problems(spec: JobSpec, spec_path: str | Path) -> list[str]:
+    """User code the spec names (model builder, loss), found without importing it."""
+    paths = import_paths(spec_path, spec.code)
+    named = [("loss", spec.loss)] if spec.loss and ":" in spec.loss else []
+    if isinstance(spec.model, CustomModelSpec):
+        named.append(("model.builder", spec.model.builder))
+    return [f"{key}: {problem}" for key, reference in named
+            if (problem := reference_problem(reference, paths))]
+
+
 def path_problems(spec: JobSpec) -> list[str]:
     problems = []
-    data = spec.data.path
+    for i, directory in enumerate(spec.code):
+        if not directory.is_dir():
+            problems.append(f"code.{i}: {str(directory)!r} is not a directory")
+    if spec.entry is not None and spec.entry.script is not None and not spec.entry.script.is_file():
+        problems.append(f"entry.script: {str(spec.entry.script)!r} is not a file")
+    data = spec.data.path if spec.data else None
     if data is not None:
         if not data.exists():
             problems.append(f"data.path: {str(data)!r} does not exist")
@@ -264,10 +342,17 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def validate(raw: dict[str, Any], source: str = "spec") -> JobSpec:
+    # model and data are required unless the ranks run the user's own script; said
+    # here so that they are listed with every other problem
+    missing = [f"{key}: required key is missing (or give `entry` to run your own script)"
+               for key in ("model", "data") if raw.get(key) is None and raw.get("entry") is None]
     try:
-        return JobSpec.model_validate(raw)
+        spec = JobSpec.model_validate(raw)
     except ValidationError as err:
-        raise SpecError(source, [describe(e) for e in err.errors()]) from None
+        raise SpecError(source, missing + [describe(e) for e in err.errors()]) from None
+    if missing:
+        raise SpecError(source, missing)
+    return spec
 
 
 def describe(error: dict[str, Any]) -> str:
@@ -338,7 +423,7 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
-def model_from_dict(raw: dict[str, Any]) -> MLPSpec | CNNSpec:
+def model_from_dict(raw: dict[str, Any]) -> MLPSpec | CNNSpec | CustomModelSpec:
     """A `model` section on its own, as saved with an exported model."""
     return TypeAdapter(ModelSpec).validate_python(raw)
 

@@ -26,14 +26,33 @@ with start_up_notices_hidden():
     import keras
 
 from . import import_horovod  # noqa: E402
+from .. import plugins  # noqa: E402
 from ..data import Dataset, Preprocessing  # noqa: E402
+from ..errors import UserError  # noqa: E402
 from ..loop import (Batch, Comm, Steps, Training, epoch_seed, run_elastic,  # noqa: E402
                     run_epochs, scaled_lr)
-from ..preflight import preflight  # noqa: E402
+from ..preflight import built_on_every_rank, preflight  # noqa: E402
 from ..resume import resume  # noqa: E402
-from ..spec import CNNSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict  # noqa: E402
+from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict  # noqa: E402
 
 MODEL_FILE = "model.keras"
+WEIGHTS_FILE = "model.weights.h5"  # a custom model Keras could not save whole
+
+
+def _regression_error(out, y):
+    return tf.reshape(out, [-1]) - y
+
+
+# (outputs, targets) -> the batch's mean loss, the same formulas as the torch backend's.
+LOSSES = {
+    "cross_entropy": lambda out, y: tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out)),
+    "mse": lambda out, y: tf.reduce_mean(tf.square(_regression_error(out, y))),
+    "mae": lambda out, y: tf.reduce_mean(tf.abs(_regression_error(out, y))),
+    "huber": lambda out, y: tf.reduce_mean(tf.where(tf.abs(_regression_error(out, y)) <= 1.0,
+                                                    0.5 * tf.square(_regression_error(out, y)),
+                                                    tf.abs(_regression_error(out, y)) - 0.5)),
+}
 
 
 def build_model(model: MLPSpec | CNNSpec, input_shape: list[int], num_classes: int) -> keras.Model:
@@ -58,6 +77,27 @@ def build_model(model: MLPSpec | CNNSpec, input_shape: list[int], num_classes: i
             layers.append(keras.layers.Dropout(model.dropout))
     layers.append(keras.layers.Dense(num_classes))
     return keras.Sequential(layers)
+
+
+def make_model(model: MLPSpec | CNNSpec | CustomModelSpec, input_shape: list[int], outputs: int) -> keras.Model:
+    """The spec's model: built in, or from the user's builder. Images arrive
+    channels-first; a custom model gets them channels-last (Keras' layout, the one
+    keras.applications expect), through a Permute in front of it, and is offered
+    input_shape as [H, W, C]."""
+    if not isinstance(model, CustomModelSpec):
+        return build_model(model, input_shape, outputs)
+    image = len(input_shape) == 3
+    offered = [*input_shape[1:], input_shape[0]] if image else list(input_shape)
+    net = plugins.build_model(model, offered, outputs)
+    if not isinstance(net, keras.Model):
+        raise UserError(f"model.builder: {model.builder} returned a {type(net).__name__}, not a keras.Model")
+    if not image:
+        return net
+    return keras.Sequential([keras.Input(shape=tuple(input_shape)), keras.layers.Permute((2, 3, 1)), net])
+
+
+def make_loss(loss: str):
+    return LOSSES[loss] if loss in LOSSES else plugins.load_loss(loss)
 
 
 def make_optimizer(opt: OptimizerSpec, lr: float) -> keras.optimizers.Optimizer:
@@ -97,7 +137,11 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     comm = horovod_comm(hvd, hierarchical)
 
     keras.utils.set_random_seed(spec.train.seed)
-    model = build_model(spec.model, dataset.preprocessing.input_shape, dataset.num_classes)
+    # User code may fail on one rank only: every rank learns of it before any other collective.
+    model, loss_fn = built_on_every_rank(
+        comm, lambda: (make_model(spec.model, dataset.preprocessing.input_shape, dataset.outputs),
+                       make_loss(spec.loss)), elastic=spec.horovod.elastic is not None)
+    model(dataset.x_val[:1], training=False)  # creates the variables of a subclassed model
     # Horovod: scale the learning rate by the number of workers (the loop sets it
     # at every step from the same rule, with warm-up).
     lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
@@ -107,7 +151,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     optimizer.build(model.trainable_variables)
 
     # Horovod: the gradient tape is wrapped so gradients are allreduced (in make_steps).
-    steps = make_steps(spec, model, optimizer, hvd, comm.rank)
+    steps = make_steps(spec, model, optimizer, loss_fn, hvd, comm.rank, dataset)
     return Training(hvd, comm, model, optimizer, steps, lambda: horovod_comm(hvd, hierarchical))
 
 
@@ -133,19 +177,28 @@ def fit(spec: JobSpec, dataset: Dataset, expected_size: int | None = None,
 
 
 def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Optimizer,
-               hvd, rank: int) -> Steps:
+               loss_fn, hvd, rank: int, dataset: Dataset) -> Steps:
     passes = spec.horovod.backward_passes_per_step
     weight_decay = spec.optimizer.weight_decay
     params = model.trainable_variables
     compression = hvd.Compression.fp16 if spec.horovod.fp16_compression else hvd.Compression.none
     op = hvd.Adasum if spec.horovod.adasum else hvd.Average
     # (inputs, labels, a float scalar: the lr or a pass's share of its group)
-    signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32),
-                 tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float32)]
+    label_type = tf.int64 if dataset.preprocessing.task == "classification" else tf.float32
+    signature = [tf.TensorSpec([None, *dataset.preprocessing.input_shape], tf.float32),
+                 tf.TensorSpec([None], label_type), tf.TensorSpec([], tf.float32)]
 
     def loss_of(x, y, training: bool):
-        logits = model(x, training=training)
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+        loss = loss_fn(model(x, training=training), y)
+        if getattr(getattr(loss, "shape", None), "rank", None) != 0:
+            raise UserError(f"loss: {spec.loss} returned {type(loss).__name__} of shape "
+                            f"{getattr(loss, 'shape', None)}; expected the batch's mean loss as a scalar tensor")
+        return loss
+
+    @tf.function(input_signature=signature[:2])
+    def evaluate_step(x, y):
+        out = model(x, training=False)
+        return out, loss_fn(out, y)
 
     def apply(grads, lr) -> None:
         if weight_decay:
@@ -192,7 +245,7 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
                 in_group = min(passes, len(batches) - i)
             share = tf.constant(1.0 / in_group)
             last = (i + 1) % passes == 0 or i + 1 == len(batches)
-            args = (tf.constant(x, tf.float32), tf.constant(y, tf.int64))
+            args = (tf.constant(x, tf.float32), tf.constant(y, label_type))
             if passes == 1:
                 loss = step(*args, tf.constant(lr_at(i), tf.float32))
             elif last:
@@ -209,19 +262,34 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
     def load_state_bytes(payload: bytes) -> None:
         bytes_to_variables(payload, {"model": model.weights, "optimizer": optimizer.variables})
 
+    def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+        out, loss = evaluate_step(tf.constant(x, tf.float32), tf.constant(y, label_type))
+        return np.asarray(out), float(loss) * len(y)
+
     def export(directory: Path) -> None:
         save_model(model, spec, directory)
 
-    return Steps(train_epoch, lambda x: logits(model, x), state_bytes, load_state_bytes,
+    buffers = [v for v in model.non_trainable_variables if tf.as_dtype(v.dtype).is_floating]
+
+    def average_buffers() -> None:
+        if buffers:
+            averaged = hvd.grouped_allreduce([v.value for v in buffers], op=hvd.Average,
+                                             name="hvdtrain.buffers")
+            for variable, value in zip(buffers, averaged):
+                variable.assign(value)
+
+    return Steps(train_epoch, evaluate_batch, state_bytes, load_state_bytes,
                  lambda: weights_digest(model), export,
                  sum(int(np.prod(v.shape)) for v in model.trainable_variables),
-                 [(v.path, tuple(v.shape), str(v.dtype)) for v in model.weights])
+                 [(v.path, tuple(v.shape), str(v.dtype)) for v in model.weights], average_buffers)
 
 
 def seed_dropout(model: keras.Model, seed: int) -> None:
     """Per-rank, per-epoch dropout masks (as the torch backend's manual_seed):
     a resumed epoch draws the same masks as an uninterrupted one."""
-    for layer in model.layers:
+    # every layer, nested ones too (a custom model's own layers sit inside it)
+    layers = model._flatten_layers() if hasattr(model, "_flatten_layers") else model.layers
+    for layer in layers:
         generator = getattr(layer, "seed_generator", None)
         if generator is not None:
             generator.state.assign(np.array([seed, 0], dtype=generator.state.dtype))
@@ -252,7 +320,8 @@ def bytes_to_variables(payload: bytes, groups: dict[str, list]) -> None:
         variable.assign(value)
 
 
-def logits(model: keras.Model, x: np.ndarray) -> np.ndarray:
+def outputs(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    """The model's outputs (logits, or values for regression) in inference mode."""
     return np.asarray(model(np.ascontiguousarray(x, dtype=np.float32), training=False))
 
 
@@ -275,18 +344,41 @@ def horovod_comm(hvd, hierarchical: bool = False) -> Comm:
 
 
 def save_model(model: keras.Model, spec: JobSpec, directory: Path) -> None:
-    """A deployable model: Keras' own .keras file (loads with plain Keras, no Horovod)."""
-    model.save(directory / MODEL_FILE)
-    (directory / "model.json").write_text(json.dumps({"backend": "tensorflow",
-                                                      "model": spec.model.model_dump()}))
+    """A deployable model: Keras' own .keras file (loads with plain Keras, no Horovod;
+    a custom model's own layers must be registered with
+    keras.saving.register_keras_serializable, and their module is imported first).
+    A custom model Keras cannot save whole is saved as weights, rebuilt by its builder."""
+    config = {"backend": "tensorflow", "task": spec.task, "model": spec.model.model_dump(mode="json")}
+    if isinstance(spec.model, CustomModelSpec):
+        config["import_paths"] = plugins.added_paths()
+    try:
+        model.save(directory / MODEL_FILE)
+    except Exception as err:
+        if not isinstance(spec.model, CustomModelSpec):
+            raise
+        print(f"model: Keras could not save {spec.model.builder}'s model whole ({type(err).__name__}: "
+              f"{str(err).splitlines()[0][:200]}); saved its weights, rebuilt by the builder on load",
+              flush=True)
+        model.save_weights(directory / WEIGHTS_FILE)
+    (directory / "model.json").write_text(json.dumps(config))
 
 
 def load_model(directory: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """The exported model as a function from preprocessed inputs to logits (on CPU)."""
+    """The exported model as a function from preprocessed inputs to outputs (on CPU)."""
     config = json.loads((directory / "model.json").read_text())
     prep = Preprocessing.load(directory / "preprocessing.json")
+    section = model_from_dict(config["model"])
+    outputs_n = len(prep.classes) if prep.task == "classification" else 1
+    if isinstance(section, CustomModelSpec):
+        plugins.add_import_paths(config.get("import_paths", []))
+        plugins.load(section.builder, "model.builder", [])  # its module registers its layers
+        if not (directory / MODEL_FILE).is_file():
+            model = make_model(section, prep.input_shape, outputs_n)
+            model.load_weights(directory / WEIGHTS_FILE)
+            return lambda x: outputs(model, x)
     model = keras.saving.load_model(directory / MODEL_FILE, compile=False)
-    expected = build_model(model_from_dict(config["model"]), prep.input_shape, len(prep.classes))
-    if model.count_params() != expected.count_params():
-        raise ValueError(f"{directory / MODEL_FILE} does not match model.json")
-    return lambda x: logits(model, x)
+    if not isinstance(section, CustomModelSpec):
+        expected = build_model(section, prep.input_shape, outputs_n)
+        if model.count_params() != expected.count_params():
+            raise ValueError(f"{directory / MODEL_FILE} does not match model.json")
+    return lambda x: outputs(model, x)

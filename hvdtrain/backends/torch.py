@@ -1,4 +1,5 @@
-"""PyTorch backend: models, Horovod set-up, one epoch of training, export."""
+"""PyTorch backend: models (built-in or from user code), losses, Horovod set-up,
+one epoch of training, export."""
 from __future__ import annotations
 
 import hashlib
@@ -13,13 +14,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import import_horovod
+from .. import plugins
 from ..data import Dataset, Preprocessing
+from ..errors import UserError
 from ..loop import Batch, Comm, Steps, Training, epoch_seed, run_elastic, run_epochs, scaled_lr
-from ..preflight import preflight
+from ..preflight import built_on_every_rank, preflight
 from ..resume import resume
-from ..spec import CNNSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict
+from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+# (outputs, targets) -> the batch's mean loss. Regression models have one output per sample.
+LOSSES = {
+    "cross_entropy": F.cross_entropy,
+    "mse": lambda out, y: F.mse_loss(out.reshape(-1), y),
+    "mae": lambda out, y: F.l1_loss(out.reshape(-1), y),
+    "huber": lambda out, y: F.huber_loss(out.reshape(-1), y),
+}
+PROGRAM = "program.pt2"  # a custom model exported with torch.export
 
 
 def build_model(model: MLPSpec | CNNSpec, input_shape: list[int], num_classes: int) -> nn.Module:
@@ -53,6 +64,22 @@ def build_model(model: MLPSpec | CNNSpec, input_shape: list[int], num_classes: i
     return net
 
 
+def make_model(spec: JobSpec, dataset: Dataset) -> nn.Module:
+    """The spec's model: built in, or from the user's builder."""
+    shape, outputs = dataset.preprocessing.input_shape, dataset.outputs
+    if not isinstance(spec.model, CustomModelSpec):
+        return build_model(spec.model, shape, outputs)
+    model = plugins.build_model(spec.model, shape, outputs)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.builder: {spec.model.builder} returned a {type(model).__name__}, "
+                        "not a torch.nn.Module")
+    return model
+
+
+def make_loss(loss: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return LOSSES[loss] if loss in LOSSES else plugins.load_loss(loss)
+
+
 def make_optimizer(opt: OptimizerSpec, params, lr: float) -> torch.optim.Optimizer:
     if opt.name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=opt.weight_decay)
@@ -79,7 +106,10 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     comm = horovod_comm(hvd, hierarchical)
 
     torch.manual_seed(spec.train.seed)
-    model = build_model(spec.model, dataset.preprocessing.input_shape, dataset.num_classes).to(device)
+    # User code may fail on one rank only: every rank learns of it before any other collective.
+    model, loss_fn = built_on_every_rank(
+        comm, lambda: (make_model(spec, dataset).to(device), make_loss(spec.loss)),
+        elastic=spec.horovod.elastic is not None)
     # Horovod: scale the learning rate by the number of workers (the loop sets it
     # at every step from the same rule, with warm-up).
     lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
@@ -91,7 +121,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
         backward_passes_per_step=spec.horovod.backward_passes_per_step,
         op=hvd.Adasum if spec.horovod.adasum else hvd.Average)
 
-    steps = make_steps(spec, model, optimizer, device, comm.rank)
+    steps = make_steps(spec, model, optimizer, loss_fn, device, comm.rank, dataset.x_val[:2], hvd)
     return Training(hvd, comm, model, optimizer, steps, lambda: horovod_comm(hvd, hierarchical))
 
 
@@ -140,8 +170,17 @@ def broadcast_optimizer_state(hvd, optimizer: torch.optim.Optimizer, comm: Comm)
         optimizer.load_state_dict(state)
 
 
-def make_steps(spec: JobSpec, model: nn.Module, optimizer, device: torch.device, rank: int) -> Steps:
+def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torch.device, rank: int,
+               example: np.ndarray, hvd) -> Steps:
+    """example: a couple of inputs, to trace a custom model for export."""
     passes = spec.horovod.backward_passes_per_step
+
+    def loss_of(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = loss_fn(outputs, y)
+        if not (isinstance(loss, torch.Tensor) and loss.ndim == 0):
+            raise UserError(f"loss: {spec.loss} returned {describe(loss)}; expected the batch's mean "
+                            "loss as a 0-dimensional torch tensor")
+        return loss
 
     def train_epoch(epoch: int, batches: list[Batch], lr_at: Callable[[int], float]) -> tuple[float, int]:
         model.train()
@@ -155,7 +194,7 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, device: torch.device,
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(i)
                 in_group = min(passes, len(batches) - i)
-            loss = F.cross_entropy(model(to_device(x, device)), to_device(y, device))
+            loss = loss_of(model(to_device(x, device)), to_device(y, device))
             # Gradients of a group's passes add up: each pass carries its share.
             (loss / in_group).backward()
             total += loss.detach().double() * len(y)
@@ -174,13 +213,28 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, device: torch.device,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
 
-    def export(directory: Path) -> None:
-        save_model(model, spec, directory)
+    def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+        model.eval()
+        with torch.no_grad():
+            out = model(to_device(np.ascontiguousarray(x, dtype=np.float32), device))
+            return out.cpu().numpy(), float(loss_of(out, to_device(y, device))) * len(y)
 
-    return Steps(train_epoch, lambda x: logits(model, x, device), state_bytes, load_state_bytes,
+    def export(directory: Path) -> None:
+        save_model(model, spec, directory, example)
+
+    def average_buffers() -> None:
+        buffers = [b for b in model.buffers() if b.is_floating_point()]
+        if buffers:
+            averaged = hvd.grouped_allreduce(list(buffers), op=hvd.Average, name="hvdtrain.buffers")
+            with torch.no_grad():
+                for buffer, value in zip(buffers, averaged):
+                    buffer.copy_(value)
+
+    return Steps(train_epoch, evaluate_batch, state_bytes, load_state_bytes,
                  lambda: weights_digest(model), export,
                  sum(p.numel() for p in model.parameters() if p.requires_grad),
-                 [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()])
+                 [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()],
+                 average_buffers)
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -193,8 +247,18 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def logits(model: nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:
+def describe(value) -> str:
+    shape = getattr(value, "shape", None)
+    return f"a {type(value).__name__}" + (f" of shape {tuple(shape)}" if shape is not None else "")
+
+
+def outputs(model: nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:
+    """The model's outputs (logits, or values for regression) in eval mode."""
     model.eval()
+    return program_outputs(model, x, device)
+
+
+def program_outputs(model, x: np.ndarray, device: torch.device) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)).cpu().numpy()
 
@@ -217,16 +281,48 @@ def horovod_comm(hvd, hierarchical: bool = False) -> Comm:
                 lambda obj, name: hvd.allgather_object(obj, name=name), hierarchical)
 
 
-def save_model(model: nn.Module, spec: JobSpec, directory: Path) -> None:
-    """A deployable model: weights plus what rebuilds the network, no Horovod needed."""
+def save_model(model: nn.Module, spec: JobSpec, directory: Path, example: np.ndarray | None = None) -> None:
+    """A deployable model, no Horovod needed: weights plus what rebuilds the network
+    (the spec's model section; for a custom model its builder and the directories
+    its code came from), and for a custom model also a `torch.export` program
+    (program.pt2) that loads without the user's code."""
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, directory / "weights.pt")
-    (directory / "model.json").write_text(json.dumps({"backend": "torch", "model": spec.model.model_dump()}))
+    config = {"backend": "torch", "task": spec.task, "model": spec.model.model_dump(mode="json")}
+    if isinstance(spec.model, CustomModelSpec):
+        config["import_paths"] = plugins.added_paths()
+        config["program"] = None if example is None else export_program(model, example, directory / PROGRAM)
+    (directory / "model.json").write_text(json.dumps(config))
+
+
+def export_program(model: nn.Module, example: np.ndarray, path: Path) -> str | None:
+    """torch.export of the model in eval mode with a dynamic batch size; the file's
+    name, or None where the model cannot be exported (then predict rebuilds it)."""
+    model.eval()
+    inputs = torch.from_numpy(np.ascontiguousarray(example, dtype=np.float32)).to(next(model.parameters()).device)
+    try:
+        program = torch.export.export(model, (inputs,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(program, path)
+    except Exception as err:  # torch.export cannot take every model; the weights still are
+        print(f"model: torch.export failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+              "predict will rebuild it with model.builder", flush=True)
+        return None
+    return path.name
 
 
 def load_model(directory: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """The exported model as a function from preprocessed inputs to logits (on CPU)."""
+    """The exported model as a function from preprocessed inputs to outputs (on CPU)."""
     config = json.loads((directory / "model.json").read_text())
+    cpu = torch.device("cpu")
+    if config.get("program") and (directory / config["program"]).is_file():
+        program = torch.export.load(directory / config["program"]).module()
+        return lambda x: program_outputs(program, x, cpu)
     prep = Preprocessing.load(directory / "preprocessing.json")
-    model = build_model(model_from_dict(config["model"]), prep.input_shape, len(prep.classes))
+    section = model_from_dict(config["model"])
+    outputs_n = len(prep.classes) if prep.task == "classification" else 1
+    if isinstance(section, CustomModelSpec):
+        plugins.add_import_paths(config.get("import_paths", []))
+        model = plugins.build_model(section, prep.input_shape, outputs_n)
+    else:
+        model = build_model(section, prep.input_shape, outputs_n)
     model.load_state_dict(torch.load(directory / "weights.pt", map_location="cpu", weights_only=True))
-    return lambda x: logits(model, x, torch.device("cpu"))
+    return lambda x: outputs(model, x, cpu)

@@ -27,9 +27,8 @@ THREADS = 1
 
 
 def batches_for(spec, rank: int, size: int) -> list:
-    from ..data import load_dataset, shard_batches
-    from ..spec import CNNSpec
-    dataset = load_dataset(spec.data, image=isinstance(spec.model, CNNSpec))
+    from ..data import image_input, load_dataset, shard_batches
+    dataset = load_dataset(spec.data, image=image_input(spec.model, spec.data), task=spec.task)
     order = shard_batches(len(dataset.y_train), rank, size, spec.train.batch_size, spec.train.seed, 0)
     return dataset, [(dataset.x_train[b], dataset.y_train[b]) for b in order]
 
@@ -41,11 +40,10 @@ def cycle(batches: list, count: int, start: int) -> list:
 def train_hvdtrain(spec, backend_name: str):
     """hvdtrain's own loop: the backend's setup and its train_epoch."""
     from ..backends import get_backend
-    from ..data import load_dataset
+    from ..data import image_input, load_dataset
     from ..loop import scaled_lr
-    from ..spec import CNNSpec
     backend = get_backend(backend_name)
-    dataset = load_dataset(spec.data, image=isinstance(spec.model, CNNSpec))
+    dataset = load_dataset(spec.data, image=image_input(spec.model, spec.data), task=spec.task)
     job = backend.setup(spec, dataset)
     comm = job.comm
     _, batches = batches_for(spec, comm.rank, comm.size)
@@ -83,13 +81,13 @@ def train_horovod(spec):
     import horovod.torch as hvd
     import torch
 
-    from ..backends.torch import build_model
+    from ..backends.torch import make_model
     hvd.init()
     torch.set_num_threads(THREADS)
     device = device_for(spec, hvd.local_rank())
     dataset, batches = batches_for(spec, hvd.rank(), hvd.size())
     torch.manual_seed(spec.train.seed)
-    model = build_model(spec.model, dataset.preprocessing.input_shape, dataset.num_classes).to(device)
+    model = make_model(spec, dataset).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr * hvd.size(),
                                 momentum=spec.optimizer.momentum)
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
@@ -125,14 +123,14 @@ def train_ddp(spec, communicate: bool = True):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from ..backends.torch import build_model
+    from ..backends.torch import make_model
     torch.set_num_threads(THREADS)
     device = device_for(spec, int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     dataset, batches = batches_for(spec, rank, size)
     torch.manual_seed(spec.train.seed)
-    model = build_model(spec.model, dataset.preprocessing.input_shape, dataset.num_classes).to(device)
+    model = make_model(spec, dataset).to(device)
     if communicate:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr * size,
@@ -145,9 +143,11 @@ def train_ddp(spec, communicate: bool = True):
 
 
 def time_training(args) -> dict:
+    from ..plugins import add_import_paths, import_paths
     from ..rank import apply_horovod_environment
     from ..spec import load_spec
     spec = load_spec(args.spec, [f"resources.cpus_per_worker={THREADS}"])
+    add_import_paths(import_paths(args.spec, spec.code))  # a custom model's builder
     apply_horovod_environment(spec.horovod)  # fusion, cycle time, autotune, timeline as the spec says
     makers = {"hvdtrain": lambda: train_hvdtrain(spec, "torch"),
               "tensorflow": lambda: train_hvdtrain(spec.model_copy(update={"backend": "tensorflow"}),

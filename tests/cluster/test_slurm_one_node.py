@@ -79,3 +79,19 @@ def _env(process):
         return process.environ()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return {}
+
+
+def test_users_own_script_runs_under_srun(slurm_one_node, figure):
+    """An entry spec: each srun task runs the plain Horovod script, with Slurm's
+    gloo rendezvous set up by the per-rank entry before it starts."""
+    script = ROOT / "examples" / "plain_horovod_torch.py"
+    result_file = slurm_one_node.jobs / "entry" / "result.json"
+    job, status, log = slurm_one_node.submit(
+        ROOT / "examples" / "plain-horovod-torch.yaml", "entry", "--tasks-per-node", "2",
+        f"entry.script={script}", f"entry.args=[--epochs, '10', --out, {result_file}]")
+    assert status == 0, log[-3000:]
+    assert slurm_one_node.state(job) == "COMPLETED"
+    outcome = json.loads(result_file.read_text())
+    assert outcome["ranks"] == 2 and len(set(outcome["digests"])) == 1 and outcome["accuracy"] >= 0.93
+    assert "epoch 10: loss" in log
+    figure(f"slurm one node, plain Horovod script: job {job} COMPLETED, accuracy {outcome['accuracy']:.4f}")

@@ -35,15 +35,16 @@ def pod_paths():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def test_launcher_command_trains_two_ranks_with_the_configmap_spec(pod_paths, tmp_path, figure):
-    text = k8s.render(ROOT / "examples" / "digits-mlp-torch.yaml", ["checkpoint.every_epochs=10"],
-                      workers=1, gpus_per_worker=0, slots_per_worker=2, image="hvdtrain:test")
+def run_launcher(spec, overrides, tmp_path):
+    """Render an MPIJob for 1 worker with 2 slots, then do what the operator and kubelet
+    do (mount the ConfigMap, write the hostfile) and run the launcher's command and
+    args as rendered. Returns (result, the spec's output dir); cleans the pod's paths."""
+    text = k8s.render(spec, overrides, workers=1, gpus_per_worker=0, slots_per_worker=2,
+                      image="hvdtrain:test")
     configmap, job = yaml.safe_load_all(text)
     launcher_pod = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
     container = launcher_pod["containers"][0]
     [mount] = [m for m in container["volumeMounts"] if m["name"] == "spec"]
-
-    # what the operator and kubelet do: mount the ConfigMap, write the hostfile
     spec_dir = Path(mount["mountPath"])
     spec_dir.mkdir(parents=True, exist_ok=True)
     for key, content in configmap["data"].items():
@@ -59,12 +60,34 @@ def test_launcher_command_trains_two_ranks_with_the_configmap_spec(pod_paths, tm
     try:
         result = subprocess.run(container["command"] + container["args"], env=env, cwd=tmp_path,
                                 capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-        summary = json.loads((output / "summary.json").read_text())
-        assert summary["workers"] == 2 and summary["final"]["val_accuracy"] >= 0.95
-        assert (output / "checkpoints" / "epoch-000020.ckpt").exists()
-        figure(f"k8s launcher: mpirun -np 2 trained to {summary['final']['val_accuracy']:.4f}")
+        kept = tmp_path / "output"
+        if output.exists():
+            shutil.copytree(output, kept)
+        return result, kept
     finally:
         shutil.rmtree(output, ignore_errors=True)
         for key in configmap["data"]:
             (spec_dir / key).unlink(missing_ok=True)
+
+
+def test_launcher_command_trains_two_ranks_with_the_configmap_spec(pod_paths, tmp_path, figure):
+    result, output = run_launcher(ROOT / "examples" / "digits-mlp-torch.yaml",
+                                  ["checkpoint.every_epochs=10"], tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["final"]["val_accuracy"] >= 0.95
+    assert (output / "checkpoints" / "epoch-000020.ckpt").exists()
+    figure(f"k8s launcher: mpirun -np 2 trained to {summary['final']['val_accuracy']:.4f}")
+
+
+def test_launcher_command_runs_the_users_own_script(pod_paths, tmp_path, figure):
+    """An entry spec: the image holds the script (here: the checkout's example)."""
+    script = ROOT / "examples" / "plain_horovod_torch.py"
+    result, output = run_launcher(ROOT / "examples" / "plain-horovod-torch.yaml",
+                                  [f"entry.script={script}",
+                                   f"entry.args=[--epochs, '10', --out, {k8s.OUTPUT_DIR}/plain-horovod-torch/result.json]"],
+                                  tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    outcome = json.loads((output / "result.json").read_text())
+    assert outcome["ranks"] == 2 and len(set(outcome["digests"])) == 1 and outcome["accuracy"] >= 0.93
+    figure(f"k8s launcher: plain Horovod script on mpirun -np 2, accuracy {outcome['accuracy']:.4f}")

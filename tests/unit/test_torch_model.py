@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,3 +63,24 @@ def test_import_hvdtrain_loads_no_framework():
             "print(sorted(m for m in ('torch', 'tensorflow', 'horovod') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_custom_model_without_a_program_is_rebuilt_by_its_builder(tmp_path):
+    """Where torch.export cannot take a model, predict rebuilds it from the builder
+    and the directories its code came from, recorded in model.json."""
+    from hvdtrain import plugins
+    examples = str(Path(__file__).resolve().parents[2] / "examples")
+    plugins.add_import_paths([examples])
+    spec = validate({"name": "c", "backend": "torch", "data": {"source": "digits"},
+                     "model": {"kind": "custom", "builder": "user_models.torch_models:residual_mlp",
+                               "args": {"width": 16, "blocks": 1}}})
+    ds = load_dataset(spec.data, image=True)
+    net = plugins.build_model(spec.model, ds.preprocessing.input_shape, ds.outputs)
+    save_model(net, spec, tmp_path)  # no example inputs: no program.pt2
+    ds.preprocessing.save(tmp_path / "preprocessing.json")
+    config = json.loads((tmp_path / "model.json").read_text())
+    assert config["program"] is None and examples in config["import_paths"]
+    net.eval()
+    with torch.no_grad():
+        expected = net(torch.from_numpy(ds.x_val[:16])).numpy()
+    assert np.allclose(load_model(tmp_path)(ds.x_val[:16]), expected, atol=1e-6)
