@@ -2,6 +2,7 @@
 one epoch of training, export."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -295,10 +296,11 @@ def save_model(model: nn.Module, spec: JobSpec, directory: Path, example: np.nda
 
 
 def export_program(model: nn.Module, example: np.ndarray, path: Path) -> str | None:
-    """torch.export of the model in eval mode with a dynamic batch size; the file's
-    name, or None where the model cannot be exported (then predict rebuilds it)."""
-    model.eval()
-    inputs = torch.from_numpy(np.ascontiguousarray(example, dtype=np.float32)).to(next(model.parameters()).device)
+    """torch.export of the model in eval mode with a dynamic batch size, on the CPU
+    (predict needs no GPU); the file's name, or None where the model cannot be
+    exported (then predict rebuilds it)."""
+    model = copy.deepcopy(model).cpu().eval()
+    inputs = torch.from_numpy(np.ascontiguousarray(example, dtype=np.float32))
     try:
         program = torch.export.export(model, (inputs,), dynamic_shapes=({0: torch.export.Dim("batch")},))
         torch.export.save(program, path)
