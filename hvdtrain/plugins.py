@@ -151,14 +151,16 @@ def load(reference: str, key: str, paths: list[str]) -> Callable[..., Any]:
 def call(function: Callable[..., Any], args: dict[str, Any], offered: dict[str, Any],
          key: str, reference: str) -> Any:
     """Call with the spec's args, plus each offered value whose name the
-    function's signature takes (or all of them, where it takes **kwargs) and
-    the spec does not set."""
+    function's signature names and the spec does not set. A **kwargs catch-all
+    gets none: it often passes them on to something that does not take them
+    (torchvision's resnet18(**kwargs) hands them to ResNet.__init__)."""
     try:
         parameters = inspect.signature(function).parameters
     except (TypeError, ValueError):
         parameters = {}
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    extra = {k: v for k, v in offered.items() if k not in args and (takes_all or k in parameters)}
+    named = {name for name, p in parameters.items()
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    extra = {k: v for k, v in offered.items() if k not in args and k in named}
     try:
         return function(**args, **extra)
     except Exception as err:
