@@ -28,7 +28,10 @@ def cmd_run(args) -> int:
     from .spec import load_spec
     spec = load_spec(args.spec, args.overrides)  # invalid specs stop here, before any launch
     require_framework(spec.backend)
-    code = launch(spec, args.spec, args.overrides, args.np or spec.resources.workers)
+    ranks = args.np or spec.resources.workers
+    code = launch(spec, args.spec, args.overrides, ranks)
+    if code == 0 and spec.entry is not None:
+        print(f"{spec.name}: {spec.entry.script or spec.entry.module} finished on {ranks} ranks")
     summary = Path(spec.output) / "summary.json"
     if code == 0 and spec.entry is None and summary.exists():
         final = json.loads(summary.read_text())["final"]

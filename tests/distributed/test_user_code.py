@@ -140,6 +140,7 @@ def test_entry_script_runs_under_hvdtrain_run(cli, tmp_path, figure):
     result = cli("run", EXAMPLES / "plain-horovod-torch.yaml", "-np", "2",
                  f"entry.args=[--epochs, '10', --out, {out}]")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "plain-horovod-torch: examples/plain_horovod_torch.py finished on 2 ranks" in result.stdout
     outcome = json.loads(out.read_text())
     assert outcome["ranks"] == 2 and len(set(outcome["digests"])) == 1 and outcome["accuracy"] >= 0.93
     figure(f"plain Horovod script under hvdtrain run: 2 ranks, accuracy {outcome['accuracy']:.4f}")
