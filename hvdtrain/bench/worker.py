@@ -247,7 +247,13 @@ def main() -> None:
 def leave() -> None:
     """Take down torch.distributed's process group together: a rank leaving with
     it still up can abort in gloo's threads ("terminate called without an active
-    exception"), which torchrun reports as a failure."""
+    exception"), which torchrun reports as a failure. Shut Horovod down, which
+    finalises MPI where Horovod started it (mpirun counts a rank that exits
+    without MPI_Finalize as failed)."""
+    for name in ("horovod.torch", "horovod.tensorflow"):
+        hvd = sys.modules.get(name)
+        if hvd is not None and hvd.is_initialized():
+            hvd.shutdown()
     try:
         import torch.distributed as dist
     except ImportError:  # a TensorFlow-only environment
