@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,8 @@ class Preprocessing:
     mean: list[float]
     std: list[float]
     task: str = "classification"
+    columns: list[str] = field(default_factory=list)  # csv: the source columns, in order
+    categories: dict[str, list[str]] = field(default_factory=dict)  # csv: one-hot columns
     target_mean: float = 0.0  # regression: the model learns (y - target_mean) / target_std
     target_std: float = 1.0
 
@@ -85,7 +87,7 @@ def image_input(model, data: DataSpec) -> bool:
 def load_dataset(spec: DataSpec, image: bool = False, task: str = "classification") -> Dataset:
     """The spec's data, cleaned, split (stratified for classes), standardised, shaped
     for the model."""
-    x, labels, names = read_source(spec, task)
+    x, labels, names, columns, categories = read_source(spec, task)
     if len(x) != len(labels):
         raise DataError(f"{len(x)} samples but {len(labels)} labels")
     x = x.reshape(len(x), -1).astype(np.float64)
@@ -94,8 +96,10 @@ def load_dataset(spec: DataSpec, image: bool = False, task: str = "classificatio
         keep = np.isfinite(labels)
     else:
         keep = np.asarray([str(v) not in ("", "nan", "None") for v in labels])
-    if spec.clean == "drop":
+    if spec.clean.missing == "drop":
         keep &= np.isfinite(x).all(axis=1)
+    if spec.clean.duplicates == "drop":
+        keep &= first_occurrences(x, labels)
     dropped = int((~keep).sum())
     x, labels = x[keep], labels[keep]
     target_mean, target_std = 0.0, 1.0
@@ -123,9 +127,20 @@ def load_dataset(spec: DataSpec, image: bool = False, task: str = "classificatio
     std = np.where(std > 1e-12, std, 1.0)  # constant features stay constant, not NaN
     shape = input_shape(spec, x.shape[1], image)
     prep = Preprocessing(names, classes, list(shape), fill.tolist(), mean.tolist(), std.tolist(),
-                         task, target_mean, target_std)
+                         task, columns, categories, target_mean, target_std)
     xs = prep.apply(x)
     return Dataset(xs[train], y[train], xs[val], y[val], prep, dropped)
+
+
+def first_occurrences(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """True for each row whose features and label do not repeat an earlier row's."""
+    seen: set[tuple] = set()
+    keep = np.ones(len(x), dtype=bool)
+    for i, (row, label) in enumerate(zip(x, labels)):
+        key = (row.tobytes(), str(label))
+        keep[i] = key not in seen
+        seen.add(key)
+    return keep
 
 
 def numeric_targets(labels: np.ndarray) -> np.ndarray:
@@ -161,8 +176,17 @@ def input_shape(spec: DataSpec, features: int, image: bool) -> tuple[int, ...]:
     return shape
 
 
-def read_source(spec: DataSpec, task: str = "classification") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Raw features, raw labels and feature names, before any cleaning."""
+def read_source(spec: DataSpec, task: str = "classification"):
+    """Raw features, raw labels, feature names and (csv) the source columns and
+    one-hot categories, before any cleaning."""
+    if spec.source == "file" and not Path(spec.path).is_file():
+        raise DataError(f"data.path {str(spec.path)!r}: no such file")
+    if spec.source == "file" and Path(spec.path).suffix.lower() == ".csv":
+        return read_csv(Path(spec.path), spec.label_column, spec.categorical)
+    return (*read_arrays(spec, task), [], {})
+
+
+def read_arrays(spec: DataSpec, task: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if spec.source == "synthetic":
         return synthetic(spec, task)
     if spec.source != "file":
@@ -171,10 +195,7 @@ def read_source(spec: DataSpec, task: str = "classification") -> tuple[np.ndarra
         names = [str(n) for n in getattr(bunch, "feature_names", [])] or \
             [f"f{i}" for i in range(bunch.data.shape[1])]
         return bunch.data, bunch.target, names
-    path = Path(spec.path)
-    if not path.is_file():
-        raise DataError(f"data.path {str(path)!r}: no such file")
-    return read_npz(path) if path.suffix.lower() == ".npz" else read_csv(path, spec.label_column)
+    return read_npz(Path(spec.path))
 
 
 def read_npz(path: Path, need_labels: bool = True) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
@@ -209,19 +230,63 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, body
 
 
-def read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_csv(path: Path, label_column: str, categorical: list[str] = ()):
+    """Features (text categories one-hot encoded), labels, feature names, source
+    columns and categories of a csv file."""
     header, body = read_csv_rows(path)
     if not body:
         raise DataError(f"{path}: needs at least one data row")
     if label_column not in header:
         raise DataError(f"{path}: no label column {label_column!r} (columns: {', '.join(header)}); "
                         "set data.label_column")
+    unknown = [c for c in categorical if c not in header or c == label_column]
+    if unknown:
+        raise DataError(f"data.categorical: {', '.join(map(repr, unknown))} is not a feature column of "
+                        f"{path} (columns: {', '.join(header)})")
     li = header.index(label_column)
-    names = [h for i, h in enumerate(header) if i != li]
+    columns = [h for i, h in enumerate(header) if i != li]
+    categories = {c: sorted({row[header.index(c)].strip() for _, row in body} - {""}) for c in categorical}
     labels = [row[li].strip() for _, row in body]
-    features = [[parse_number(cell, path, line, header[i]) for i, cell in enumerate(row) if i != li]
-                for line, row in body]
-    return np.asarray(features, dtype=np.float64), np.asarray(labels), names
+    x, names = csv_features(path, header, body, columns, categories)
+    return x, np.asarray(labels), names, columns, categories
+
+
+def csv_features(path: Path, header: list[str], body: list[tuple[int, list[str]]], columns: list[str],
+                 categories: dict[str, list[str]]) -> tuple[np.ndarray, list[str]]:
+    """The feature matrix of csv rows: numbers as they are, each categorical column
+    as one 0/1 feature per category (an empty cell: NaN in each; a category not
+    seen in training: 0 in each)."""
+    blocks, names = [], []
+    for column in columns:
+        cells = [(line, row[header.index(column)].strip()) for line, row in body]
+        if column in categories:
+            known = categories[column]
+            block = np.zeros((len(cells), len(known)))
+            for r, (_, cell) in enumerate(cells):
+                if cell == "":
+                    block[r] = np.nan
+                elif cell in known:
+                    block[r, known.index(cell)] = 1.0
+            names += [f"{column}={c}" for c in known]
+        else:
+            check_numeric_column(path, column, cells)
+            block = np.asarray([[parse_number(cell, path, line, column)] for line, cell in cells])
+            names.append(column)
+        blocks.append(block.reshape(len(cells), -1))
+    return np.concatenate(blocks, axis=1) if blocks else np.zeros((len(body), 0)), names
+
+
+def check_numeric_column(path: Path, column: str, cells: list[tuple[int, str]]) -> None:
+    """A column whose first value is not a number holds text: say so, and how to use it."""
+    first = next(((line, cell) for line, cell in cells if cell != ""), None)
+    if first is None:
+        return
+    try:
+        float(first[1])
+    except ValueError:
+        raise DataError(f"{path}: column {column!r} holds text ({first[1]!r} on line {first[0]}), not "
+                        f"numbers: list it in data.categorical to one-hot encode it, or drop the "
+                        "column") from None
 
 
 def parse_number(cell: str, path: Path, line: int, column: str) -> float:

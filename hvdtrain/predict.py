@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import get_backend
-from .data import Preprocessing, parse_number, read_csv_rows, read_npz
+from .data import Preprocessing, csv_features, read_csv_rows, read_npz
 from .errors import DataError, UserError
 
 
@@ -23,12 +23,11 @@ def read_inputs(path: Path, prep: Preprocessing) -> np.ndarray:
     if path.suffix.lower() != ".csv":
         raise DataError(f"{path}: expected a .npz or .csv file")
     header, rows = read_csv_rows(path)
-    missing = [n for n in prep.feature_names if n not in header]
+    columns = prep.columns or prep.feature_names
+    missing = [n for n in columns if n not in header]
     if missing:
         raise DataError(f"{path}: missing feature columns {', '.join(missing[:5])}")
-    columns = [header.index(n) for n in prep.feature_names]
-    return np.asarray([[parse_number(row[c], path, line, header[c]) for c in columns]
-                       for line, row in rows], dtype=np.float64)
+    return csv_features(path, header, rows, columns, prep.categories)[0]
 
 
 def predict(run_dir: Path, input_path: Path, output: Path | None) -> list[str]:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import SpecError
 from .plugins import IMPORT_PATH, import_paths, reference_problem
@@ -84,6 +85,13 @@ class SyntheticSpec(Section):
     classes: Annotated[int, Field(ge=2, le=100_000)] = 10
 
 
+class CleanSpec(Section):
+    missing: Literal["drop", "impute"] = Field(
+        default="drop", description="rows with NaN/inf features: drop them, or fill with the column mean")
+    duplicates: Literal["keep", "drop"] = Field(
+        default="keep", description="rows whose features and label repeat an earlier row: keep or drop")
+
+
 class DataSpec(Section):
     source: Literal["digits", "iris", "wine", "breast_cancer", "diabetes", "file", "synthetic"]
     path: Path | None = Field(default=None, description=".npz (arrays x, y) or .csv; source: file only")
@@ -93,8 +101,15 @@ class DataSpec(Section):
         description="[C, H, W] of each sample for a cnn on file data")
     synthetic: SyntheticSpec | None = None
     standardize: bool = Field(default=True, description="zero mean, unit variance from the training split")
-    clean: Literal["drop", "impute"] = Field(
-        default="drop", description="rows with NaN/inf features: drop them, or fill with the column mean")
+    categorical: list[str] = Field(default_factory=list, max_length=10_000, description=(
+        "csv columns of text categories, one-hot encoded (one feature per category)"))
+    clean: CleanSpec = Field(default_factory=CleanSpec, description=(
+        "what to do with bad rows; `drop` or `impute` alone set `missing`"))
+
+    @field_validator("clean", mode="before")
+    @classmethod
+    def _clean_shorthand(cls, value):
+        return {"missing": value} if isinstance(value, str) else value
     validation_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     seed: Seed = 0
 
@@ -104,6 +119,8 @@ class DataSpec(Section):
             raise ValueError("source 'file' needs data.path (an .npz or .csv file)")
         if self.source == "file" and self.path.suffix.lower() not in (".npz", ".csv"):
             raise ValueError(f"data.path must end in .npz or .csv, got {str(self.path)!r}")
+        if self.categorical and (self.source != "file" or self.path.suffix.lower() != ".csv"):
+            raise ValueError("data.categorical names columns of a .csv file (source 'file')")
         if self.source != "file" and self.path is not None:
             raise ValueError(f"data.path is only read with source 'file', not {self.source!r}")
         if self.source == "synthetic" and self.synthetic is None:

@@ -78,7 +78,9 @@ def test_csv_cleaning_drops_or_imputes_non_finite_rows(tmp_path):
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([["a", "label"], ["x", "1"], ["2", "0"]], "column 'a' holds 'x', not a number"),
+    ([["a", "label"], ["x", "1"], ["2", "0"]],
+     r"column 'a' holds text \('x' on line 2\), not numbers: list it in data.categorical"),
+    ([["a", "label"], ["1", "1"], ["x", "0"]], "d.csv:3: column 'a' holds 'x', not a number"),
     ([["a", "y"], ["1", "1"]], "no label column 'label'"),
     ([["a", "label"], ["1", "1", "3"]], "3 fields, header has 2"),
     ([["a", "label"], ["1", "1"], ["2", "1"]], "at least 2 classes"),
@@ -124,3 +126,25 @@ def test_preprocessing_applies_training_statistics_to_new_inputs():
     assert np.isfinite(out).all()
     with pytest.raises(DataError, match="expected 4 features"):
         prep.apply(np.zeros((1, 3)))
+
+
+def test_categorical_columns_are_one_hot_encoded(tmp_path):
+    path = tmp_path / "d.csv"
+    rows = [["size", "color", "label"]] + [[i, ["red", "green", "blue"][i % 3], i % 2] for i in range(30)]
+    write_csv(path, rows)
+    ds = load_dataset(DataSpec(source="file", path=path, categorical=["color"], standardize=False))
+    prep = ds.preprocessing
+    assert prep.feature_names == ["size", "color=blue", "color=green", "color=red"]
+    assert prep.columns == ["size", "color"] and prep.categories == {"color": ["blue", "green", "red"]}
+    assert set(np.unique(ds.x_train[:, 1:])) == {0.0, 1.0} and (ds.x_train[:, 1:].sum(axis=1) == 1).all()
+    with pytest.raises(DataError, match="data.categorical: 'shade' is not a feature column"):
+        load_dataset(DataSpec(source="file", path=path, categorical=["shade"]))
+
+
+def test_duplicate_rows_are_dropped_when_asked(tmp_path):
+    path = tmp_path / "d.csv"
+    rows = [["a", "b", "label"]] + [[i % 20, 1, i % 20 % 2] for i in range(40)]  # 20 rows, each twice
+    write_csv(path, rows)
+    assert load_dataset(DataSpec(source="file", path=path)).dropped_rows == 0
+    ds = load_dataset(DataSpec(source="file", path=path, clean={"duplicates": "drop"}))
+    assert ds.dropped_rows == 20 and len(ds.y_train) + len(ds.y_val) == 20
