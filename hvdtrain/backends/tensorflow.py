@@ -43,15 +43,19 @@ def _regression_error(out, y):
     return tf.reshape(out, [-1]) - y
 
 
+def _huber(out, y):
+    """torch's huber_loss with delta 1: 0.5 e^2 within 1, |e| - 0.5 beyond."""
+    error = tf.abs(_regression_error(out, y))
+    return tf.reduce_mean(tf.where(error <= 1.0, 0.5 * tf.square(error), error - 0.5))
+
+
 # (outputs, targets) -> the batch's mean loss, the same formulas as the torch backend's.
 LOSSES = {
     "cross_entropy": lambda out, y: tf.reduce_mean(
         tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out)),
     "mse": lambda out, y: tf.reduce_mean(tf.square(_regression_error(out, y))),
     "mae": lambda out, y: tf.reduce_mean(tf.abs(_regression_error(out, y))),
-    "huber": lambda out, y: tf.reduce_mean(tf.where(tf.abs(_regression_error(out, y)) <= 1.0,
-                                                    0.5 * tf.square(_regression_error(out, y)),
-                                                    tf.abs(_regression_error(out, y)) - 0.5)),
+    "huber": _huber,
 }
 
 
