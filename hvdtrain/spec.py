@@ -16,7 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
                       model_validator)
 
 from .errors import SpecError
-from .plugins import IMPORT_PATH, import_paths, reference_problem
+from .plugins import IMPORT_PATH, import_paths, module_file, reference_problem
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Activation = Literal["relu", "tanh", "gelu"]
@@ -290,8 +290,13 @@ def reference_problems(spec: JobSpec, spec_path: str | Path) -> list[str]:
     named = [("loss", spec.loss)] if spec.loss and ":" in spec.loss else []
     if isinstance(spec.model, CustomModelSpec):
         named.append(("model.builder", spec.model.builder))
-    return [f"{key}: {problem}" for key, reference in named
-            if (problem := reference_problem(reference, paths))]
+    problems = [f"{key}: {problem}" for key, reference in named
+                if (problem := reference_problem(reference, paths))]
+    if spec.entry is not None and spec.entry.module and not module_file(spec.entry.module, paths)[0]:
+        problems.append(f"entry.module: module {spec.entry.module!r} not found (searched the spec's "
+                        "directory, the working directory, the spec's `code` directories and the "
+                        "installed packages)")
+    return problems
 
 
 def path_problems(spec: JobSpec) -> list[str]:

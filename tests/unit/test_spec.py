@@ -169,3 +169,13 @@ def test_missing_entry_script_and_code_dir_are_named(tmp_path):
         load_spec(spec)
     assert info.value.problems == [f"code.0: '{tmp_path / 'lib'}' is not a directory",
                                    "entry.script: 'nope.py' is not a file"]
+    (tmp_path / "train_job.py").write_text("print('training')\n")
+    cases = (("train_job", []), ("train_jobs", ["entry.module: module 'train_jobs' not found"]))
+    for module, problems_found in cases:  # found in the spec's directory, or not at all
+        spec.write_text(yaml.safe_dump({"name": "job", "backend": "torch", "entry": {"module": module}}))
+        try:
+            load_spec(spec)
+            found = []
+        except SpecError as err:
+            found = [p.split(" (searched")[0] for p in err.problems]
+        assert found == problems_found
