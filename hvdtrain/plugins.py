@@ -129,9 +129,9 @@ def reference_problem(reference: str, paths: list[str]) -> str | None:
 
 # -- loading and calling ----------------------------------------------------------
 
-def load(reference: str, key: str, paths: list[str]) -> Callable[..., Any]:
-    """Import the object a reference names; any failure is a UserError naming key."""
-    add_import_paths(paths)
+def load(reference: str, key: str) -> Callable[..., Any]:
+    """Import the object a reference names (the user's directories are on sys.path
+    through add_import_paths); any failure is a UserError naming key."""
     module, attribute = split(reference)
     try:
         target: Any = importlib.import_module(module)
@@ -170,13 +170,13 @@ def call(function: Callable[..., Any], args: dict[str, Any], offered: dict[str, 
 def build_model(model, input_shape: tuple[int, ...], outputs: int) -> Any:
     """A custom model section's network: its builder called with its args, offered
     input_shape and num_classes (the model's outputs: classes, or 1 for regression)."""
-    builder = load(model.builder, "model.builder", [])
+    builder = load(model.builder, "model.builder")
     return call(builder, dict(model.args), {"input_shape": tuple(input_shape), "num_classes": outputs},
                 "model.builder", model.builder)
 
 
 def load_loss(reference: str) -> Callable[..., Any]:
-    return load(reference, "loss", [])
+    return load(reference, "loss")
 
 
 def added_paths() -> list[str]:

@@ -375,7 +375,7 @@ def load_model(directory: Path) -> Callable[[np.ndarray], np.ndarray]:
     outputs_n = len(prep.classes) if prep.task == "classification" else 1
     if isinstance(section, CustomModelSpec):
         plugins.add_import_paths(config.get("import_paths", []))
-        plugins.load(section.builder, "model.builder", [])  # its module registers its layers
+        plugins.load(section.builder, "model.builder")  # its module registers its layers
         if not (directory / MODEL_FILE).is_file():
             model = make_model(section, prep.input_shape, outputs_n)
             model.load_weights(directory / WEIGHTS_FILE)
