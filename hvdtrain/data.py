@@ -43,6 +43,11 @@ class Preprocessing:
         x = (x - np.asarray(self.mean)) / np.asarray(self.std)
         return x.astype(np.float32).reshape((len(x), *self.input_shape))
 
+    @property
+    def outputs(self) -> int:
+        """Outputs of the model: one per class, or one value (regression)."""
+        return len(self.classes) if self.task == "classification" else 1
+
     def targets(self, outputs: np.ndarray) -> np.ndarray:
         """A regression model's outputs in the targets' own units."""
         return np.asarray(outputs, dtype=np.float64).reshape(-1) * self.target_std + self.target_mean
@@ -70,8 +75,7 @@ class Dataset:
 
     @property
     def outputs(self) -> int:
-        """Outputs of the model: one per class, or one value (regression)."""
-        return self.num_classes if self.preprocessing.task == "classification" else 1
+        return self.preprocessing.outputs
 
 
 def image_input(model, data: DataSpec) -> bool:

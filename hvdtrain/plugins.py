@@ -110,6 +110,11 @@ def resolve_relative(module: str, source: Path, node: ast.ImportFrom) -> str | N
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def missing_module(module: str) -> str:
+    return (f"module {module!r} not found (searched the spec's directory, the working "
+            "directory, the spec's `code` directories and the installed packages)")
+
+
 def reference_problem(reference: str, paths: list[str]) -> str | None:
     """Why `package.module:function` cannot be found, or None (found, or only
     running the module can tell)."""
@@ -118,8 +123,7 @@ def reference_problem(reference: str, paths: list[str]) -> str | None:
     module, attribute = split(reference)
     found, source = module_file(module, paths)
     if not found:
-        return (f"module {module!r} not found (searched the spec's directory, the working "
-                "directory, the spec's `code` directories and the installed packages)")
+        return missing_module(module)
     names = top_level_names(source, module, paths) if source else None
     first = attribute.split(".")[0]
     if names is not None and first not in names:

@@ -16,7 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
                       model_validator)
 
 from .errors import SpecError
-from .plugins import IMPORT_PATH, import_paths, module_file, reference_problem
+from .plugins import IMPORT_PATH, import_paths, missing_module, module_file, reference_problem
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Activation = Literal["relu", "tanh", "gelu"]
@@ -293,9 +293,7 @@ def reference_problems(spec: JobSpec, spec_path: str | Path) -> list[str]:
     problems = [f"{key}: {problem}" for key, reference in named
                 if (problem := reference_problem(reference, paths))]
     if spec.entry is not None and spec.entry.module and not module_file(spec.entry.module, paths)[0]:
-        problems.append(f"entry.module: module {spec.entry.module!r} not found (searched the spec's "
-                        "directory, the working directory, the spec's `code` directories and the "
-                        "installed packages)")
+        problems.append(f"entry.module: {missing_module(spec.entry.module)}")
     return problems
 
 

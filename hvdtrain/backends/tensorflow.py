@@ -372,17 +372,16 @@ def load_model(directory: Path) -> Callable[[np.ndarray], np.ndarray]:
     config = json.loads((directory / "model.json").read_text())
     prep = Preprocessing.load(directory / "preprocessing.json")
     section = model_from_dict(config["model"])
-    outputs_n = len(prep.classes) if prep.task == "classification" else 1
     if isinstance(section, CustomModelSpec):
         plugins.add_import_paths(config.get("import_paths", []))
         plugins.load(section.builder, "model.builder")  # its module registers its layers
         if not (directory / MODEL_FILE).is_file():
-            model = make_model(section, prep.input_shape, outputs_n)
+            model = make_model(section, prep.input_shape, prep.outputs)
             model.load_weights(directory / WEIGHTS_FILE)
             return lambda x: outputs(model, x)
     model = keras.saving.load_model(directory / MODEL_FILE, compile=False)
     if not isinstance(section, CustomModelSpec):
-        expected = build_model(section, prep.input_shape, outputs_n)
+        expected = build_model(section, prep.input_shape, prep.outputs)
         if model.count_params() != expected.count_params():
             raise ValueError(f"{directory / MODEL_FILE} does not match model.json")
     return lambda x: outputs(model, x)

@@ -226,7 +226,7 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
     def average_buffers() -> None:
         buffers = [b for b in model.buffers() if b.is_floating_point()]
         if buffers:
-            averaged = hvd.grouped_allreduce(list(buffers), op=hvd.Average, name="hvdtrain.buffers")
+            averaged = hvd.grouped_allreduce(buffers, op=hvd.Average, name="hvdtrain.buffers")
             with torch.no_grad():
                 for buffer, value in zip(buffers, averaged):
                     buffer.copy_(value)
@@ -320,11 +320,10 @@ def load_model(directory: Path) -> Callable[[np.ndarray], np.ndarray]:
         return lambda x: program_outputs(program, x, cpu)
     prep = Preprocessing.load(directory / "preprocessing.json")
     section = model_from_dict(config["model"])
-    outputs_n = len(prep.classes) if prep.task == "classification" else 1
     if isinstance(section, CustomModelSpec):
         plugins.add_import_paths(config.get("import_paths", []))
-        model = plugins.build_model(section, prep.input_shape, outputs_n)
+        model = plugins.build_model(section, prep.input_shape, prep.outputs)
     else:
-        model = build_model(section, prep.input_shape, outputs_n)
+        model = build_model(section, prep.input_shape, prep.outputs)
     model.load_state_dict(torch.load(directory / "weights.pt", map_location="cpu", weights_only=True))
     return lambda x: outputs(model, x, cpu)
