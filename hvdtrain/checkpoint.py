@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 MAGIC = b"HVDTRAIN-CHECKPOINT 1\n"
-NAME = re.compile(r"^epoch-(\d{6})\.ckpt$")
+# epoch-000003.ckpt: after 3 epochs; epoch-000003-step-000120.ckpt: and 120 steps of the 4th
+NAME = re.compile(r"^epoch-(\d{6})(?:-step-(\d{9}))?\.ckpt$")
 
 
 class CheckpointError(Exception):
@@ -28,21 +29,25 @@ class CheckpointError(Exception):
 @dataclass
 class Checkpoint:
     epoch: int  # epochs completed
+    step: int  # steps of the next epoch completed (a checkpoint within an epoch), else 0
     payload: bytes
     meta: dict[str, Any]
     path: Path
 
 
-def checkpoint_path(directory: Path, epoch: int) -> Path:
-    return Path(directory) / f"epoch-{epoch:06d}.ckpt"
+def checkpoint_path(directory: Path, epoch: int, step: int = 0) -> Path:
+    return Path(directory) / (f"epoch-{epoch:06d}-step-{step:09d}.ckpt" if step else f"epoch-{epoch:06d}.ckpt")
 
 
-def save(directory: Path, epoch: int, payload: bytes, meta: dict[str, Any], keep_last: int) -> Path:
-    """Write epoch's checkpoint atomically, then drop all but the newest keep_last."""
+def save(directory: Path, epoch: int, payload: bytes, meta: dict[str, Any], keep_last: int,
+         step: int = 0) -> Path:
+    """Write the checkpoint after `epoch` epochs (and `step` steps of the next)
+    atomically, then drop all but the newest keep_last."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    header = dict(meta, epoch=epoch, sha256=hashlib.sha256(payload).hexdigest(), length=len(payload))
-    target = checkpoint_path(directory, epoch)
+    header = dict(meta, epoch=epoch, step=step, sha256=hashlib.sha256(payload).hexdigest(),
+                  length=len(payload))
+    target = checkpoint_path(directory, epoch, step)
     fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -70,10 +75,11 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint files, oldest first."""
+    """Checkpoint files, oldest first (by epoch, then step within it)."""
     if not Path(directory).is_dir():
         return []
-    return sorted(p for p in Path(directory).iterdir() if NAME.match(p.name))
+    found = [(NAME.match(p.name), p) for p in Path(directory).iterdir()]
+    return [p for _, p in sorted(((int(m[1]), int(m[2] or 0)), p) for m, p in found if m)]
 
 
 def load(path: Path) -> Checkpoint:
@@ -90,8 +96,8 @@ def load(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: truncated ({len(payload)} of {header.get('length')} bytes)")
     if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
         raise CheckpointError(f"{path}: integrity hash mismatch (file altered or corrupt)")
-    meta = {k: v for k, v in header.items() if k not in ("epoch", "sha256", "length")}
-    return Checkpoint(int(header["epoch"]), payload, meta, Path(path))
+    meta = {k: v for k, v in header.items() if k not in ("epoch", "step", "sha256", "length")}
+    return Checkpoint(int(header["epoch"]), int(header.get("step", 0)), payload, meta, Path(path))
 
 
 def latest_valid(directory: Path, warn=lambda msg: print(msg, file=sys.stderr)) -> Checkpoint | None:

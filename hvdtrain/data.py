@@ -2,10 +2,13 @@
 
 Every rank loads the same data with the same seed, so the split and the
 preprocessing statistics are identical on all ranks without communication.
+Data held in memory is read here; image folders, memory-mapped arrays and
+user loaders are in `sources`, and give `Samples` read batch by batch.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .samples import ArraySamples, Samples
 from .spec import CNNSpec, CustomModelSpec, DataSpec
 
 IMAGE_SHAPES = {"digits": (1, 8, 8)}
@@ -32,8 +36,13 @@ class Preprocessing:
     categories: dict[str, list[str]] = field(default_factory=dict)  # csv: one-hot columns
     target_mean: float = 0.0  # regression: the model learns (y - target_mean) / target_std
     target_std: float = 1.0
+    image_size: list[int] = field(default_factory=list)  # image files: [H, W]; mean, std per channel
 
     def apply(self, x: np.ndarray) -> np.ndarray:
+        if self.image_size:
+            mean = np.asarray(self.mean, np.float32)[:, None, None]
+            std = np.asarray(self.std, np.float32)[:, None, None]
+            return (np.asarray(x, dtype=np.float32) - mean) / std
         x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
         if x.shape[1] != len(self.mean):
             raise DataError(f"expected {len(self.mean)} features per sample, got {x.shape[1]}")
@@ -62,10 +71,10 @@ class Preprocessing:
 
 @dataclass
 class Dataset:
-    x_train: np.ndarray  # float32, shape (n, *input_shape)
-    y_train: np.ndarray  # int64 class indices, or float32 standardised targets (regression)
-    x_val: np.ndarray
-    y_val: np.ndarray
+    # batches of float32 inputs (n, *input_shape) and int64 class indices, or float32
+    # standardised targets (regression)
+    train: Samples
+    val: Samples
     preprocessing: Preprocessing
     dropped_rows: int = 0
 
@@ -91,57 +100,89 @@ def image_input(model, data: DataSpec) -> bool:
 def load_dataset(spec: DataSpec, image: bool = False, task: str = "classification") -> Dataset:
     """The spec's data, cleaned, split (stratified for classes), standardised, shaped
     for the model."""
+    if spec.source in ("image_folder", "custom") or spec.memory_mapped:
+        from . import sources
+        return sources.load(spec, image, task)
     x, labels, names, columns, categories = read_source(spec, task)
     if len(x) != len(labels):
         raise DataError(f"{len(x)} samples but {len(labels)} labels")
     x = x.reshape(len(x), -1).astype(np.float64)
-    if task == "regression":
-        labels = numeric_targets(labels)
-        keep = np.isfinite(labels)
-    else:
-        keep = np.asarray([str(v) not in ("", "nan", "None") for v in labels])
+    keep = usable_labels(labels, task)
     if spec.clean.missing == "drop":
         keep &= np.isfinite(x).all(axis=1)
     if spec.clean.duplicates == "drop":
         keep &= first_occurrences(x, labels)
     dropped = int((~keep).sum())
     x, labels = x[keep], labels[keep]
-    target_mean, target_std = 0.0, 1.0
-    if task == "regression":
-        classes = []
-        train, val = random_split(len(labels), spec.validation_fraction, spec.seed)
-        if len(train):
-            target_mean = float(labels[train].mean())
-            target_std = float(labels[train].std()) or 1.0
-        y = ((labels - target_mean) / target_std).astype(np.float32)
-    else:
-        classes = sorted({str(v) for v in labels}, key=_natural)
-        if len(classes) < 2:
-            raise DataError(f"need at least 2 classes, found {len(classes)} after cleaning")
-        index = {label: i for i, label in enumerate(classes)}
-        y = np.asarray([index[str(v)] for v in labels], dtype=np.int64)
-        train, val = stratified_split(y, spec.validation_fraction, spec.seed)
-    if len(train) == 0 or len(val) == 0:
-        raise DataError(f"{len(y)} usable samples cannot be split with validation_fraction "
-                        f"{spec.validation_fraction}")
+    targets = Targets.split(labels, task, spec)
+    train, val = targets.train, targets.val
     fill = np.nan_to_num(np.nanmean(np.where(np.isfinite(x[train]), x[train], np.nan), axis=0))
     x = np.where(np.isfinite(x), x, fill[None, :])
     mean = x[train].mean(axis=0) if spec.standardize else np.zeros(x.shape[1])
     std = x[train].std(axis=0) if spec.standardize else np.ones(x.shape[1])
     std = np.where(std > 1e-12, std, 1.0)  # constant features stay constant, not NaN
     shape = input_shape(spec, x.shape[1], image)
-    prep = Preprocessing(names, classes, list(shape), fill.tolist(), mean.tolist(), std.tolist(),
-                         task, columns, categories, target_mean, target_std)
-    xs = prep.apply(x)
-    return Dataset(xs[train], y[train], xs[val], y[val], prep, dropped)
+    prep = targets.preprocessing(names, list(shape), fill, mean, std, columns, categories)
+    xs, y = prep.apply(x), targets.y
+    return Dataset(ArraySamples(xs[train], y[train]), ArraySamples(xs[val], y[val]), prep, dropped)
 
 
-def first_occurrences(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """True for each row whose features and label do not repeat an earlier row's."""
-    seen: set[tuple] = set()
+def usable_labels(labels: np.ndarray, task: str) -> np.ndarray:
+    """True for each sample with a label (regression: a numeric one)."""
+    if task == "regression":
+        return np.isfinite(numeric_targets(labels))
+    return np.asarray([str(v) not in ("", "nan", "None") for v in labels])
+
+
+@dataclass
+class Targets:
+    """Labels as the model learns them, and the split of the samples."""
+    y: np.ndarray  # int64 class indices, or float32 standardised targets
+    train: np.ndarray  # sample indices
+    val: np.ndarray
+    task: str
+    classes: list[str]
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    @classmethod
+    def split(cls, labels: np.ndarray, task: str, spec: DataSpec) -> "Targets":
+        """Classes (sorted naturally) and a stratified split, or standardised numeric
+        targets and a random split."""
+        if task == "regression":
+            values = numeric_targets(labels)
+            train, val = random_split(len(values), spec.validation_fraction, spec.seed)
+            mean = float(values[train].mean()) if len(train) else 0.0
+            std = (float(values[train].std()) or 1.0) if len(train) else 1.0
+            found = cls(((values - mean) / std).astype(np.float32), train, val, task, [], mean, std)
+        else:
+            classes = sorted({str(v) for v in labels}, key=_natural)
+            if len(classes) < 2:
+                raise DataError(f"need at least 2 classes, found {len(classes)} after cleaning")
+            index = {label: i for i, label in enumerate(classes)}
+            y = np.asarray([index[str(v)] for v in labels], dtype=np.int64)
+            found = cls(y, *stratified_split(y, spec.validation_fraction, spec.seed), task, classes)
+        if len(found.train) == 0 or len(found.val) == 0:
+            raise DataError(f"{len(found.y)} usable samples cannot be split with validation_fraction "
+                            f"{spec.validation_fraction}")
+        return found
+
+    def preprocessing(self, names: list[str], shape: list[int], fill, mean, std, columns=(),
+                      categories=None) -> Preprocessing:
+        return Preprocessing(names, self.classes, shape, list(map(float, fill)), list(map(float, mean)),
+                             list(map(float, std)), self.task, list(columns), dict(categories or {}),
+                             self.target_mean, self.target_std)
+
+
+def first_occurrences(x: np.ndarray, labels: np.ndarray, seen: set[bytes] | None = None) -> np.ndarray:
+    """True for each row whose features and label do not repeat an earlier row's
+    (of this call, or of earlier calls sharing `seen`: a file read in chunks).
+    Rows are remembered by a 16-byte digest, not kept."""
+    seen = set() if seen is None else seen
     keep = np.ones(len(x), dtype=bool)
     for i, (row, label) in enumerate(zip(x, labels)):
-        key = (row.tobytes(), str(label))
+        key = hashlib.blake2b(np.ascontiguousarray(row).tobytes() + str(label).encode(),
+                              digest_size=16).digest()
         keep[i] = key not in seen
         seen.add(key)
     return keep
@@ -166,14 +207,18 @@ def _natural(label: str):
         return (1, 0.0, label)
 
 
-def input_shape(spec: DataSpec, features: int, image: bool) -> tuple[int, ...]:
+def input_shape(spec: DataSpec, features: int, image: bool, stored: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """A sample's shape for the model; stored: its shape in the file (a .npy array)."""
     if not image:
         return (features,)
-    shape = tuple(spec.image_shape or ())
+    shape = tuple(spec.image_shape or (stored if len(stored) == 3 else ()))
     if spec.source in IMAGE_SHAPES:
         shape = IMAGE_SHAPES[spec.source]
     elif spec.source == "synthetic":
         shape = tuple(spec.synthetic.shape)
+    if not shape:
+        raise DataError(f"{spec.path}: samples of shape {list(stored)} are not images [C, H, W]: "
+                        "set data.image_shape")
     if int(np.prod(shape)) != features:
         raise DataError(f"data.image_shape {list(shape)} holds {int(np.prod(shape))} values, "
                         f"but each sample has {features} features")

@@ -15,8 +15,9 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -27,10 +28,9 @@ from .errors import UserError
 from .metrics import (HEADLINE, confusion, epoch_metrics, final_metrics, regression_scores,
                       regression_sums, scores)
 from .preflight import check_consistency, preflight
-from .resume import load_latest
+from .resume import Position, load_latest
+from .samples import Batch, Samples
 from .spec import JobSpec, OptimizerSpec, dump
-
-Batch = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass
@@ -47,9 +47,14 @@ class Comm:
 
 @dataclass
 class Steps:
-    train_epoch: Callable[[int, list[Batch], Callable[[int], float]], tuple[float, int]]
+    # train_epoch(epoch, batches, lr_at, first, count): the steps first, first+1, ... of an
+    # epoch of count steps, one per batch given; returns (summed loss, samples)
+    train_epoch: Callable[[int, Iterable[Batch], Callable[[int], float], int, int], tuple[float, int]]
     # (outputs as numpy, summed loss) of one validation batch, with the training loss
-    evaluate_batch: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, float]]
+    evaluate_batch: Callable[[Any, Any], tuple[np.ndarray, float]]
+    # the backend's input pipeline (torch DataLoader, tf.data): the batches of
+    # samples at each index batch, in order, read ahead by its workers
+    loader: Callable[[Samples, list[np.ndarray]], Iterable[Batch]]
     state_bytes: Callable[[], bytes]
     load_state_bytes: Callable[[bytes], None]
     weights_digest: Callable[[], str]
@@ -97,9 +102,10 @@ def lr_schedule(optimizer: OptimizerSpec, target_lr: float, epoch: int, steps: i
     return at
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Per-rank, per-epoch RNG seed (dropout): a resumed epoch draws the same numbers."""
-    return (seed * 1_000_003 + epoch * 10_007 + rank) % (2**31)
+def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """Per-rank RNG seed (dropout) of each step: a run resumed at any step draws
+    the same numbers as an uninterrupted one."""
+    return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0] >> 1)
 
 
 def evaluate(dataset: Dataset, comm: Comm, steps: Steps, batch_size: int) -> tuple[np.ndarray, float]:
@@ -108,10 +114,10 @@ def evaluate(dataset: Dataset, comm: Comm, steps: Steps, batch_size: int) -> tup
     prep, k = dataset.preprocessing, dataset.num_classes
     regression = prep.task == "regression"
     stats, loss = np.zeros(5 if regression else k * k), 0.0
-    for idx in eval_shard(len(dataset.y_val), comm.rank, comm.size, batch_size):
-        outputs, batch_loss = steps.evaluate_batch(dataset.x_val[idx], dataset.y_val[idx])
+    for x, y in steps.loader(dataset.val, eval_shard(len(dataset.val), comm.rank, comm.size, batch_size)):
+        outputs, batch_loss = steps.evaluate_batch(x, y)
         loss += batch_loss
-        labels = dataset.y_val[idx]
+        labels = np.asarray(y)
         stats += regression_sums(prep.targets(outputs), prep.targets(labels)) if regression else \
             confusion(labels, np.asarray(outputs).argmax(axis=1), k).ravel()
     return stats, loss
@@ -124,30 +130,27 @@ def task_scores(dataset: Dataset, stats: np.ndarray) -> dict[str, float]:
     return scores(stats.reshape(k, k))
 
 
-def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start_epoch: int,
+def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start: Position,
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     progress = progress or tqdm.write
-    n = len(dataset.y_train)
+    n = len(dataset.train)
     per_epoch = steps_per_epoch(n, comm.size, spec.train.batch_size)
     # Horovod: the learning rate scaled by the number of workers.
     target_lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
     if comm.rank == 0:
-        prepare_run_dir(spec, start_epoch)
+        prepare_run_dir(spec, start.epoch)
         progress(f"{spec.backend} {spec.model.kind} with {steps.parameters:,} parameters on "
                  f"{comm.size} workers, {per_epoch} steps per epoch")
     record: dict[str, Any] = {}
     # Rank 0's bar over epochs; under a launcher that pipes output only the epoch lines show.
-    bar = tqdm(range(start_epoch, spec.train.epochs), initial=start_epoch, total=spec.train.epochs,
+    bar = tqdm(range(start.epoch, spec.train.epochs), initial=start.epoch, total=spec.train.epochs,
                desc=spec.name, unit="epoch", leave=False,
                disable=comm.rank != 0 or not sys.stderr.isatty())
     for epoch in bar:
         began = time.perf_counter()
-        batches = [(dataset.x_train[b], dataset.y_train[b])
-                   for b in shard_batches(n, comm.rank, comm.size, spec.train.batch_size,
-                                          spec.train.seed, epoch)]
+        position = start if epoch == start.epoch else Position(epoch)
+        train = train_epoch(spec, dataset, comm, steps, position, target_lr, per_epoch, progress)
         lr_at = lr_schedule(spec.optimizer, target_lr, epoch, per_epoch)
-        loss_sum, seen = steps.train_epoch(epoch, batches, lr_at)
-        train = comm.allreduce_sum(np.array([loss_sum, seen]), f"hvdtrain.train.{epoch}")
         record = end_epoch(spec, dataset, comm, steps, epoch, train, lr_at(per_epoch - 1),
                            time.perf_counter() - began, progress)
         if comm.rank == 0:
@@ -158,6 +161,30 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start_
     if comm.rank == 0 and summary["final"]:
         progress(f"final {final_metrics(spec.task, summary['final'])}")
     return summary
+
+
+def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start: Position,
+                target_lr: float, per_epoch: int, progress: Callable[[str], None]) -> np.ndarray:
+    """One epoch from start.step on, through the backend's loader; with
+    checkpoint.every_steps, a checkpoint each that many steps records the position
+    (the step, and the epoch's loss so far). Returns the epoch's loss sum and
+    sample count over all ranks."""
+    epoch, every = start.epoch, spec.checkpoint.every_steps or per_epoch
+    index_batches = shard_batches(n=len(dataset.train), rank=comm.rank, size=comm.size,
+                                  batch_size=spec.train.batch_size, seed=spec.train.seed, epoch=epoch)
+    batches = iter(steps.loader(dataset.train, index_batches[start.step:]))
+    lr_at = lr_schedule(spec.optimizer, target_lr, epoch, per_epoch)
+    local, step = np.zeros(2), start.step
+    while step < per_epoch:
+        end = min(per_epoch, (step // every + 1) * every)
+        local += steps.train_epoch(epoch, islice(batches, end - step), lr_at, step, per_epoch)
+        step = end
+        if step < per_epoch and step % every == 0:
+            totals = start.sums + comm.allreduce_sum(local, f"hvdtrain.train.{epoch}.{step}")
+            if comm.rank == 0:
+                save_checkpoint(spec, steps, {"epoch": epoch}, Position(epoch, step, *totals))
+                progress(f"checkpoint: epoch {epoch + 1}, step {step}/{per_epoch}")
+    return start.sums + comm.allreduce_sum(local, f"hvdtrain.train.{epoch}")
 
 
 def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: int,
@@ -172,7 +199,7 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
     totals = comm.allreduce_sum(np.concatenate([[val_loss], stats]), f"hvdtrain.metrics.{epoch}")
     elapsed = train_seconds + time.perf_counter() - began
     record = {"epoch": epoch + 1, **extra, "train_loss": train[0] / max(train[1], 1),
-              "val_loss": totals[0] / len(dataset.y_val),
+              "val_loss": totals[0] / len(dataset.val),
               **{f"val_{m}": v for m, v in task_scores(dataset, totals[1:]).items()},
               "lr": lr, "samples_per_s": train[1] / elapsed, "seconds": elapsed}
     if not all(math.isfinite(record[m]) for m in ("train_loss", "val_loss")):
@@ -214,12 +241,13 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
     the state, model and optimizer included, is broadcast from rank 0 at every
     (re)start. Preflight runs after each reset."""
     progress = progress or tqdm.write
-    start_epoch, problem = load_latest(spec, steps) if make_comm().rank == 0 else (0, None)
+    start, problem = load_latest(spec, steps) if make_comm().rank == 0 else (Position(0), None)
     if problem:
         raise UserError(problem)
-    state = make_state(epoch=start_epoch, processed=0, loss_sum=0.0, seen=0)
+    # a checkpoint taken within an epoch (by a static run) starts that epoch again
+    state = make_state(epoch=start.epoch, processed=0, loss_sum=0.0, seen=0)
     elastic = spec.horovod.elastic
-    n, bs = len(dataset.y_train), spec.train.batch_size
+    n, bs = len(dataset.train), spec.train.batch_size
 
     @elastic_run
     def train(state) -> dict[str, Any]:
@@ -235,6 +263,7 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
             epoch, began = state.epoch, time.perf_counter()
             if comm.rank == 0 and state.processed == 0:
                 prepare_run_dir(spec, epoch)
+            samples = dataset.train
             order = np.random.default_rng([spec.train.seed, epoch]).permutation(n)
             global_batches = elastic_batches(order[state.processed:], comm.size, bs)
             per_epoch = len(elastic_batches(order, comm.size, bs))
@@ -242,11 +271,10 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
             done = max(0, per_epoch - len(global_batches))  # steps of this epoch already taken
             for first in range(0, len(global_batches), elastic.commit_every_steps):
                 group = global_batches[first:first + elastic.commit_every_steps]
-                mine = [(dataset.x_train[b], dataset.y_train[b])
-                        for b in (np.array_split(g, comm.size)[comm.rank] for g in group)]
+                mine = [samples.batch(b) for b in (np.array_split(g, comm.size)[comm.rank] for g in group)]
                 # dropout seed: per epoch, position in it and rank (reproducible after a reset)
                 loss_sum, seen = steps.train_epoch(epoch * 1_000_003 + state.processed, mine,
-                                                   lambda i: lr_at(done + first + i))
+                                                   lambda i: lr_at(done + first + i), 0, len(mine))
                 totals = comm.allreduce_sum(np.array([loss_sum, seen]), f"hvdtrain.elastic.{epoch}.{first}")
                 state.loss_sum += float(totals[0])
                 state.seen += int(totals[1])
@@ -280,12 +308,15 @@ def checkpoint_due(spec: JobSpec, epochs_done: int) -> bool:
     return epochs_done % spec.checkpoint.every_epochs == 0 or epochs_done == spec.train.epochs
 
 
-def save_checkpoint(spec: JobSpec, steps: Steps, record: dict[str, Any]) -> None:
-    """Rank 0: model and optimizer state after record['epoch'] epochs, with the spec
-    that wrote it (a later run with another model or data refuses it)."""
-    checkpoint.save(spec.checkpoint.dir, record["epoch"], steps.state_bytes(),
-                    {"spec": spec.model_dump(mode="json"), "metrics": record},
-                    spec.checkpoint.keep_last)
+def save_checkpoint(spec: JobSpec, steps: Steps, record: dict[str, Any], within: Position | None = None) -> None:
+    """Rank 0: model and optimizer state after record['epoch'] epochs (and, within
+    an epoch, `within.step` steps of the next), with the spec that wrote it (a
+    later run with another model or data refuses it)."""
+    meta = {"spec": spec.model_dump(mode="json"), "metrics": record}
+    if within is not None:
+        meta["position"] = {"step": within.step, "loss_sum": within.loss_sum, "seen": within.seen}
+    checkpoint.save(spec.checkpoint.dir, record["epoch"], steps.state_bytes(), meta,
+                    spec.checkpoint.keep_last, step=within.step if within else 0)
 
 
 def prepare_run_dir(spec: JobSpec, start_epoch: int) -> None:

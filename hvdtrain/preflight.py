@@ -21,8 +21,8 @@ def preflight(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps,
     expected_size: the ranks the launcher started, where it knows (srun, MPI mode)."""
     check_world(comm, expected_size)
     mine = {"parameters": [list(map(str, p)) for p in steps.signature],
-            "steps_per_epoch": steps_per_epoch(len(dataset.y_train), comm.size, spec.train.batch_size),
-            "training samples": len(dataset.y_train), "classes": dataset.num_classes}
+            "steps_per_epoch": steps_per_epoch(len(dataset.train), comm.size, spec.train.batch_size),
+            "training samples": len(dataset.train), "classes": dataset.num_classes}
     everyone = comm.allgather_object(mine, "hvdtrain.preflight")
     problems = []
     for rank, theirs in enumerate(everyone[1:], start=1):

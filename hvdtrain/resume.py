@@ -2,8 +2,11 @@
 the backend's broadcast of initial state carries it to the other ranks."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from . import checkpoint
 from .errors import UserError
@@ -13,33 +16,52 @@ if TYPE_CHECKING:
     from .loop import Comm, Steps
 
 
-def resume(spec: JobSpec, comm: Comm, steps: Steps) -> int:
+@dataclass
+class Position:
+    """Where a run starts: after `epoch` epochs and `step` steps of the next, with
+    that epoch's training loss sum and sample count so far (over all ranks)."""
+    epoch: int
+    step: int = 0
+    loss_sum: float = 0.0
+    seen: float = 0.0
+
+    @property
+    def sums(self) -> np.ndarray:
+        return np.array([self.loss_sum, self.seen])
+
+
+def resume(spec: JobSpec, comm: Comm, steps: Steps) -> Position:
     """Rank 0 checks the run dir and loads the newest valid checkpoint; returns
-    the epoch to start at on every rank.
+    the position to start at on every rank.
 
     Only rank 0 reads the file (no shared filesystem needed); the backend's
     broadcast of initial state then carries the weights to the other ranks.
     A problem found by rank 0 is sent to all ranks, so all stop with it at once.
     """
-    start, problem = load_latest(spec, steps) if comm.rank == 0 else (0, None)
+    start, problem = load_latest(spec, steps) if comm.rank == 0 else (Position(0), None)
     start, problem = comm.broadcast_object((start, problem), "hvdtrain.resume")
     if problem:
         raise UserError(problem)
     return start
 
 
-def load_latest(spec: JobSpec, steps: Steps) -> tuple[int, str | None]:
-    """Rank 0's part of resume, with no collective: (epoch to start at, problem)."""
+def load_latest(spec: JobSpec, steps: Steps) -> tuple[Position, str | None]:
+    """Rank 0's part of resume, with no collective: (position to start at, problem)."""
     problem = writable_problem(spec)
     found = None if problem else checkpoint.latest_valid(spec.checkpoint.dir)
     if found is None:
-        return 0, problem
+        return Position(0), problem
     problem = foreign_checkpoint(spec, found)
     if problem:
-        return 0, problem
+        return Position(0), problem
     steps.load_state_bytes(found.payload)
+    within = found.meta.get("position")
+    if within:
+        print(f"resuming from {found.path} (epoch {found.epoch} done, and {within['step']} steps of "
+              f"epoch {found.epoch + 1})", flush=True)
+        return Position(found.epoch, within["step"], within["loss_sum"], within["seen"]), None
     print(f"resuming from {found.path} (epoch {found.epoch} done)", flush=True)
-    return found.epoch, None
+    return Position(found.epoch), None
 
 
 def writable_problem(spec: JobSpec) -> str | None:

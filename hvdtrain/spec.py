@@ -92,39 +92,84 @@ class CleanSpec(Section):
         default="keep", description="rows whose features and label repeat an earlier row: keep or drop")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+LAZY_SOURCES = ("image_folder", "custom")  # read by the loader's workers, batch by batch
+
+
 class DataSpec(Section):
-    source: Literal["digits", "iris", "wine", "breast_cancer", "diabetes", "file", "synthetic"]
-    path: Path | None = Field(default=None, description=".npz (arrays x, y) or .csv; source: file only")
+    source: Literal["digits", "iris", "wine", "breast_cancer", "diabetes", "file", "synthetic",
+                    "image_folder", "custom"]
+    path: Path | None = Field(default=None, description=(
+        "file: .npz (arrays x, y), .csv, or .npy (x, memory-mapped; labels in y.npy beside it); "
+        "image_folder: a directory with one folder of PNG/JPEG files per class, or train/ and val/ "
+        "folders of such"))
+    labels: Path | None = Field(default=None, description=".npy labels for a .npy data.path "
+                                                          "(default: y.npy in its directory)")
     label_column: str = Field(default="label", description="csv column holding the label (class or target)")
     image_shape: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
         default=None, min_length=3, max_length=3,
         description="[C, H, W] of each sample for a cnn on file data")
+    image_size: list[Annotated[int, Field(ge=1, le=8192)]] | None = Field(
+        default=None, min_length=2, max_length=2, description=(
+            "image_folder: [H, W] every image is resized to (an integer: square); default: the "
+            "size of the first training image"))
+    loader: ImportPath | None = Field(default=None, description=(
+        "custom: returns (train, validation): map-style torch Datasets of (x, y) (torch), or "
+        "arrays (x, y) / tf.data.Datasets (tensorflow); called with args, plus seed where its "
+        "signature takes it"))
+    args: dict[str, Any] = Field(default_factory=dict, description="custom: keyword arguments for the loader")
     synthetic: SyntheticSpec | None = None
     standardize: bool = Field(default=True, description="zero mean, unit variance from the training split")
     categorical: list[str] = Field(default_factory=list, max_length=10_000, description=(
         "csv columns of text categories, one-hot encoded (one feature per category)"))
     clean: CleanSpec = Field(default_factory=CleanSpec, description=(
         "what to do with bad rows; `drop` or `impute` alone set `missing`"))
+    workers: Annotated[int, Field(ge=0, le=64)] | None = Field(default=None, description=(
+        "loader processes (torch DataLoader) or parallel reads (tf.data) per rank; default: 2 for "
+        "image_folder, custom and .npy, 0 (read in the training process) for data held in memory"))
+    prefetch: Annotated[int, Field(ge=1, le=1024)] = Field(
+        default=2, description="batches read ahead (per loader process with torch)")
 
     @field_validator("clean", mode="before")
     @classmethod
     def _clean_shorthand(cls, value):
         return {"missing": value} if isinstance(value, str) else value
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, value):
+        return [value, value] if isinstance(value, int) else value
     validation_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     seed: Seed = 0
 
+    @property
+    def memory_mapped(self) -> bool:
+        return self.source == "file" and self.path is not None and self.path.suffix.lower() == ".npy"
+
     @model_validator(mode="after")
     def _source_fields(self) -> "DataSpec":
-        if self.source == "file" and self.path is None:
-            raise ValueError("source 'file' needs data.path (an .npz or .csv file)")
-        if self.source == "file" and self.path.suffix.lower() not in (".npz", ".csv"):
-            raise ValueError(f"data.path must end in .npz or .csv, got {str(self.path)!r}")
+        if self.source in ("file", "image_folder") and self.path is None:
+            kind = "an .npz, .csv or .npy file" if self.source == "file" else "a directory of class folders"
+            raise ValueError(f"source {self.source!r} needs data.path ({kind})")
+        if self.source == "file" and self.path.suffix.lower() not in (".npz", ".csv", ".npy"):
+            raise ValueError(f"data.path must end in .npz, .csv or .npy, got {str(self.path)!r}")
         if self.categorical and (self.source != "file" or self.path.suffix.lower() != ".csv"):
             raise ValueError("data.categorical names columns of a .csv file (source 'file')")
-        if self.source != "file" and self.path is not None:
-            raise ValueError(f"data.path is only read with source 'file', not {self.source!r}")
+        if self.source not in ("file", "image_folder") and self.path is not None:
+            raise ValueError(f"data.path is only read with source 'file' or 'image_folder', not {self.source!r}")
+        if self.labels is not None and not self.memory_mapped:
+            raise ValueError("data.labels names the labels of a .npy data.path")
+        if self.image_size is not None and self.source != "image_folder":
+            raise ValueError("data.image_size applies to source 'image_folder'")
+        if (self.source == "custom") != (self.loader is not None):
+            raise ValueError("source 'custom' needs data.loader (package.module:function), and "
+                             "data.loader needs source 'custom'")
+        if self.args and self.source != "custom":
+            raise ValueError("data.args are the custom loader's arguments (source 'custom')")
         if self.source == "synthetic" and self.synthetic is None:
             self.synthetic = SyntheticSpec()
+        if self.workers is None:
+            self.workers = 2 if self.source in LAZY_SOURCES or self.memory_mapped else 0
         return self
 
 
@@ -196,6 +241,9 @@ class HorovodSpec(Section):
 class CheckpointSpec(Section):
     dir: Path | None = Field(default=None, description="default: <output>/checkpoints")
     every_epochs: Annotated[int, Field(gt=0, le=100_000)] = 1
+    every_steps: Annotated[int, Field(gt=0, le=100_000_000)] | None = Field(default=None, description=(
+        "also checkpoint every this many steps within an epoch (with the loader's position: "
+        "a resumed run goes on from that step)"))
     keep_last: Annotated[int, Field(gt=0, le=1000)] = 3
 
 
@@ -237,6 +285,13 @@ class JobSpec(Section):
             if missing:
                 raise ValueError(f"{' and '.join(missing)} required (or `entry` to run your own script)")
             self._task_rules()
+        every = self.checkpoint.every_steps
+        if every is not None and self.horovod.elastic is not None:
+            raise ValueError("checkpoint.every_steps does not apply to elastic training: it commits "
+                             "every horovod.elastic.commit_every_steps steps and checkpoints at epoch ends")
+        if every is not None and every % self.horovod.backward_passes_per_step:
+            raise ValueError(f"checkpoint.every_steps ({every}) must be a multiple of "
+                             f"horovod.backward_passes_per_step ({self.horovod.backward_passes_per_step})")
         if self.output is None:
             self.output = Path("runs") / self.name
         if self.checkpoint.dir is None:
@@ -261,12 +316,15 @@ class JobSpec(Section):
         if self.task == "classification" and self.data.source in REGRESSION_DATASETS:
             raise ValueError(f"data.source {self.data.source!r} has numeric targets: set task: regression")
         if isinstance(self.model, CNNSpec):
-            image = self.data.source == "digits" or self.data.image_shape is not None or (
-                self.data.synthetic is not None and len(self.data.synthetic.shape) == 3)
+            image = self.data.source in ("digits", "image_folder", "custom") or \
+                self.data.image_shape is not None or self.data.memory_mapped or (
+                    self.data.synthetic is not None and len(self.data.synthetic.shape) == 3)
             if not image:
-                raise ValueError(f"model.kind 'cnn' needs image data: digits, data.image_shape, "
-                                 f"or data.synthetic.shape [C, H, W]; data.source {self.data.source!r} "
-                                 "is tabular")
+                raise ValueError(f"model.kind 'cnn' needs image data: digits, image_folder, "
+                                 f"data.image_shape, or data.synthetic.shape [C, H, W]; data.source "
+                                 f"{self.data.source!r} is tabular")
+        if self.task == "regression" and self.data.source == "image_folder":
+            raise ValueError("data.source 'image_folder' holds classes (one folder each): task classification")
 
 
 def load_spec(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> JobSpec:
@@ -290,6 +348,8 @@ def reference_problems(spec: JobSpec, spec_path: str | Path) -> list[str]:
     named = [("loss", spec.loss)] if spec.loss and ":" in spec.loss else []
     if isinstance(spec.model, CustomModelSpec):
         named.append(("model.builder", spec.model.builder))
+    if spec.data is not None and spec.data.loader:
+        named.append(("data.loader", spec.data.loader))
     problems = [f"{key}: {problem}" for key, reference in named
                 if (problem := reference_problem(reference, paths))]
     if spec.entry is not None and spec.entry.module and not module_file(spec.entry.module, paths)[0]:
@@ -305,9 +365,17 @@ def path_problems(spec: JobSpec) -> list[str]:
     if spec.entry is not None and spec.entry.script is not None and not spec.entry.script.is_file():
         problems.append(f"entry.script: {str(spec.entry.script)!r} is not a file")
     data = spec.data.path if spec.data else None
+    folder = spec.data is not None and spec.data.source == "image_folder"
+    labels = spec.data.labels if spec.data else None
+    if labels is not None and not labels.is_file():
+        problems.append(f"data.labels: {str(labels)!r} is not a file")
     if data is not None:
         if not data.exists():
             problems.append(f"data.path: {str(data)!r} does not exist")
+        elif folder and not data.is_dir():
+            problems.append(f"data.path: {str(data)!r} is not a directory (image_folder)")
+        elif folder:
+            pass
         elif not data.is_file():
             problems.append(f"data.path: {str(data)!r} is not a regular file")
         elif not os.access(data, os.R_OK):

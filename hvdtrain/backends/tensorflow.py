@@ -11,7 +11,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -28,9 +28,10 @@ with start_up_notices_hidden():
 from . import import_horovod  # noqa: E402
 from .. import plugins  # noqa: E402
 from ..data import Dataset, Preprocessing  # noqa: E402
-from ..errors import UserError  # noqa: E402
-from ..loop import (Batch, Comm, Steps, Training, epoch_seed, run_elastic,  # noqa: E402
-                    run_epochs, scaled_lr)
+from ..errors import DataError, UserError  # noqa: E402
+from ..loop import (Batch, Comm, Steps, Training, run_elastic, run_epochs, scaled_lr,  # noqa: E402
+                    step_seed)
+from ..samples import Samples, loader_failure  # noqa: E402
 from ..preflight import built_on_every_rank, preflight  # noqa: E402
 from ..resume import resume  # noqa: E402
 from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict  # noqa: E402
@@ -145,7 +146,8 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     model, loss_fn = built_on_every_rank(
         comm, lambda: (make_model(spec.model, dataset.preprocessing.input_shape, dataset.outputs),
                        make_loss(spec.loss)), elastic=spec.horovod.elastic is not None)
-    model(dataset.x_val[:1], training=False)  # creates the variables of a subclassed model
+    # creates the variables of a subclassed model
+    model(dataset.val.batch(np.arange(1))[0], training=False)
     # Horovod: scale the learning rate by the number of workers (the loop sets it
     # at every step from the same rule, with warm-up).
     lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
@@ -169,7 +171,7 @@ def fit(spec: JobSpec, dataset: Dataset, expected_size: int | None = None,
                            lambda **attributes: hvd.elastic.TensorFlowKerasState(model, optimizer, **attributes),
                            hvd.elastic.run, progress)
     preflight(spec, dataset, comm, steps, expected_size)  # same parameters and step counts everywhere
-    start_epoch = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
+    start = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
     # Horovod: broadcast model and optimizer variables from rank 0. Upstream's
     # examples broadcast after the first step because older Keras optimizers
     # created their slots then; here they exist already, and broadcasting first
@@ -177,7 +179,7 @@ def fit(spec: JobSpec, dataset: Dataset, expected_size: int | None = None,
     hvd.broadcast_variables(model.weights, root_rank=0)
     hvd.broadcast_variables(optimizer.variables, root_rank=0)
     # Horovod: checkpoint on rank 0 only -- inside run_epochs.
-    return run_epochs(spec, dataset, comm, steps, start_epoch, progress)
+    return run_epochs(spec, dataset, comm, steps, start, progress)
 
 
 def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Optimizer,
@@ -241,15 +243,18 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
             total.assign(tf.zeros_like(total))
         return loss
 
-    def train_epoch(epoch: int, batches: list[Batch], lr_at: Callable[[int], float]) -> tuple[float, int]:
-        seed_dropout(model, epoch_seed(spec.train.seed, epoch, rank))
+    generators = seed_generators(model)
+
+    def train_epoch(epoch: int, batches: Iterable[Batch], lr_at: Callable[[int], float], first: int,
+                    count: int) -> tuple[float, int]:
         total, seen = 0.0, 0
-        for i, (x, y) in enumerate(batches):
+        for i, (x, y) in enumerate(batches, start=first):
+            seed_dropout(generators, step_seed(spec.train.seed, epoch, i, rank))
             if i % passes == 0:
-                in_group = min(passes, len(batches) - i)
+                in_group = min(passes, count - i)
             share = tf.constant(1.0 / in_group)
-            last = (i + 1) % passes == 0 or i + 1 == len(batches)
-            args = (tf.constant(x, tf.float32), tf.constant(y, label_type))
+            last = (i + 1) % passes == 0 or i + 1 == count
+            args = (tf.cast(x, tf.float32), tf.cast(y, label_type))
             if passes == 1:
                 loss = step(*args, tf.constant(lr_at(i), tf.float32))
             elif last:
@@ -266,8 +271,8 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
     def load_state_bytes(payload: bytes) -> None:
         bytes_to_variables(payload, {"model": model.weights, "optimizer": optimizer.variables})
 
-    def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-        out, loss = evaluate_step(tf.constant(x, tf.float32), tf.constant(y, label_type))
+    def evaluate_batch(x, y) -> tuple[np.ndarray, float]:
+        out, loss = evaluate_step(tf.cast(x, tf.float32), tf.cast(y, label_type))
         return np.asarray(out), float(loss) * len(y)
 
     def export(directory: Path) -> None:
@@ -282,21 +287,59 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
             for variable, value in zip(buffers, averaged):
                 variable.assign(value)
 
-    return Steps(train_epoch, evaluate_batch, state_bytes, load_state_bytes,
+    return Steps(train_epoch, evaluate_batch, make_loader(spec, dataset, label_type), state_bytes,
+                 load_state_bytes,
                  lambda: weights_digest(model), export,
                  sum(int(np.prod(v.shape)) for v in model.trainable_variables),
                  [(v.path, tuple(v.shape), str(v.dtype)) for v in model.weights], average_buffers)
 
 
-def seed_dropout(model: keras.Model, seed: int) -> None:
-    """Per-rank, per-epoch dropout masks (as the torch backend's manual_seed):
-    a resumed epoch draws the same masks as an uninterrupted one."""
-    # every layer, nested ones too (a custom model's own layers sit inside it)
+def seed_generators(model: keras.Model) -> list:
+    """The random seed generators of the model's layers (dropout), nested ones too
+    (a custom model's own layers sit inside it)."""
     layers = model._flatten_layers() if hasattr(model, "_flatten_layers") else model.layers
-    for layer in layers:
-        generator = getattr(layer, "seed_generator", None)
-        if generator is not None:
-            generator.state.assign(np.array([seed, 0], dtype=generator.state.dtype))
+    return [g for g in (getattr(layer, "seed_generator", None) for layer in layers) if g is not None]
+
+
+def seed_dropout(generators: list, seed: int) -> None:
+    """Per-rank, per-step dropout masks (as the torch backend's manual_seed): a run
+    resumed at any step draws the same masks as an uninterrupted one."""
+    for generator in generators:
+        generator.state.assign(np.array([seed, 0], dtype=generator.state.dtype))
+
+
+def make_loader(spec: JobSpec, dataset: Dataset, label_type) -> Callable[[Samples, list[np.ndarray]], Iterable[Batch]]:
+    """The input pipeline: tf.data reads each index batch with `data.workers` reads in
+    parallel (in order) and keeps `data.prefetch` batches ready."""
+    workers = spec.data.workers if spec.data else 0
+    x_spec = tf.TensorSpec([None, *dataset.preprocessing.input_shape], tf.float32)
+    label_dtype = label_type.as_numpy_dtype
+
+    def loader(samples: Samples, index_batches: list[np.ndarray]) -> Iterable[Batch]:
+        failures: list[Exception] = []
+
+        def read(indices: np.ndarray):
+            try:
+                x, y = samples.batch(indices)
+            except DataError as err:
+                failures.append(err)
+                raise
+            return np.asarray(x, np.float32), np.asarray(y, label_dtype)
+
+        def read_batch(indices):
+            x, y = tf.numpy_function(read, [indices], [tf.float32, label_type], stateful=False)
+            return tf.ensure_shape(x, x_spec.shape), tf.ensure_shape(y, [None])
+
+        pipeline = tf.data.Dataset.from_generator(lambda: iter(index_batches),
+                                                  output_signature=tf.TensorSpec([None], tf.int64))
+        pipeline = pipeline.map(read_batch, num_parallel_calls=workers or None, deterministic=True)
+        try:
+            yield from pipeline.prefetch(spec.data.prefetch if spec.data else 1)
+        except tf.errors.OpError:
+            if failures:
+                raise loader_failure(failures[0]) from None
+            raise
+    return loader
 
 
 def variables_to_bytes(groups: dict[str, list]) -> bytes:

@@ -7,7 +7,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -17,8 +17,9 @@ from torch import nn
 from . import import_horovod
 from .. import plugins
 from ..data import Dataset, Preprocessing
-from ..errors import UserError
-from ..loop import Batch, Comm, Steps, Training, epoch_seed, run_elastic, run_epochs, scaled_lr
+from ..errors import DataError, UserError
+from ..loop import Batch, Comm, Steps, Training, run_elastic, run_epochs, scaled_lr, step_seed
+from ..samples import Samples, loader_failure
 from ..preflight import built_on_every_rank, preflight
 from ..resume import resume
 from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict
@@ -122,7 +123,8 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
         backward_passes_per_step=spec.horovod.backward_passes_per_step,
         op=hvd.Adasum if spec.horovod.adasum else hvd.Average)
 
-    steps = make_steps(spec, model, optimizer, loss_fn, device, comm.rank, dataset.x_val[:2], hvd)
+    example = dataset.val.batch(np.arange(min(2, len(dataset.val))))[0]
+    steps = make_steps(spec, model, optimizer, loss_fn, device, comm.rank, example, hvd)
     return Training(hvd, comm, model, optimizer, steps, lambda: horovod_comm(hvd, hierarchical))
 
 
@@ -136,12 +138,12 @@ def fit(spec: JobSpec, dataset: Dataset, expected_size: int | None = None,
                            lambda **attributes: elastic_state(hvd, model, optimizer, **attributes),
                            hvd.elastic.run, progress)
     preflight(spec, dataset, comm, steps, expected_size)  # same parameters and step counts everywhere
-    start_epoch = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
+    start = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
     # Horovod: broadcast initial (or resumed) model and optimizer state from rank 0.
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     broadcast_optimizer_state(hvd, optimizer, comm)
     # Horovod: checkpoint on rank 0 only -- inside run_epochs.
-    return run_epochs(spec, dataset, comm, steps, start_epoch, progress)
+    return run_epochs(spec, dataset, comm, steps, start, progress)
 
 
 def elastic_state(hvd, model: nn.Module, optimizer, **attributes):
@@ -183,24 +185,25 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
                             "loss as a 0-dimensional torch tensor")
         return loss
 
-    def train_epoch(epoch: int, batches: list[Batch], lr_at: Callable[[int], float]) -> tuple[float, int]:
+    def train_epoch(epoch: int, batches: Iterable[Batch], lr_at: Callable[[int], float], first: int,
+                    count: int) -> tuple[float, int]:
         model.train()
-        torch.manual_seed(epoch_seed(spec.train.seed, epoch, rank))
         # the loss is summed on the device and read once: reading it every step would
         # make the CPU wait for the GPU at each step
         total, seen = torch.zeros((), dtype=torch.float64, device=device), 0
-        for i, (x, y) in enumerate(batches):
+        for i, (x, y) in enumerate(batches, start=first):
+            torch.manual_seed(step_seed(spec.train.seed, epoch, i, rank))
             if i % passes == 0:
                 optimizer.zero_grad()
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(i)
-                in_group = min(passes, len(batches) - i)
+                in_group = min(passes, count - i)
             loss = loss_of(model(to_device(x, device)), to_device(y, device))
             # Gradients of a group's passes add up: each pass carries its share.
             (loss / in_group).backward()
             total += loss.detach().double() * len(y)
             seen += len(y)
-            if (i + 1) % passes == 0 or i + 1 == len(batches):
+            if (i + 1) % passes == 0 or i + 1 == count:
                 optimizer.step()
         return total.item(), seen
 
@@ -214,10 +217,10 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
 
-    def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    def evaluate_batch(x, y) -> tuple[np.ndarray, float]:
         model.eval()
         with torch.no_grad():
-            out = model(to_device(np.ascontiguousarray(x, dtype=np.float32), device))
+            out = model(to_device(x, device))
             return out.cpu().numpy(), float(loss_of(out, to_device(y, device))) * len(y)
 
     def export(directory: Path) -> None:
@@ -231,21 +234,75 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
                 for buffer, value in zip(buffers, averaged):
                     buffer.copy_(value)
 
-    return Steps(train_epoch, evaluate_batch, state_bytes, load_state_bytes,
+    return Steps(train_epoch, evaluate_batch, make_loader(spec, device), state_bytes, load_state_bytes,
                  lambda: weights_digest(model), export,
                  sum(p.numel() for p in model.parameters() if p.requires_grad),
                  [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()],
                  average_buffers)
 
 
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A batch on the rank's device. To a GPU it goes from page-locked memory without
-    blocking: a copy from pageable memory would make the CPU wait for the GPU's
-    previous step at every step, so the GPU would idle while the next one is queued."""
-    tensor = torch.from_numpy(array)
+class IndexBatches(torch.utils.data.Sampler):
+    """The index batches of the loader's next pass, set by the loop (its sharding
+    rule, and the position a resumed epoch starts at)."""
+
+    def __init__(self):
+        self.batches: list[np.ndarray] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class BatchReader(torch.utils.data.Dataset):
+    """A DataLoader's data set that reads a whole batch per index (an index batch)."""
+
+    def __init__(self, samples: Samples):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, indices: np.ndarray) -> Batch:
+        return self.samples.batch(np.asarray(indices))
+
+
+def make_loader(spec: JobSpec, device: torch.device) -> Callable[[Samples, list[np.ndarray]], Iterable[Batch]]:
+    """The input pipeline: one torch DataLoader per split, whose `data.workers`
+    processes (kept from epoch to epoch) read `data.prefetch` batches each ahead,
+    into page-locked memory when training on a GPU."""
+    loaders: dict[int, torch.utils.data.DataLoader] = {}
+    workers = spec.data.workers if spec.data else 0
+
+    def loader(samples: Samples, index_batches: list[np.ndarray]) -> Iterable[Batch]:
+        if id(samples) not in loaders:
+            loaders[id(samples)] = torch.utils.data.DataLoader(
+                BatchReader(samples), sampler=IndexBatches(), batch_size=None, num_workers=workers,
+                pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                prefetch_factor=spec.data.prefetch if workers else None)
+        data_loader = loaders[id(samples)]
+        data_loader.sampler.batches = index_batches
+        try:
+            yield from data_loader
+        except DataError as err:  # raised in a worker: its message, not the worker's traceback
+            raise loader_failure(err) from None
+    return loader
+
+
+def to_device(batch, device: torch.device) -> torch.Tensor:
+    """A batch (numpy or tensor) on the rank's device. To a GPU it goes from page-locked
+    memory without blocking: a copy from pageable memory would make the CPU wait for
+    the GPU's previous step at every step, so the GPU would idle while the next one is
+    queued."""
+    tensor = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
+    if tensor.dtype == torch.float64:
+        tensor = tensor.float()
     if device.type != "cuda":
         return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def describe(value) -> str:

@@ -29,8 +29,8 @@ THREADS = 1
 def batches_for(spec, rank: int, size: int) -> list:
     from ..data import image_input, load_dataset, shard_batches
     dataset = load_dataset(spec.data, image=image_input(spec.model, spec.data), task=spec.task)
-    order = shard_batches(len(dataset.y_train), rank, size, spec.train.batch_size, spec.train.seed, 0)
-    return dataset, [(dataset.x_train[b], dataset.y_train[b]) for b in order]
+    order = shard_batches(len(dataset.train), rank, size, spec.train.batch_size, spec.train.seed, 0)
+    return dataset, [dataset.train.batch(b) for b in order]
 
 
 def cycle(batches: list, count: int, start: int) -> list:
@@ -50,7 +50,7 @@ def train_hvdtrain(spec, backend_name: str):
     lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
 
     def run(count: int, start: int) -> None:
-        job.steps.train_epoch(0, cycle(batches, count, start), lambda i: lr)
+        job.steps.train_epoch(0, cycle(batches, count, start), lambda i: lr, 0, count)
 
     def barrier() -> None:
         if backend_name == "torch":

@@ -45,17 +45,17 @@ def test_stratified_split_keeps_class_shares_and_is_deterministic():
 def test_bundled_datasets_load_standardised(source, classes):
     ds = load_dataset(DataSpec(source=source))
     assert ds.num_classes == classes
-    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int64
-    features = ds.x_train.reshape(len(ds.x_train), -1)
+    assert ds.train.x.dtype == np.float32 and ds.train.y.dtype == np.int64
+    features = ds.train.x.reshape(len(ds.train.x), -1)
     varying = features.std(axis=0) > 0
     assert np.allclose(features.mean(axis=0), 0, atol=1e-4)
     assert np.allclose(features.std(axis=0)[varying], 1, atol=1e-3)
-    assert np.isfinite(ds.x_val).all()
+    assert np.isfinite(ds.val.x).all()
 
 
 def test_digits_as_images_for_a_cnn():
     ds = load_dataset(DataSpec(source="digits"), image=True)
-    assert ds.x_train.shape[1:] == (1, 8, 8)
+    assert ds.train.x.shape[1:] == (1, 8, 8)
 
 
 def write_csv(path, rows):
@@ -70,11 +70,11 @@ def test_csv_cleaning_drops_or_imputes_non_finite_rows(tmp_path):
     write_csv(path, rows)
     dropped = load_dataset(DataSpec(source="file", path=path, validation_fraction=0.25))
     assert dropped.dropped_rows == 2
-    assert len(dropped.y_train) + len(dropped.y_val) == 18
+    assert len(dropped.train.y) + len(dropped.val.y) == 18
     assert dropped.preprocessing.classes == ["cat", "dog"]
     imputed = load_dataset(DataSpec(source="file", path=path, clean="impute", validation_fraction=0.25))
-    assert imputed.dropped_rows == 0 and len(imputed.y_train) + len(imputed.y_val) == 20
-    assert np.isfinite(imputed.x_train).all() and np.isfinite(imputed.x_val).all()
+    assert imputed.dropped_rows == 0 and len(imputed.train.y) + len(imputed.val.y) == 20
+    assert np.isfinite(imputed.train.x).all() and np.isfinite(imputed.val.x).all()
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -97,7 +97,7 @@ def test_npz_file_and_image_shape(tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, x=rng.normal(size=(40, 2, 3, 3)), y=np.arange(40) % 4)
     ds = load_dataset(DataSpec(source="file", path=path, image_shape=[2, 3, 3]), image=True)
-    assert ds.x_train.shape[1:] == (2, 3, 3) and ds.num_classes == 4
+    assert ds.train.x.shape[1:] == (2, 3, 3) and ds.num_classes == 4
     with pytest.raises(DataError, match="holds 12 values"):
         load_dataset(DataSpec(source="file", path=path, image_shape=[3, 2, 2]), image=True)
     np.savez(path, features=np.zeros((4, 2)))
@@ -113,8 +113,8 @@ def test_missing_file_is_a_data_error(tmp_path):
 def test_synthetic_data_has_requested_shape_and_classes():
     spec = DataSpec(source="synthetic", synthetic={"samples": 500, "shape": [3, 4, 4], "classes": 5})
     ds = load_dataset(spec, image=True)
-    assert ds.x_train.shape[1:] == (3, 4, 4) and ds.num_classes == 5
-    assert len(ds.y_train) + len(ds.y_val) == 500
+    assert ds.train.x.shape[1:] == (3, 4, 4) and ds.num_classes == 5
+    assert len(ds.train.y) + len(ds.val.y) == 500
 
 
 def test_preprocessing_applies_training_statistics_to_new_inputs():
@@ -136,7 +136,7 @@ def test_categorical_columns_are_one_hot_encoded(tmp_path):
     prep = ds.preprocessing
     assert prep.feature_names == ["size", "color=blue", "color=green", "color=red"]
     assert prep.columns == ["size", "color"] and prep.categories == {"color": ["blue", "green", "red"]}
-    assert set(np.unique(ds.x_train[:, 1:])) == {0.0, 1.0} and (ds.x_train[:, 1:].sum(axis=1) == 1).all()
+    assert set(np.unique(ds.train.x[:, 1:])) == {0.0, 1.0} and (ds.train.x[:, 1:].sum(axis=1) == 1).all()
     with pytest.raises(DataError, match="data.categorical: 'shade' is not a feature column"):
         load_dataset(DataSpec(source="file", path=path, categorical=["shade"]))
 
@@ -147,4 +147,4 @@ def test_duplicate_rows_are_dropped_when_asked(tmp_path):
     write_csv(path, rows)
     assert load_dataset(DataSpec(source="file", path=path)).dropped_rows == 0
     ds = load_dataset(DataSpec(source="file", path=path, clean={"duplicates": "drop"}))
-    assert ds.dropped_rows == 20 and len(ds.y_train) + len(ds.y_val) == 20
+    assert ds.dropped_rows == 20 and len(ds.train.y) + len(ds.val.y) == 20

@@ -1,5 +1,6 @@
 """The loop's rules, driven in one process through fake collectives: the
 learning-rate rule is the same on the static and the elastic path."""
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -7,6 +8,8 @@ import pytest
 
 from hvdtrain import loop
 from hvdtrain.data import Dataset, Preprocessing
+from hvdtrain.resume import Position
+from hvdtrain.samples import ArraySamples
 from hvdtrain.spec import validate
 
 
@@ -21,16 +24,22 @@ def fake_comm(size, local_size, hierarchical):
 def tiny_dataset(n=64, k=2):
     rng = np.random.default_rng(0)
     prep = Preprocessing(["a", "b"], ["0", "1"], [2], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0])
-    return Dataset(rng.normal(size=(n, 2)).astype(np.float32), np.arange(n) % k,
-                   rng.normal(size=(16, 2)).astype(np.float32), np.arange(16) % k, prep)
+    return Dataset(ArraySamples(rng.normal(size=(n, 2)).astype(np.float32), np.arange(n) % k),
+                   ArraySamples(rng.normal(size=(16, 2)).astype(np.float32), np.arange(16) % k), prep)
 
 
-def recording_steps(seen_lrs):
-    def train_epoch(epoch, batches, lr_at):
-        seen_lrs.append(lr_at(0))
+def recording_steps(seen_lrs, trained=None):
+    """Steps that record the lr of each call's first step and (trained) the
+    (epoch, step) of every step taken."""
+    def train_epoch(epoch, batches, lr_at, first, count):
+        batches = list(batches)
+        seen_lrs.append(lr_at(first))
+        if trained is not None:
+            trained.extend((epoch, first + i) for i in range(len(batches)))
         return 0.5 * sum(len(y) for _, y in batches), sum(len(y) for _, y in batches)
-    return loop.Steps(train_epoch, lambda x, y: (np.zeros((len(x), 2)), 0.7 * len(y)), lambda: b"state",
-                      lambda b: None,
+    return loop.Steps(train_epoch, lambda x, y: (np.zeros((len(x), 2)), 0.7 * len(y)),
+                      lambda samples, index_batches: (samples.batch(b) for b in index_batches),
+                      lambda: b"state", lambda b: None,
                       lambda: "digest", lambda directory: None, 6, [("w", (2, 2), "float32")])
 
 
@@ -46,7 +55,7 @@ def spec_for(tmp_path, adasum, elastic):
 def run_path(spec, comm, steps):
     quiet = lambda line: None  # noqa: E731
     if spec.horovod.elastic is None:
-        return loop.run_epochs(spec, tiny_dataset(), comm, steps, 0, quiet)
+        return loop.run_epochs(spec, tiny_dataset(), comm, steps, Position(0), quiet)
     state = SimpleNamespace(commit=lambda: None)
     make_state = lambda **attributes: (vars(state).update(attributes), state)[1]  # noqa: E731
     return loop.run_elastic(spec, tiny_dataset(), lambda: comm, steps, make_state, lambda f: f, quiet)
@@ -76,3 +85,38 @@ def test_end_of_epoch_records_and_checkpoints_on_both_paths(tmp_path):
         out = tmp_path / str(elastic) / "run"
         assert (out / "metrics.jsonl").read_text().count("\n") == 1
         assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch-000001.ckpt"]
+
+
+def test_checkpoints_within_an_epoch_record_the_position_a_resumed_run_goes_on_from(tmp_path):
+    """64 samples, 2 ranks, batch 4: 8 steps an epoch; every_steps 3 checkpoints
+    after steps 3 and 6 of each epoch (and the epoch's end); resuming from the
+    one after step 6 of epoch 2 trains steps 6 and 7 of it, then epoch 3."""
+    from hvdtrain import checkpoint
+    from hvdtrain.resume import load_latest
+    raw = {"name": "mid", "backend": "torch", "model": {"kind": "mlp"}, "data": {"source": "iris"},
+           "train": {"epochs": 3, "batch_size": 4}, "checkpoint": {"every_steps": 3, "keep_last": 100},
+           "output": str(tmp_path / "run")}
+    spec = validate(raw)
+    trained = []
+    loop.run_epochs(spec, tiny_dataset(), fake_comm(2, 2, False), recording_steps([], trained),
+                    Position(0), lambda line: None)
+    assert trained == [(e, s) for e in range(3) for s in range(8)]
+    names = [p.name for p in checkpoint.list_checkpoints(spec.checkpoint.dir)]
+    assert names == [n for e in range(3) for n in (f"epoch-{e:06d}-step-000000003.ckpt",
+                                                    f"epoch-{e:06d}-step-000000006.ckpt",
+                                                    f"epoch-{e + 1:06d}.ckpt")]
+    # remove the files from the end of epoch 2 on, to resume within epoch 2
+    for path in checkpoint.list_checkpoints(spec.checkpoint.dir)[-4:]:
+        path.unlink()
+    start, problem = load_latest(spec, recording_steps([]))
+    # after step 6, rank 0 and its peer (the fake comm doubles nothing) trained 6 x 4 samples
+    assert problem is None and (start.epoch, start.step, start.seen) == (1, 6, 24)
+    assert start.loss_sum == 0.5 * 24
+    resumed = []
+    summary = loop.run_epochs(spec, tiny_dataset(), fake_comm(2, 2, False), recording_steps([], resumed),
+                              start, lambda line: None)
+    assert resumed == [(1, 6), (1, 7)] + [(2, s) for s in range(8)]
+    # the resumed epoch's record covers all its steps: 8 batches of 4
+    assert summary["final"]["epoch"] == 3
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[1]["train_loss"] == 0.5

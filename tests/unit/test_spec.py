@@ -74,7 +74,7 @@ def test_cnn_needs_image_data():
 
 def test_file_source_needs_a_supported_path():
     assert "needs data.path" in problems(dict(BASE, data={"source": "file"}))[0]
-    assert "must end in .npz or .csv" in problems(dict(BASE, data={"source": "file", "path": "x.txt"}))[0]
+    assert "must end in .npz, .csv or .npy" in problems(dict(BASE, data={"source": "file", "path": "x.txt"}))[0]
 
 
 def test_overrides_are_typed_like_the_file(tmp_path):

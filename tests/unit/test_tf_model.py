@@ -75,8 +75,8 @@ def test_export_round_trip_gives_same_logits(tmp_path):
     tfb.save_model(net, spec, tmp_path)
     ds.preprocessing.save(tmp_path / "preprocessing.json")
     assert json.loads((tmp_path / "model.json").read_text())["backend"] == "tensorflow"
-    expected = tfb.outputs(net, ds.x_val[:16])
-    assert np.allclose(tfb.load_model(tmp_path)(ds.x_val[:16]), expected, atol=1e-6)
+    expected = tfb.outputs(net, ds.val.x[:16])
+    assert np.allclose(tfb.load_model(tmp_path)(ds.val.x[:16]), expected, atol=1e-6)
 
 
 def test_checkpoint_state_round_trip_and_mismatch():

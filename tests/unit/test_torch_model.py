@@ -39,8 +39,8 @@ def test_export_round_trip_gives_same_logits(tmp_path):
     assert json.loads((tmp_path / "model.json").read_text())["backend"] == "torch"
     net.eval()
     with torch.no_grad():
-        expected = net(torch.from_numpy(ds.x_val[:16])).numpy()
-    assert np.allclose(load_model(tmp_path)(ds.x_val[:16]), expected, atol=1e-6)
+        expected = net(torch.from_numpy(ds.val.x[:16])).numpy()
+    assert np.allclose(load_model(tmp_path)(ds.val.x[:16]), expected, atol=1e-6)
 
 
 def test_warmup_ramps_to_scaled_lr():
@@ -82,5 +82,5 @@ def test_custom_model_without_a_program_is_rebuilt_by_its_builder(tmp_path):
     assert config["program"] is None and examples in config["import_paths"]
     net.eval()
     with torch.no_grad():
-        expected = net(torch.from_numpy(ds.x_val[:16])).numpy()
-    assert np.allclose(load_model(tmp_path)(ds.x_val[:16]), expected, atol=1e-6)
+        expected = net(torch.from_numpy(ds.val.x[:16])).numpy()
+    assert np.allclose(load_model(tmp_path)(ds.val.x[:16]), expected, atol=1e-6)
