@@ -11,11 +11,28 @@ import numpy as np
 from .backends import get_backend
 from .data import Preprocessing, csv_features, read_csv_rows, read_npz
 from .errors import DataError, UserError
+from .samples import read_image
+from .spec import IMAGE_SUFFIXES
+
+
+def image_files(path: Path) -> list[Path]:
+    """An image file, or the image files in a folder (and its subfolders), sorted."""
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{path}: no {'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} images in the folder")
+    return files
 
 
 def read_inputs(path: Path, prep: Preprocessing) -> np.ndarray:
     """Raw features from .npz (array x) or .csv (the training feature columns, by name;
-    other columns such as the label are ignored)."""
+    other columns such as the label are ignored); for a model trained on image files,
+    images (a file, or a folder of them) resized as in training."""
+    if prep.image_size:
+        if not path.exists() or (path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES):
+            raise DataError(f"{path}: expected an image file ({', '.join(IMAGE_SUFFIXES)}) or a folder of them")
+        return np.stack([read_image(p, prep.image_size) for p in image_files(path)])
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.suffix.lower() == ".npz":
@@ -48,6 +65,8 @@ def predict(run_dir: Path, input_path: Path, output: Path | None) -> list[str]:
         labels = [prep.classes[i] for i in probs.argmax(axis=1)]
         header = ["prediction", *[f"p_{c}" for c in prep.classes]]
         rows = [[label, *[f"{p:.6f}" for p in row]] for label, row in zip(labels, probs)]
+    if prep.image_size:  # each row names its image
+        header, rows = ["file", *header], [[str(f), *row] for f, row in zip(image_files(input_path), rows)]
     if output is not None:
         with open(output, "w", newline="") as handle:
             writer = csv.writer(handle)
