@@ -102,14 +102,20 @@ def cmd_bench(args) -> int:
     spec = load_spec(args.spec)
     try:
         ranks = [int(r) for r in args.ranks.split(",")]
+        data_sizes = [float(g) for g in args.data_sizes.split(",")] if args.data_sizes != "none" else []
     except ValueError:
-        raise UserError(f"--ranks {args.ranks!r}: expected numbers such as 1,2") from None
+        raise UserError(f"--ranks {args.ranks!r} / --data-sizes {args.data_sizes!r}: expected numbers "
+                        "such as 1,2") from None
+    output = Path(args.output) if args.output else Path(spec.output) / "bench"
+    if args.input:
+        from .bench.input import bench_input
+        bench_input(Path(args.spec), output, max(ranks), args.rounds or 2, args.epochs, data_sizes)
+        return 0
     sizes = [] if args.sizes == "none" else \
         [parse_size(x) for x in args.sizes.split(",")] if args.sizes else DEFAULT_SIZES
     impls = args.impls.split(",") if args.impls else list(TRAIN_IMPLS)
-    bench(Settings(spec=Path(args.spec), ranks=ranks, rounds=args.rounds, windows=args.windows,
-                   steps=args.steps, warmup=args.warmup, impls=impls, sizes=sizes,
-                   output=Path(args.output) if args.output else Path(spec.output) / "bench"))
+    bench(Settings(spec=Path(args.spec), ranks=ranks, rounds=args.rounds or 5, windows=args.windows,
+                   steps=args.steps, warmup=args.warmup, impls=impls, sizes=sizes, output=output))
     return 0
 
 
@@ -169,7 +175,8 @@ def parser() -> argparse.ArgumentParser:
                  "TF backend, and allreduce bandwidth; writes bench.json and bench.png", spec=False)
     bench.add_argument("spec", help="job spec (YAML) giving model, data and batch size")
     bench.add_argument("--ranks", default="1,2", help="rank counts (default 1,2)")
-    bench.add_argument("--rounds", type=int, default=5, help="alternating launches per implementation")
+    bench.add_argument("--rounds", type=int, help="alternating launches per implementation or data "
+                                                   "source (default 5; 2 with --input)")
     bench.add_argument("--windows", type=int, default=1, help="timed windows per launch")
     bench.add_argument("--steps", type=int, default=20, help="steps per window")
     bench.add_argument("--warmup", type=int, default=5, help="untimed steps per launch")
@@ -177,6 +184,13 @@ def parser() -> argparse.ArgumentParser:
                        "(local: no communication, the machine's scaling ceiling; default all)")
     bench.add_argument("--sizes", help="allreduce message sizes, e.g. 4K,1M,256M; 'none' skips "
                                        "(default 4K..256M)")
+    bench.add_argument("--input", action="store_true", help=(
+        "the input pipeline instead: samples/s training from memory, an image folder and a "
+        "memory-mapped .npy (the spec's synthetic images), and peak RSS per rank on .npy files "
+        "of --data-sizes; writes input.json and input.png"))
+    bench.add_argument("--epochs", type=int, default=3, help="--input: epochs per run (the first is left out)")
+    bench.add_argument("--data-sizes", default="2,4", help="--input: GiB of each memory-mapped "
+                                                          ".npy for peak RSS; 'none' skips (default 2,4)")
     bench.add_argument("-o", "--output", help="report directory (default <output>/bench)")
 
     render = verbs.add_parser("render", help="write a cluster job for a spec",

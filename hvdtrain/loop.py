@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import socket
 import sys
 import time
@@ -198,10 +199,13 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
     stats, val_loss = evaluate(dataset, comm, steps, max(spec.train.batch_size, 256))
     totals = comm.allreduce_sum(np.concatenate([[val_loss], stats]), f"hvdtrain.metrics.{epoch}")
     elapsed = train_seconds + time.perf_counter() - began
+    # the largest resident memory any rank has had (its loader processes not counted)
+    peak_rss = max(comm.allgather_object(peak_rss_mb(), f"hvdtrain.rss.{epoch}"))
     record = {"epoch": epoch + 1, **extra, "train_loss": train[0] / max(train[1], 1),
               "val_loss": totals[0] / len(dataset.val),
               **{f"val_{m}": v for m, v in task_scores(dataset, totals[1:]).items()},
-              "lr": lr, "samples_per_s": train[1] / elapsed, "seconds": elapsed}
+              "lr": lr, "samples_per_s": train[1] / elapsed, "seconds": elapsed,
+              "peak_rss_mb": peak_rss}
     if not all(math.isfinite(record[m]) for m in ("train_loss", "val_loss")):
         raise UserError(f"epoch {epoch + 1}: loss is not finite; lower optimizer.lr")
     # Horovod: checkpoint and log on rank 0 only, so ranks never race on one file.
@@ -210,6 +214,18 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
         if checkpoint_due(spec, epoch + 1):
             save_checkpoint(spec, steps, record)
     return record
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM, which starts afresh with the
+    program (getrusage's maxrss also holds the peak of the process that started it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def elastic_batches(remaining: np.ndarray, size: int, batch_size: int) -> list[np.ndarray]:

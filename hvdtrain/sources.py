@@ -18,7 +18,7 @@ from .samples import (ArraySamples, ImageSamples, MappedSamples, UserSamples, as
 from .spec import IMAGE_SUFFIXES, DataSpec
 
 STATISTICS_SAMPLE = 256  # training images the per-channel mean and std are taken from
-CHUNK_BYTES = 64 * 2**20  # rows read at once when a .npy file is scanned
+CHUNK_BYTES = 16 * 2**20  # a .npy file is scanned this much (as float64) at a time
 
 
 def load(spec: DataSpec, image: bool, task: str) -> Dataset:
@@ -123,7 +123,7 @@ def memory_mapped(spec: DataSpec, image: bool, task: str) -> Dataset:
         raise DataError(f"{path} has {len(x)} samples but {labels_path} has {len(labels)} labels")
     keep = usable_labels(labels, task)
     features = int(np.prod(x.shape[1:]))
-    chunk = max(1, CHUNK_BYTES // max(1, x.itemsize * features))
+    chunk = max(1, CHUNK_BYTES // (8 * max(1, features)))  # rows per chunk, as float64
     seen: set[bytes] = set()
     for start in range(0, len(x), chunk):
         block = np.asarray(x[start:start + chunk], dtype=np.float64).reshape(-1, features)
