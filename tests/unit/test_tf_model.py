@@ -64,6 +64,9 @@ def test_each_tf_example_is_its_torch_twin_but_for_the_backend(example):
     if tf_spec["model"]["kind"] == "custom":  # the same network, written for each framework
         builders = tf_spec["model"].pop("builder"), torch_spec["model"].pop("builder")
         assert builders[0].replace("keras_models", "torch_models") == builders[1]
+    if tf_spec["data"]["source"] == "custom":  # the same samples, as each framework takes them
+        loaders = tf_spec["data"].pop("loader"), torch_spec["data"].pop("loader")
+        assert loaders == ("user_data.arrays:digits", "user_data.torch_data:digits")
     assert tf_spec == torch_spec
 
 
