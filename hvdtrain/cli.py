@@ -164,7 +164,8 @@ def parser() -> argparse.ArgumentParser:
     verb("validate", cmd_validate, "check a spec and print it resolved")
     predict = verb("predict", cmd_predict, "predict with an exported model", spec=False)
     predict.add_argument("run_dir", help="run directory (or its model/ folder)")
-    predict.add_argument("input", help=".npz (array x) or .csv with the feature columns")
+    predict.add_argument("input", help=".npz (array x), .csv with the feature columns, or (a model trained "
+                         "on an image folder) an image file or a folder of them")
     predict.add_argument("-o", "--output", help="write predictions and probabilities as CSV")
     verb("doctor", cmd_doctor, "show what is installed and what is missing", spec=False)
     build = verb("build-horovod", cmd_build_horovod,

@@ -41,3 +41,21 @@ def test_timeline_and_autotune_knobs_reach_horovod(cli, tmp_path):
     assert autotune.read_text().startswith("hierarchical_allreduce,")  # the autotuner's CSV header
     spec = (tmp_path / "out" / "spec.yaml").read_text()
     assert "fusion_threshold_mb: 8.0" in spec and "cycle_time_ms: 2.5" in spec  # recorded with the run
+
+
+def test_input_bench_smoke_run_measures_three_sources_and_peak_rss(cli, tmp_path):
+    import yaml
+    spec = yaml.safe_load((ROOT / "examples" / "synthetic-cnn-torch.yaml").read_text())
+    spec["data"]["synthetic"] = {"samples": 256, "shape": [3, 8, 8], "classes": 4}
+    spec["model"]["hidden"] = [16]
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(spec))
+    result = cli("bench", tmp_path / "small.yaml", "--input", "--rounds", "1", "--epochs", "2",
+                 "--data-sizes", "0.01,0.02", "--ranks", "2", "-o", tmp_path / "report", timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "input.json").read_text())
+    assert (tmp_path / "report" / "input.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {r["source"] for r in report["throughput"]} == {"memory", "image_folder", "npy"}
+    assert all(r["samples_per_s"] > 0 for r in report["throughput"])
+    assert [m["data_gib"] for m in report["memory"]] == [0.01, 0.02]
+    assert all(m["peak_rss_mb"] > 0 and m["samples"] > 0 for m in report["memory"])
+    assert report["figures"]["image_folder_vs_memory"] > 0 and "x in-memory" in result.stdout
