@@ -19,6 +19,7 @@ from typing import Any
 
 MAGIC = b"HVDTRAIN-CHECKPOINT 1\n"
 # epoch-000003.ckpt: after 3 epochs; epoch-000003-step-000120.ckpt: and 120 steps of the 4th
+BEST = "best.ckpt"
 NAME = re.compile(r"^epoch-(\d{6})(?:-step-(\d{9}))?\.ckpt$")
 
 
@@ -43,11 +44,32 @@ def save(directory: Path, epoch: int, payload: bytes, meta: dict[str, Any], keep
          step: int = 0) -> Path:
     """Write the checkpoint after `epoch` epochs (and `step` steps of the next)
     atomically, then drop all but the newest keep_last."""
-    directory = Path(directory)
+    target = write(checkpoint_path(directory, epoch, step), epoch, payload, meta, step)
+    for old in list_checkpoints(directory)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return target
+
+
+def save_best(directory: Path, epoch: int, payload: bytes, meta: dict[str, Any]) -> Path:
+    """The best epoch's weights, kept apart from the rotation (and never resumed from)."""
+    return write(Path(directory) / BEST, epoch, payload, meta)
+
+
+def load_best(directory: Path) -> Checkpoint | None:
+    path = Path(directory) / BEST
+    try:
+        return load(path) if path.is_file() else None
+    except CheckpointError as err:
+        print(f"hvdtrain: not exporting the best epoch: {err}", file=sys.stderr)
+        return None
+
+
+def write(target: Path, epoch: int, payload: bytes, meta: dict[str, Any], step: int = 0) -> Path:
+    """One checkpoint file, written atomically (temporary name, fsync, rename)."""
+    directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
     header = dict(meta, epoch=epoch, step=step, sha256=hashlib.sha256(payload).hexdigest(),
                   length=len(payload))
-    target = checkpoint_path(directory, epoch, step)
     fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -61,8 +83,6 @@ def save(directory: Path, epoch: int, payload: bytes, meta: dict[str, Any], keep
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(directory)
-    for old in list_checkpoints(directory)[:-keep_last]:
-        old.unlink(missing_ok=True)
     return target
 
 

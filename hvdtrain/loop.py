@@ -13,10 +13,8 @@ import json
 import math
 import resource
 import socket
-import sys
 import time
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -26,12 +24,14 @@ from tqdm import tqdm
 from . import checkpoint
 from .data import Dataset, eval_shard, shard_batches, steps_per_epoch
 from .errors import UserError
-from .metrics import (HEADLINE, confusion, epoch_metrics, final_metrics, regression_scores,
+from .metrics import (confusion, epoch_metrics, final_metrics, regression_scores,
                       regression_sums, scores)
 from .preflight import check_consistency, preflight
 from .resume import Position, load_latest
+from .report import CURVES, Progress, plot_runs
 from .samples import Batch, Samples
 from .spec import JobSpec, OptimizerSpec, dump
+from .steer import Steering, monitored
 
 
 @dataclass
@@ -91,15 +91,23 @@ def scaled_lr(optimizer: OptimizerSpec, adasum: bool, comm: Comm) -> float:
     return optimizer.lr * comm.size
 
 
-def lr_schedule(optimizer: OptimizerSpec, target_lr: float, epoch: int, steps: int) -> Callable[[int], float]:
-    """lr for each step of an epoch: linear warm-up from the base lr to target_lr."""
+def lr_schedule(optimizer: OptimizerSpec, target_lr: float, epoch: int, steps: int, epochs: int = 1,
+                factor: float = 1.0) -> Callable[[int], float]:
+    """lr for each step of an epoch: linear warm-up from the base lr to target_lr,
+    then the schedule: constant; cosine (to 0 at the end of the last epoch);
+    step (x decay every decay_every_epochs); plateau (x factor, the steering's)."""
     base, warmup = optimizer.lr, optimizer.warmup_epochs
 
     def at(step: int) -> float:
         progress = epoch + step / steps
-        if warmup <= 0 or progress >= warmup:
-            return target_lr
-        return base + (target_lr - base) * progress / warmup
+        if warmup > 0 and progress < warmup:
+            return base + (target_lr - base) * progress / warmup
+        if optimizer.schedule == "cosine":
+            done = min(1.0, (progress - warmup) / max(epochs - warmup, 1e-9))
+            return target_lr * 0.5 * (1.0 + math.cos(math.pi * done))
+        if optimizer.schedule == "step":
+            return target_lr * optimizer.decay ** (epoch // optimizer.decay_every_epochs)
+        return target_lr * factor
     return at
 
 
@@ -133,66 +141,90 @@ def task_scores(dataset: Dataset, stats: np.ndarray) -> dict[str, float]:
 
 def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start: Position,
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    progress = progress or tqdm.write
+    say = (lambda line: None) if spec.log.level == "quiet" else (progress or tqdm.write)
     n = len(dataset.train)
     per_epoch = steps_per_epoch(n, comm.size, spec.train.batch_size)
     # Horovod: the learning rate scaled by the number of workers.
     target_lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
     if comm.rank == 0:
         prepare_run_dir(spec, start.epoch)
-        progress(f"{spec.backend} {spec.model.kind} with {steps.parameters:,} parameters on "
-                 f"{comm.size} workers, {per_epoch} steps per epoch")
+        say(f"{spec.backend} {spec.model.kind} with {steps.parameters:,} parameters on "
+            f"{comm.size} workers, {per_epoch} steps per epoch")
     record: dict[str, Any] = {}
-    # Rank 0's bar over epochs; under a launcher that pipes output only the epoch lines show.
-    bar = tqdm(range(start.epoch, spec.train.epochs), initial=start.epoch, total=spec.train.epochs,
-               desc=spec.name, unit="epoch", leave=False,
-               disable=comm.rank != 0 or not sys.stderr.isatty())
-    for epoch in bar:
-        began = time.perf_counter()
-        position = start if epoch == start.epoch else Position(epoch)
-        train = train_epoch(spec, dataset, comm, steps, position, target_lr, per_epoch, progress)
-        lr_at = lr_schedule(spec.optimizer, target_lr, epoch, per_epoch)
-        record = end_epoch(spec, dataset, comm, steps, epoch, train, lr_at(per_epoch - 1),
-                           time.perf_counter() - began, progress)
-        if comm.rank == 0:
-            short, key = HEADLINE[spec.task][0]
-            bar.set_postfix({short: f"{record[key]:.4f}"}, refresh=False)
+    steering = Steering.from_dict(start.steering)
+    shown = Progress(spec, comm.rank, comm.size, per_epoch, say)
+    try:
+        for epoch in range(start.epoch, spec.train.epochs):
+            if steering.stopped:  # every rank holds the same records, so all stop here
+                break
+            began = time.perf_counter()
+            position = start if epoch == start.epoch else Position(epoch, steering=steering.to_dict())
+            lr_at = lr_schedule(spec.optimizer, target_lr, epoch, per_epoch, spec.train.epochs,
+                                steering.lr_factor)
+            train = train_epoch(spec, dataset, comm, steps, position, lr_at, per_epoch, shown, say)
+            record = end_epoch(spec, dataset, comm, steps, epoch, train, lr_at(per_epoch - 1),
+                               time.perf_counter() - began, say, steering=steering)
+            shown.end_epoch(record)
+    finally:
+        shown.close()
+    if comm.rank == 0 and steering.stopped:
+        say(f"stopped after epoch {record.get('epoch', start.epoch)}: {steering.stopped}")
     digest = check_consistency(comm, steps)
-    summary = finish(spec, dataset, comm, steps, record, digest)
+    summary = finish(spec, dataset, comm, steps, record, digest, steering)
     if comm.rank == 0 and summary["final"]:
-        progress(f"final {final_metrics(spec.task, summary['final'])}")
+        say(f"final {final_metrics(spec.task, summary['final'])}")
     return summary
 
 
 def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start: Position,
-                target_lr: float, per_epoch: int, progress: Callable[[str], None]) -> np.ndarray:
+                lr_at: Callable[[int], float], per_epoch: int, shown: Progress,
+                say: Callable[[str], None]) -> np.ndarray:
     """One epoch from start.step on, through the backend's loader; with
     checkpoint.every_steps, a checkpoint each that many steps records the position
-    (the step, and the epoch's loss so far). Returns the epoch's loss sum and
+    (the step, the epoch's loss so far, the steering). A training call also ends
+    where rank 0's progress wants the loss (a line, the bar, TensorBoard), so the
+    loss is read from the device only then. Returns the epoch's loss sum and
     sample count over all ranks."""
     epoch, every = start.epoch, spec.checkpoint.every_steps or per_epoch
+    passes = spec.horovod.backward_passes_per_step
     index_batches = shard_batches(n=len(dataset.train), rank=comm.rank, size=comm.size,
                                   batch_size=spec.train.batch_size, seed=spec.train.seed, epoch=epoch)
     batches = iter(steps.loader(dataset.train, index_batches[start.step:]))
-    lr_at = lr_schedule(spec.optimizer, target_lr, epoch, per_epoch)
-    local, step = np.zeros(2), start.step
-    while step < per_epoch:
-        end = min(per_epoch, (step // every + 1) * every)
-        local += steps.train_epoch(epoch, islice(batches, end - step), lr_at, step, per_epoch)
-        step = end
-        if step < per_epoch and step % every == 0:
-            totals = start.sums + comm.allreduce_sum(local, f"hvdtrain.train.{epoch}.{step}")
+    local, done = np.zeros(2), [start.step]
+    shown.begin_epoch(epoch, start.step)
+
+    def until(limit: int):
+        """Batches up to step `limit`, or fewer: ends after a step (closing a group of
+        backward passes) at which rank 0's progress is due."""
+        while done[0] < limit:
+            yield next(batches)
+            done[0] += 1
+            shown.step_done()
+            if done[0] < limit and done[0] % passes == 0 and shown.due(done[0]):
+                return
+
+    while done[0] < per_epoch:
+        first = done[0]
+        end = min(per_epoch, (first // every + 1) * every)
+        part = np.asarray(steps.train_epoch(epoch, until(end), lr_at, first, per_epoch), dtype=np.float64)
+        local += part
+        shown.segment(epoch, done[0], part[0], part[1], lr_at(done[0] - 1))
+        if done[0] == end < per_epoch and end % every == 0:
+            totals = start.sums + comm.allreduce_sum(local, f"hvdtrain.train.{epoch}.{end}")
             if comm.rank == 0:
-                save_checkpoint(spec, steps, {"epoch": epoch}, Position(epoch, step, *totals))
-                progress(f"checkpoint: epoch {epoch + 1}, step {step}/{per_epoch}")
+                save_checkpoint(spec, steps, {"epoch": epoch},
+                                Position(epoch, end, *totals, steering=start.steering))
+                say(f"checkpoint: epoch {epoch + 1}, step {end}/{per_epoch}")
     return start.sums + comm.allreduce_sum(local, f"hvdtrain.train.{epoch}")
 
 
 def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: int,
               train: np.ndarray, lr: float, train_seconds: float, progress: Callable[[str], None],
-              **extra: Any) -> dict[str, Any]:
+              steering: Steering | None = None, **extra: Any) -> dict[str, Any]:
     """The end of an epoch on every path: validation over all ranks, the epoch's
-    record, and on rank 0 its line, metrics.jsonl and (when due) a checkpoint.
+    record, the steering's decisions (the same on every rank), and on rank 0 its
+    line, metrics.jsonl, the best epoch's weights (with early stopping) and (when
+    due, or when stopping) a checkpoint.
     train: the epoch's training loss sum and sample count, summed over all ranks."""
     began = time.perf_counter()
     steps.average_buffers()  # every rank validates and saves the same model
@@ -208,11 +240,15 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
               "peak_rss_mb": peak_rss}
     if not all(math.isfinite(record[m]) for m in ("train_loss", "val_loss")):
         raise UserError(f"epoch {epoch + 1}: loss is not finite; lower optimizer.lr")
+    best = steering.update(spec, record) if steering is not None else False
     # Horovod: checkpoint and log on rank 0 only, so ranks never race on one file.
     if comm.rank == 0:
         log_epoch(spec, record, progress)
-        if checkpoint_due(spec, epoch + 1):
-            save_checkpoint(spec, steps, record)
+        if best and spec.train.early_stopping is not None:
+            checkpoint.save_best(spec.checkpoint.dir, epoch + 1, steps.state_bytes(),
+                                 {"spec": spec.model_dump(mode="json"), "metrics": record})
+        if checkpoint_due(spec, epoch + 1) or (steering is not None and steering.stopped):
+            save_checkpoint(spec, steps, record, steering=steering.to_dict() if steering else None)
     return record
 
 
@@ -283,7 +319,7 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
             order = np.random.default_rng([spec.train.seed, epoch]).permutation(n)
             global_batches = elastic_batches(order[state.processed:], comm.size, bs)
             per_epoch = len(elastic_batches(order, comm.size, bs))
-            lr_at = lr_schedule(spec.optimizer, target_lr, epoch, per_epoch)
+            lr_at = lr_schedule(spec.optimizer, target_lr, epoch, per_epoch, spec.train.epochs)
             done = max(0, per_epoch - len(global_batches))  # steps of this epoch already taken
             for first in range(0, len(global_batches), elastic.commit_every_steps):
                 group = global_batches[first:first + elastic.commit_every_steps]
@@ -324,11 +360,13 @@ def checkpoint_due(spec: JobSpec, epochs_done: int) -> bool:
     return epochs_done % spec.checkpoint.every_epochs == 0 or epochs_done == spec.train.epochs
 
 
-def save_checkpoint(spec: JobSpec, steps: Steps, record: dict[str, Any], within: Position | None = None) -> None:
+def save_checkpoint(spec: JobSpec, steps: Steps, record: dict[str, Any], within: Position | None = None,
+                    steering: dict[str, Any] | None = None) -> None:
     """Rank 0: model and optimizer state after record['epoch'] epochs (and, within
     an epoch, `within.step` steps of the next), with the spec that wrote it (a
-    later run with another model or data refuses it)."""
-    meta = {"spec": spec.model_dump(mode="json"), "metrics": record}
+    later run with another model or data refuses it) and the steering's state."""
+    meta = {"spec": spec.model_dump(mode="json"), "metrics": record,
+            "steering": within.steering if within is not None else steering}
     if within is not None:
         meta["position"] = {"step": within.step, "loss_sum": within.loss_sum, "seen": within.seen}
     checkpoint.save(spec.checkpoint.dir, record["epoch"], steps.state_bytes(), meta,
@@ -348,8 +386,10 @@ def prepare_run_dir(spec: JobSpec, start_epoch: int) -> None:
 
 
 def finish(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, record: dict,
-           digest: str) -> dict[str, Any]:
-    """Rank 0 exports the model with its preprocessing and writes summary.json."""
+           digest: str, steering: Steering | None = None) -> dict[str, Any]:
+    """Rank 0 exports the model (with early stopping, the best epoch's) with its
+    preprocessing, writes summary.json (why training stopped, the best epoch) and
+    draws curves.png."""
     if not record:  # resumed after the last epoch: report the last checkpoint's metrics
         last = checkpoint.latest_valid(spec.checkpoint.dir) if comm.rank == 0 else None
         record = comm.broadcast_object(last.meta.get("metrics", {}) if last else {}, "hvdtrain.final")
@@ -357,11 +397,22 @@ def finish(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, record: di
     summary = {"name": spec.name, "backend": spec.backend, "workers": comm.size, "hosts": hosts,
                "epochs": spec.train.epochs, "parameters": steps.parameters, "final": record,
                "weights_digest": digest}
+    if steering is not None:
+        metric, _ = monitored(spec)
+        summary["stopped"] = steering.stopped or f"all {spec.train.epochs} epochs done"
+        summary["best"] = {"epoch": steering.best_epoch, "metric": metric, "value": steering.best_value}
     if comm.rank == 0:
+        summary["exported_epoch"] = record.get("epoch")
+        best = checkpoint.load_best(spec.checkpoint.dir) if spec.train.early_stopping is not None else None
+        if best is not None:  # the weights of the best epoch, not the last
+            steps.load_state_bytes(best.payload)
+            summary["exported_epoch"] = best.epoch
         model_dir = Path(spec.output) / "model"
         model_dir.mkdir(parents=True, exist_ok=True)
         steps.export(model_dir)
         dataset.preprocessing.save(model_dir / "preprocessing.json")
         (model_dir / "spec.yaml").write_text(dump(spec))
         (Path(spec.output) / "summary.json").write_text(json.dumps(summary, indent=2))
+        if (Path(spec.output) / "metrics.jsonl").is_file():
+            plot_runs([Path(spec.output)], Path(spec.output) / CURVES)
     return summary

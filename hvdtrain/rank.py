@@ -46,6 +46,7 @@ def main(spec_path: str, overrides: list[str]) -> int:
     from .data import image_input, load_dataset
     from .launch.srun import prepare_rank
     from .plugins import add_import_paths, import_paths
+    from .report import require_tensorboard
 
     spec = load_spec(spec_path, overrides)
     apply_horovod_environment(spec.horovod)
@@ -55,6 +56,7 @@ def main(spec_path: str, overrides: list[str]) -> int:
     if spec.entry is not None:
         return run_entry(spec.entry)
     backend = get_backend(spec.backend)
+    require_tensorboard(spec)
     dataset = load_dataset(spec.data, image=image_input(spec.model, spec.data), task=spec.task)
     backend.fit(spec, dataset, expected_size=expected_size)
     return 0

@@ -24,6 +24,7 @@ class Position:
     step: int = 0
     loss_sum: float = 0.0
     seen: float = 0.0
+    steering: dict | None = None  # the Steering's state after `epoch` epochs
 
     @property
     def sums(self) -> np.ndarray:
@@ -59,9 +60,10 @@ def load_latest(spec: JobSpec, steps: Steps) -> tuple[Position, str | None]:
     if within:
         print(f"resuming from {found.path} (epoch {found.epoch} done, and {within['step']} steps of "
               f"epoch {found.epoch + 1})", flush=True)
-        return Position(found.epoch, within["step"], within["loss_sum"], within["seen"]), None
+        return Position(found.epoch, within["step"], within["loss_sum"], within["seen"],
+                        found.meta.get("steering")), None
     print(f"resuming from {found.path} (epoch {found.epoch} done)", flush=True)
-    return Position(found.epoch), None
+    return Position(found.epoch, steering=found.meta.get("steering")), None
 
 
 def writable_problem(spec: JobSpec) -> str | None:

@@ -182,12 +182,55 @@ class OptimizerSpec(Section):
         default="linear", description="linear: lr x number of workers (Horovod's rule)")
     warmup_epochs: Annotated[float, Field(ge=0.0, le=1000)] = Field(
         default=0.0, description="ramp from lr to the scaled lr over this many epochs")
+    schedule: Literal["constant", "cosine", "step", "plateau"] = Field(default="constant", description=(
+        "after warm-up: constant; cosine (to 0 at the last epoch); step (x decay every "
+        "decay_every_epochs); plateau (x decay when val_loss has not improved for patience epochs)"))
+    decay: float = Field(default=0.1, gt=0.0, lt=1.0, description="step and plateau: the lr's factor")
+    decay_every_epochs: Annotated[int, Field(ge=1, le=100_000)] = Field(default=30, description="step")
+    patience: Annotated[int, Field(ge=1, le=100_000)] = Field(default=2, description="plateau")
+
+
+# Validation metrics by task, and whether larger is better.
+METRICS = {"classification": {"val_loss": False, "val_accuracy": True, "val_precision": True,
+                              "val_recall": True, "val_f1": True, "train_loss": False},
+           "regression": {"val_loss": False, "val_mae": False, "val_rmse": False, "val_r2": True,
+                          "train_loss": False}}
+
+
+class EarlyStoppingSpec(Section):
+    metric: str = Field(default="val_loss", description="an epoch metric (metrics.jsonl)")
+    patience: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=5, description="stop after this many epochs without improvement")
+    min_delta: float = Field(default=0.0, ge=0.0, description="a smaller change is no improvement")
+
+
+class TargetSpec(Section):
+    metric: str = Field(default="val_accuracy", description="an epoch metric (metrics.jsonl)")
+    value: float = Field(description="stop once the metric reaches it (at most, for a loss or error)")
 
 
 class TrainSpec(Section):
     epochs: Annotated[int, Field(gt=0, le=100_000)] = 10
     batch_size: Annotated[int, Field(gt=0, le=1_000_000)] = Field(default=32, description="per worker")
     seed: Seed = 0
+    early_stopping: EarlyStoppingSpec | None = Field(default=None, description=(
+        "stop when the metric stops improving; the best epoch's weights are exported"))
+    target: TargetSpec | None = Field(default=None, description="stop when the metric reaches a value")
+    grad_clip_norm: float | None = Field(default=None, gt=0.0, description=(
+        "clip the averaged gradients to this global L2 norm"))
+    precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description=(
+        "bf16/fp16: mixed precision (torch autocast, with loss scaling for fp16; Keras' mixed "
+        "policy); fp16 needs a GPU"))
+
+
+class LogSpec(Section):
+    level: Literal["quiet", "normal", "verbose"] = Field(default="normal", description=(
+        "quiet: the final line only; verbose: also rank and pipeline details"))
+    every_seconds: float = Field(default=30.0, gt=0.0, le=86_400.0, description=(
+        "without a terminal (launchers pipe output): a progress line this often"))
+    tensorboard: bool = Field(default=False, description="event files in <output>/tensorboard")
+    every_steps: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=20, description="tensorboard: the training loss and lr every this many steps")
 
 
 class ElasticSpec(Section):
@@ -276,6 +319,7 @@ class JobSpec(Section):
     horovod: HorovodSpec = Field(default_factory=HorovodSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    log: LogSpec = Field(default_factory=LogSpec)
     output: Path | None = Field(default=None, description="run directory; default runs/<name>")
 
     @model_validator(mode="after")
@@ -285,6 +329,18 @@ class JobSpec(Section):
             if missing:
                 raise ValueError(f"{' and '.join(missing)} required (or `entry` to run your own script)")
             self._task_rules()
+        for key, section in (("train.early_stopping", self.train.early_stopping),
+                             ("train.target", self.train.target)):
+            if section is not None and section.metric not in METRICS[self.task]:
+                raise ValueError(f"{key}.metric {section.metric!r} is not a {self.task} metric: use one "
+                                 f"of {', '.join(METRICS[self.task])}")
+        steered = [k for k, on in (("train.early_stopping", self.train.early_stopping is not None),
+                                   ("train.target", self.train.target is not None),
+                                   ("optimizer.schedule plateau", self.optimizer.schedule == "plateau"))
+                   if on]
+        if steered and self.horovod.elastic is not None:
+            raise ValueError(f"{', '.join(steered)}: not with elastic training (its state would not "
+                             "reach workers that join)")
         every = self.checkpoint.every_steps
         if every is not None and self.horovod.elastic is not None:
             raise ValueError("checkpoint.every_steps does not apply to elastic training: it commits "

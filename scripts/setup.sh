@@ -22,7 +22,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || { echo "== creating .venv"; "$PYTHON" -m venv .venv; }
 echo "== installing torch 2.13.0 (CPU), tensorflow-cpu 2.21.0 and hvdtrain"
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-.venv/bin/python -m pip install -q -e ".[torch,tensorflow,test]"
+.venv/bin/python -m pip install -q -e ".[torch,tensorflow,tensorboard,test]"
 echo "== Horovod"
 .venv/bin/hvdtrain build-horovod
 for framework in torch tensorflow; do

@@ -1,0 +1,205 @@
+"""What a run shows while it trains and leaves behind, on rank 0: progress within
+an epoch (a tqdm bar on a terminal; under a launcher, whose pipes are no
+terminal, a line every `log.every_seconds`), TensorBoard event files written
+with the tensorboard package's own writer, and `curves.png`.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+from .errors import UserError
+from .spec import JobSpec, dump
+
+TENSORBOARD_DIR = "tensorboard"
+CURVES = "curves.png"
+
+
+def require_tensorboard(spec: JobSpec) -> None:
+    """Before anything starts, on every rank: log.tensorboard needs the package."""
+    if spec.log.tensorboard:
+        try:
+            import tensorboard.summary.writer.event_file_writer  # noqa: F401
+        except ImportError:
+            raise UserError("log.tensorboard: the tensorboard package is not installed "
+                            "(pip install 'hvdtrain[tensorboard]')") from None
+
+
+class EventLog:
+    """Scalars and text as TensorBoard event files (tensorboard's EventFileWriter)."""
+
+    def __init__(self, directory: Path):
+        if "tensorflow" not in sys.modules:
+            # tensorboard's writer imports TensorFlow where it is installed (seconds, its
+            # start-up notices, hundreds of MB per rank); the module `notf` makes it take
+            # its own pure-Python file layer instead, as its no_tensorflow build does.
+            sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+        from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        self.proto = event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+        directory.mkdir(parents=True, exist_ok=True)
+        self.writer = EventFileWriter(str(directory))
+
+    def _write(self, step: int, value) -> None:
+        event_pb2, summary_pb2 = self.proto[:2]
+        self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                              summary=summary_pb2.Summary(value=[value])))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self._write(step, self.proto[1].Summary.Value(tag=tag, simple_value=float(value)))
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        _, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2 = self.proto
+        metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING, string_val=[text.encode()],
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]))
+        self._write(step, summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor))
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Rank 0's view of the steps; on other ranks (and with log.level quiet) it
+    shows nothing. The loop asks `due` after each step whether to end the
+    training call there (the loss is read from the device only then)."""
+
+    def __init__(self, spec: JobSpec, rank: int, size: int, per_epoch: int, say: Callable[[str], None]):
+        self.spec, self.size, self.per_epoch, self.say = spec, size, per_epoch, say
+        self.shown = rank == 0 and spec.log.level != "quiet"
+        self.tty = self.shown and sys.stderr.isatty()
+        self.events = EventLog(Path(spec.output) / TENSORBOARD_DIR) if rank == 0 and spec.log.tensorboard else None
+        if self.events is not None:
+            self.events.text("spec", "```\n" + dump(spec) + "\n```")
+        self.bar: tqdm | None = None
+        self.began = self.last = time.monotonic()
+        self.steps_run = 0
+        self.samples = 0.0
+
+    def begin_epoch(self, epoch: int, first_step: int) -> None:
+        if self.tty:
+            self.bar = tqdm(total=self.per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{self.spec.train.epochs}",
+                            unit="step", leave=False, dynamic_ncols=True)
+
+    def step_done(self) -> None:
+        self.steps_run += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def due(self, step: int) -> bool:
+        """After `step` steps of the epoch: end the training call here?"""
+        if self.events is not None and step % self.spec.log.every_steps == 0:
+            return True
+        if not self.shown:
+            return False
+        wait = 1.0 if self.tty else self.spec.log.every_seconds
+        return time.monotonic() - self.last >= wait
+
+    def segment(self, epoch: int, step: int, loss_sum: float, seen: float, lr: float) -> None:
+        """A training call ended after `step` steps of the epoch, its loss and samples given."""
+        self.samples += seen * self.size
+        if not seen:
+            return
+        loss = loss_sum / seen
+        if self.events is not None:
+            global_step = epoch * self.per_epoch + step
+            self.events.scalar("train/step_loss", loss, global_step)
+            self.events.scalar("train/lr", lr, global_step)
+        if not self.shown:
+            return
+        now = time.monotonic()
+        per_step = (now - self.began) / max(self.steps_run, 1)
+        left = (self.spec.train.epochs - epoch - 1) * self.per_epoch + self.per_epoch - step
+        rate = self.samples / max(now - self.began, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix({"loss": f"{loss:.4f}", "samples/s": f"{rate:.0f}"}, refresh=False)
+            self.last = now
+        elif now - self.last >= self.spec.log.every_seconds and step < self.per_epoch:
+            self.say(f"epoch {epoch + 1}/{self.spec.train.epochs}  step {step}/{self.per_epoch}  loss {loss:.4f}  "
+                     f"{rate:.0f} samples/s  ETA {duration(left * per_step)}")
+            self.last = now
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.last = time.monotonic()
+        if self.events is not None:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.events.scalar(f"epoch/{key}", value, record["epoch"])
+            self.events.writer.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.events is not None:
+            self.events.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no metrics.jsonl (not a run directory, or no epoch finished yet)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def best_epoch(run_dir: Path) -> int | None:
+    summary = Path(run_dir) / "summary.json"
+    try:
+        return json.loads(summary.read_text()).get("best", {}).get("epoch") if summary.is_file() else None
+    except ValueError:
+        return None
+
+
+def plot_runs(run_dirs: list[Path], path: Path) -> Path:
+    """Loss (train and validation), the task's headline metric and the lr against
+    epochs, one colour per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(Path(d), read_metrics(d)) for d in run_dirs]
+    metric = "val_r2" if any("val_r2" in r for _, records in runs for r in records) else "val_accuracy"
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for (run_dir, records), colour in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+        epochs = [r["epoch"] for r in records]
+        name = run_dir.resolve().name
+        axes[0].plot(epochs, [r["train_loss"] for r in records], "-", color=colour, label=f"{name} train")
+        axes[0].plot(epochs, [r["val_loss"] for r in records], "--", color=colour, label=f"{name} validation")
+        axes[1].plot(epochs, [r.get(metric, float("nan")) for r in records], "-o", color=colour, markersize=3,
+                     label=name)
+        axes[2].plot(epochs, [r["lr"] for r in records], "-", color=colour, label=name)
+        best = best_epoch(run_dir)
+        if best:
+            for ax in axes[:2]:
+                ax.axvline(best, color=colour, linestyle=":", linewidth=1)
+    titles = ("loss", metric.replace("val_", "validation ") + " (dotted: the best epoch)",
+              "learning rate (last step of each epoch)")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    if all(r["lr"] > 0 for _, records in runs for r in records):
+        axes[2].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
