@@ -142,6 +142,11 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     comm = horovod_comm(hvd, hierarchical)
 
     keras.utils.set_random_seed(spec.train.seed)
+    if spec.train.precision == "fp16":
+        raise UserError("train.precision fp16: not with the TensorFlow backend (its loss scaling "
+                        "and Horovod's tape are not combined here); use bf16")
+    # Keras' mixed policy: layers compute in bfloat16 and keep float32 variables
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if spec.train.precision == "bf16" else "float32")
     # User code may fail on one rank only: every rank learns of it before any other collective.
     model, loss_fn = built_on_every_rank(
         comm, lambda: (make_model(spec.model, dataset.preprocessing.input_shape, dataset.outputs),
@@ -186,6 +191,7 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
                loss_fn, hvd, rank: int, dataset: Dataset) -> Steps:
     passes = spec.horovod.backward_passes_per_step
     weight_decay = spec.optimizer.weight_decay
+    clip = spec.train.grad_clip_norm
     params = model.trainable_variables
     compression = hvd.Compression.fp16 if spec.horovod.fp16_compression else hvd.Compression.none
     op = hvd.Adasum if spec.horovod.adasum else hvd.Average
@@ -195,7 +201,7 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
                  tf.TensorSpec([None], label_type), tf.TensorSpec([], tf.float32)]
 
     def loss_of(x, y, training: bool):
-        loss = loss_fn(model(x, training=training), y)
+        loss = loss_fn(tf.cast(model(x, training=training), tf.float32), y)
         if getattr(getattr(loss, "shape", None), "rank", None) != 0:
             raise UserError(f"loss: {spec.loss} returned {type(loss).__name__} of shape "
                             f"{getattr(loss, 'shape', None)}; expected the batch's mean loss as a scalar tensor")
@@ -203,10 +209,13 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
 
     @tf.function(input_signature=signature[:2])
     def evaluate_step(x, y):
-        out = model(x, training=False)
+        out = tf.cast(model(x, training=False), tf.float32)
         return out, loss_fn(out, y)
 
     def apply(grads, lr) -> None:
+        """grads: averaged over the ranks (Horovod's tape or the grouped allreduce)."""
+        if clip:
+            grads, _ = tf.clip_by_global_norm(grads, clip)
         if weight_decay:
             grads = [g + weight_decay * p.value for g, p in zip(grads, params)]
         optimizer.learning_rate.assign(lr)
@@ -369,7 +378,8 @@ def bytes_to_variables(payload: bytes, groups: dict[str, list]) -> None:
 
 def outputs(model: keras.Model, x: np.ndarray) -> np.ndarray:
     """The model's outputs (logits, or values for regression) in inference mode."""
-    return np.asarray(model(np.ascontiguousarray(x, dtype=np.float32), training=False))
+    out = model(np.ascontiguousarray(x, dtype=np.float32), training=False)
+    return np.asarray(tf.cast(out, tf.float32))
 
 
 def weights_digest(model: keras.Model) -> str:

@@ -100,6 +100,9 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     if use_cuda:
         torch.cuda.set_device(hvd.local_rank())
     device = torch.device("cuda", hvd.local_rank()) if use_cuda else torch.device("cpu")
+    if spec.train.precision == "fp16" and not use_cuda:
+        raise UserError("train.precision fp16 needs a GPU (resources.gpus_per_worker and CUDA); "
+                        "on CPU use bf16")
     if use_cuda:
         print(f"rank {hvd.rank()} (local rank {hvd.local_rank()}) trains on {device}: "
               f"{torch.cuda.get_device_name(device)}", flush=True)
@@ -177,6 +180,12 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
                example: np.ndarray, hvd) -> Steps:
     """example: a couple of inputs, to trace a custom model for export."""
     passes = spec.horovod.backward_passes_per_step
+    clip = spec.train.grad_clip_norm
+    # mixed precision: the forward pass under autocast; fp16 also scales the loss, so
+    # that small gradients survive in float16 (bf16 has float32's range)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.train.precision)
+    autocast = lambda: torch.autocast(device.type, dtype=low, enabled=low is not None)  # noqa: E731
+    scaler = torch.amp.GradScaler(device.type) if spec.train.precision == "fp16" else None
 
     def loss_of(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = loss_fn(outputs, y)
@@ -198,29 +207,53 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(i)
                 in_group = min(passes, count - i)
-            loss = loss_of(model(to_device(x, device)), to_device(y, device))
+            with autocast():
+                loss = loss_of(model(to_device(x, device)), to_device(y, device))
             # Gradients of a group's passes add up: each pass carries its share.
-            (loss / in_group).backward()
+            share = loss.float() / in_group
+            (scaler.scale(share) if scaler else share).backward()
             total += loss.detach().double() * len(y)
             seen += len(y)
             if (i + 1) % passes == 0 or i + 1 == count:
-                optimizer.step()
+                step()
         return total.item(), seen
+
+    def step() -> None:
+        if not (clip or scaler):
+            optimizer.step()  # Horovod: allreduces the gradients, then steps
+            return
+        # Horovod: allreduce first, so that clipping and unscaling see the averaged gradients
+        optimizer.synchronize()
+        if scaler:
+            scaler.unscale_(optimizer)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        with optimizer.skip_synchronize():
+            if scaler:
+                scaler.step(optimizer)  # skipped where the gradients hold inf or NaN
+                scaler.update()
+            else:
+                optimizer.step()
 
     def state_bytes() -> bytes:
         buffer = io.BytesIO()
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        if scaler:
+            state["scaler"] = scaler.state_dict()
+        torch.save(state, buffer)
         return buffer.getvalue()
 
     def load_state_bytes(payload: bytes) -> None:
         state = torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
 
     def evaluate_batch(x, y) -> tuple[np.ndarray, float]:
         model.eval()
-        with torch.no_grad():
-            out = model(to_device(x, device))
+        with torch.no_grad(), autocast():
+            out = model(to_device(x, device)).float()
             return out.cpu().numpy(), float(loss_of(out, to_device(y, device))) * len(y)
 
     def export(directory: Path) -> None:
