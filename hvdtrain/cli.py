@@ -26,6 +26,8 @@ def cmd_run(args) -> int:
     from .launch.local import launch
     from .metrics import final_metrics
     from .spec import load_spec
+    if args.quiet or args.verbose:  # an override, so that every rank gets it
+        args.overrides = [*args.overrides, f"log.level={'quiet' if args.quiet else 'verbose'}"]
     spec = load_spec(args.spec, args.overrides)  # invalid specs stop here, before any launch
     require_framework(spec.backend)
     ranks = args.np or spec.resources.workers
@@ -125,6 +127,20 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_run
+    evaluate_run(Path(args.run_dir), Path(args.data) if args.data else None,
+                 Path(args.output) if args.output else None)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .report import plot_runs
+    output = Path(args.output or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else "curves.png"))
+    print(f"wrote {plot_runs([Path(d) for d in args.run_dirs], output)}")
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from .doctor import report
     lines, fixes = report()
@@ -160,6 +176,10 @@ def parser() -> argparse.ArgumentParser:
 
     run = verb("run", cmd_run, "train with N local ranks through horovodrun --gloo")
     run.add_argument("-np", type=int, metavar="N", help="ranks (default: resources.workers)")
+    loudness = run.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="only the final line (log.level=quiet)")
+    loudness.add_argument("-v", "--verbose", action="store_true", help="also data and checkpoint details "
+                                                                        "(log.level=verbose)")
     verb("train", cmd_train, "per-rank entry point (run by horovodrun, srun, mpirun)")
     verb("validate", cmd_validate, "check a spec and print it resolved")
     predict = verb("predict", cmd_predict, "predict with an exported model", spec=False)
@@ -167,6 +187,17 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("input", help=".npz (array x), .csv with the feature columns, or (a model trained "
                          "on an image folder) an image file or a folder of them")
     predict.add_argument("-o", "--output", help="write predictions and probabilities as CSV")
+    evaluate = verb("evaluate", cmd_evaluate, "an exported model on the run's held-out test split or on "
+                    "labelled data: metrics, a per-class table and confusion.png", spec=False)
+    evaluate.add_argument("run_dir", help="run directory (or its model/ folder)")
+    evaluate.add_argument("data", nargs="?", help=".npz (x, y), .npy (y.npy beside it), .csv with the label "
+                          "column, or a folder of class folders of images; default: the run's test split")
+    evaluate.add_argument("-o", "--output", help="directory for evaluation.json and confusion.png "
+                                                 "(default RUN_DIR/evaluation)")
+    plot = verb("plot", cmd_plot, "loss, metric and lr curves of one or more runs on one figure", spec=False)
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("-o", "--output", help="PNG to write (default RUN_DIR/curves.png for one run, "
+                                             "else ./curves.png)")
     verb("doctor", cmd_doctor, "show what is installed and what is missing", spec=False)
     build = verb("build-horovod", cmd_build_horovod,
                  "build (or take from cache) and install Horovod for this environment", spec=False)

@@ -77,6 +77,7 @@ class Dataset:
     val: Samples
     preprocessing: Preprocessing
     dropped_rows: int = 0
+    test: Samples | None = None  # held out (data.test_fraction): the final summary and evaluate only
 
     @property
     def num_classes(self) -> int:
@@ -124,7 +125,8 @@ def load_dataset(spec: DataSpec, image: bool = False, task: str = "classificatio
     shape = input_shape(spec, x.shape[1], image)
     prep = targets.preprocessing(names, list(shape), fill, mean, std, columns, categories)
     xs, y = prep.apply(x), targets.y
-    return Dataset(ArraySamples(xs[train], y[train]), ArraySamples(xs[val], y[val]), prep, dropped)
+    test = ArraySamples(xs[targets.test], y[targets.test]) if len(targets.test) else None
+    return Dataset(ArraySamples(xs[train], y[train]), ArraySamples(xs[val], y[val]), prep, dropped, test)
 
 
 def usable_labels(labels: np.ndarray, task: str) -> np.ndarray:
@@ -144,6 +146,7 @@ class Targets:
     classes: list[str]
     target_mean: float = 0.0
     target_std: float = 1.0
+    test: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
     def split(cls, labels: np.ndarray, task: str, spec: DataSpec) -> "Targets":
@@ -151,17 +154,29 @@ class Targets:
         targets and a random split."""
         if task == "regression":
             values = numeric_targets(labels)
-            train, val = random_split(len(values), spec.validation_fraction, spec.seed)
-            mean = float(values[train].mean()) if len(train) else 0.0
-            std = (float(values[train].std()) or 1.0) if len(train) else 1.0
-            found = cls(((values - mean) / std).astype(np.float32), train, val, task, [], mean, std)
+            split = lambda kept, fraction, seed: random_split(len(kept), fraction, seed)  # noqa: E731
         else:
             classes = sorted({str(v) for v in labels}, key=_natural)
             if len(classes) < 2:
                 raise DataError(f"need at least 2 classes, found {len(classes)} after cleaning")
             index = {label: i for i, label in enumerate(classes)}
             y = np.asarray([index[str(v)] for v in labels], dtype=np.int64)
-            found = cls(y, *stratified_split(y, spec.validation_fraction, spec.seed), task, classes)
+            split = lambda kept, fraction, seed: stratified_split(y[kept], fraction, seed)  # noqa: E731
+        # the test split first, from its own seed; then validation from the rest
+        rest, test = np.arange(len(labels)), np.zeros(0, dtype=np.int64)
+        if spec.test_fraction:
+            kept, held = split(rest, spec.test_fraction, spec.seed + 1)
+            rest, test = rest[kept], rest[held]
+        train, val = (rest[i] for i in split(rest, spec.validation_fraction / (1 - spec.test_fraction),
+                                              spec.seed))
+        if task == "regression":
+            mean = float(values[train].mean()) if len(train) else 0.0
+            std = (float(values[train].std()) or 1.0) if len(train) else 1.0
+            found = cls(((values - mean) / std).astype(np.float32), train, val, task, [], mean, std, test)
+        else:
+            found = cls(y, train, val, task, classes, test=test)
+        if spec.test_fraction and len(found.test) == 0:
+            raise DataError(f"{len(found.y)} usable samples leave none for test_fraction {spec.test_fraction}")
         if len(found.train) == 0 or len(found.val) == 0:
             raise DataError(f"{len(found.y)} usable samples cannot be split with validation_fraction "
                             f"{spec.validation_fraction}")

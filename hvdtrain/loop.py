@@ -117,13 +117,15 @@ def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0] >> 1)
 
 
-def evaluate(dataset: Dataset, comm: Comm, steps: Steps, batch_size: int) -> tuple[np.ndarray, float]:
+def evaluate(dataset: Dataset, comm: Comm, steps: Steps, batch_size: int,
+             samples: Samples | None = None) -> tuple[np.ndarray, float]:
     """This rank's metric sums (confusion counts, or regression sums in the targets'
-    units) and summed loss on its validation shard."""
+    units) and summed loss on its shard of the validation set (or of samples)."""
     prep, k = dataset.preprocessing, dataset.num_classes
     regression = prep.task == "regression"
     stats, loss = np.zeros(5 if regression else k * k), 0.0
-    for x, y in steps.loader(dataset.val, eval_shard(len(dataset.val), comm.rank, comm.size, batch_size)):
+    samples = dataset.val if samples is None else samples
+    for x, y in steps.loader(samples, eval_shard(len(samples), comm.rank, comm.size, batch_size)):
         outputs, batch_loss = steps.evaluate_batch(x, y)
         loss += batch_loss
         labels = np.asarray(y)
@@ -150,6 +152,11 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start:
         prepare_run_dir(spec, start.epoch)
         say(f"{spec.backend} {spec.model.kind} with {steps.parameters:,} parameters on "
             f"{comm.size} workers, {per_epoch} steps per epoch")
+        if spec.log.level == "verbose":
+            test = f", {len(dataset.test)} test" if dataset.test is not None else ""
+            say(f"data: {len(dataset.train)} training, {len(dataset.val)} validation{test} samples "
+                f"({type(dataset.train).__name__}); loader: data.workers {spec.data.workers}, prefetch "
+                f"{spec.data.prefetch}; lr {target_lr:g} after scaling, schedule {spec.optimizer.schedule}")
     record: dict[str, Any] = {}
     steering = Steering.from_dict(start.steering)
     shown = Progress(spec, comm.rank, comm.size, per_epoch, say)
@@ -249,6 +256,8 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
                                  {"spec": spec.model_dump(mode="json"), "metrics": record})
         if checkpoint_due(spec, epoch + 1) or (steering is not None and steering.stopped):
             save_checkpoint(spec, steps, record, steering=steering.to_dict() if steering else None)
+            if spec.log.level == "verbose":
+                progress(f"checkpoint: {checkpoint.checkpoint_path(spec.checkpoint.dir, epoch + 1)}")
     return record
 
 
@@ -407,6 +416,11 @@ def finish(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, record: di
         if best is not None:  # the weights of the best epoch, not the last
             steps.load_state_bytes(best.payload)
             summary["exported_epoch"] = best.epoch
+        if dataset.test is not None:  # the exported model on the held-out split, rank 0 alone
+            alone = Comm(0, 1, 0, 1, lambda values, name: values, lambda obj, name: obj, lambda obj, name: [obj])
+            stats, loss = evaluate(dataset, alone, steps, max(spec.train.batch_size, 256), dataset.test)
+            summary["test"] = {"samples": len(dataset.test), "loss": loss / len(dataset.test),
+                               **task_scores(dataset, stats)}
         model_dir = Path(spec.output) / "model"
         model_dir.mkdir(parents=True, exist_ok=True)
         steps.export(model_dir)

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plugins
-from .data import (Dataset, Preprocessing, Targets, _natural, first_occurrences, input_shape,
-                   stratified_split, usable_labels)
+from .data import Dataset, Preprocessing, Targets, _natural, first_occurrences, input_shape, usable_labels
 from .errors import DataError, UserError
 from .samples import (ArraySamples, ImageSamples, MappedSamples, UserSamples, as_numpy, check_image,
                       image_size, open_npy, read_image, release_pages)
@@ -38,18 +37,25 @@ def image_folder(spec: DataSpec) -> Dataset:
     root = Path(spec.path)
     split_dirs = [root / "train", next((root / n for n in ("val", "validation") if (root / n).is_dir()), None)]
     if split_dirs[0].is_dir() and split_dirs[1] is not None:
+        if spec.test_fraction:
+            raise DataError(f"{root}: data.test_fraction splits one folder of classes; with train/ and "
+                            "val/ folders, put the test images in test/")
         train_files, classes = class_files(split_dirs[0])
-        val_files, val_classes = class_files(split_dirs[1], classes)
-        paths = [p for c in classes for p in train_files[c]] + [p for c in classes for p in val_files[c]]
-        labels = np.asarray([i for i, c in enumerate(classes) for _ in train_files[c]] +
-                            [i for i, c in enumerate(classes) for _ in val_files[c]], dtype=np.int64)
-        n_train = sum(len(v) for v in train_files.values())
-        train, val = np.arange(n_train), np.arange(n_train, len(paths))
+        parts = [train_files, class_files(split_dirs[1], classes)[0]]
+        if (root / "test").is_dir():
+            parts.append(class_files(root / "test", classes)[0])
+        paths = [p for files in parts for c in classes for p in files[c]]
+        labels = np.asarray([i for files in parts for i, c in enumerate(classes) for _ in files[c]], dtype=np.int64)
+        ends = np.cumsum([sum(len(v) for v in files.values()) for files in parts])
+        train, val = np.arange(ends[0]), np.arange(ends[0], ends[1])
+        test = np.arange(ends[1], ends[2]) if len(parts) == 3 else np.zeros(0, dtype=np.int64)
     else:
         files, classes = class_files(root)
         paths = [p for c in classes for p in files[c]]
         labels = np.asarray([i for i, c in enumerate(classes) for _ in files[c]], dtype=np.int64)
-        train, val = stratified_split(labels, spec.validation_fraction, spec.seed)
+        # Targets sorts class names as class_files does, so its indices are the folders'
+        targets = Targets.split(np.asarray([classes[k] for k in labels]), "classification", spec)
+        train, val, test = targets.train, targets.val, targets.test
         empty = [classes[k] for k in range(len(classes)) if not (labels[val] == k).any()]
         if empty:
             raise DataError(f"{root}: class {empty[0]!r} has too few images for a validation share "
@@ -60,7 +66,8 @@ def image_folder(spec: DataSpec) -> Dataset:
     mean, std = channel_statistics([paths[i] for i in train], size, spec)
     prep = Preprocessing([], classes, [3, *size], [], mean, std, image_size=size)
     return Dataset(ImageSamples([paths[i] for i in train], labels[train], prep),
-                   ImageSamples([paths[i] for i in val], labels[val], prep), prep)
+                   ImageSamples([paths[i] for i in val], labels[val], prep), prep,
+                   test=ImageSamples([paths[i] for i in test], labels[test], prep) if len(test) else None)
 
 
 def class_files(folder: Path, classes: list[str] | None = None) -> tuple[dict[str, list[Path]], list[str]]:
@@ -137,10 +144,10 @@ def memory_mapped(spec: DataSpec, image: bool, task: str) -> Dataset:
     fill, mean, std = feature_statistics(x, rows[targets.train], features, chunk, spec.standardize)
     shape = input_shape(spec, features, image, tuple(x.shape[1:]))
     prep = targets.preprocessing([f"f{i}" for i in range(features)], list(shape), fill, mean, std)
-    y = targets.y
+    y, test = targets.y, targets.test
     return Dataset(MappedSamples(path, rows[targets.train], y[targets.train], prep),
                    MappedSamples(path, rows[targets.val], y[targets.val], prep), prep,
-                   int((~keep).sum()))
+                   int((~keep).sum()), MappedSamples(path, rows[test], y[test], prep) if len(test) else None)
 
 
 def open_npy_labels(path: Path) -> np.ndarray:
@@ -185,23 +192,24 @@ def custom(spec: DataSpec, task: str) -> Dataset:
     finite tf.data.Datasets of (x, y) samples (read once into memory)."""
     loader = plugins.load(spec.loader, "data.loader")
     result = plugins.call(loader, dict(spec.args), {"seed": spec.seed}, "data.loader", spec.loader)
-    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+    if not (isinstance(result, (tuple, list)) and len(result) in (2, 3)):
         raise UserError(f"data.loader: {spec.loader} returned {type(result).__name__}; expected a pair "
-                        "(train, validation)")
+                        "(train, validation) or (train, validation, test)")
     label_type = np.int64 if task == "classification" else np.float32
-    train, val = (user_samples(part, label_type, f"data.loader ({name} set)")
-                  for part, name in zip(result, ("training", "validation")))
-    for part, name in ((train, "training"), (val, "validation")):
+    names = ("training", "validation", "test")
+    parts = [user_samples(part, label_type, f"data.loader ({name} set)") for part, name in zip(result, names)]
+    for part, name in zip(parts, names):
         if len(part) == 0:
             raise DataError(f"data.loader: the {name} set is empty")
+    train, val, test = (*parts, None)[:3]
     x, _ = train.batch(np.arange(1))
     classes = loader_classes(result[0], train, task)
     features = int(np.prod(x.shape[1:]))
     prep = Preprocessing([f"f{i}" for i in range(features)], classes, list(x.shape[1:]), [0.0] * features,
                          [0.0] * features, [1.0] * features, task)
-    for part, name in ((train, "training"), (val, "validation")):
+    for part, name in zip(parts, names):
         check_labels(part, prep, name)
-    return Dataset(train, val, prep)
+    return Dataset(train, val, prep, test=test)
 
 
 def user_samples(part, label_type: type, key: str):

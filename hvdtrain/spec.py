@@ -140,6 +140,8 @@ class DataSpec(Section):
     def _square(cls, value):
         return [value, value] if isinstance(value, int) else value
     validation_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0, description=(
+        "held out before the validation split; only the final summary and `hvdtrain evaluate` see it"))
     seed: Seed = 0
 
     @property
@@ -166,6 +168,11 @@ class DataSpec(Section):
                              "data.loader needs source 'custom'")
         if self.args and self.source != "custom":
             raise ValueError("data.args are the custom loader's arguments (source 'custom')")
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise ValueError("validation_fraction + test_fraction must leave samples to train on (< 1)")
+        if self.test_fraction and self.source == "custom":
+            raise ValueError("data.test_fraction: a custom loader makes its own split (it may return "
+                             "(train, validation, test))")
         if self.source == "synthetic" and self.synthetic is None:
             self.synthetic = SyntheticSpec()
         if self.workers is None:

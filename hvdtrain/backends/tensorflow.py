@@ -341,7 +341,8 @@ def make_loader(spec: JobSpec, dataset: Dataset, label_type) -> Callable[[Sample
 
         pipeline = tf.data.Dataset.from_generator(lambda: iter(index_batches),
                                                   output_signature=tf.TensorSpec([None], tf.int64))
-        pipeline = pipeline.map(read_batch, num_parallel_calls=workers or None, deterministic=True)
+        pipeline = pipeline.map(read_batch, num_parallel_calls=workers, deterministic=True) if workers else \
+            pipeline.map(read_batch)
         try:
             yield from pipeline.prefetch(spec.data.prefetch if spec.data else 1)
         except tf.errors.OpError:

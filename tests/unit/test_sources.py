@@ -144,7 +144,8 @@ def load(n=40, seed=0):
 
 
 @pytest.mark.parametrize("body, message", [
-    ("def load():\n    return [1, 2, 3]\n", "returned list; expected a pair"),
+    ("def load():\n    return [1, 2, 3, 4]\n", "returned list; expected a pair"),
+    ("def load():\n    return 1, 2\n", "training set\\): got int; expected a map-style data set"),
     ("import numpy as np\ndef load():\n    return (np.zeros((4, 2)), np.zeros(3)), (np.zeros((2, 2)), np.zeros(2))\n",
      "4 samples but 3 labels"),
     ("import numpy as np\ndef load():\n    return (np.zeros((4, 2)), np.array([0, 1, 2, 3])), "
