@@ -120,3 +120,43 @@ def test_checkpoints_within_an_epoch_record_the_position_a_resumed_run_goes_on_f
     assert summary["final"]["epoch"] == 3
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3] and records[1]["train_loss"] == 0.5
+
+
+def steering_spec(**train):
+    return validate({"name": "s", "backend": "torch", "model": {"kind": "mlp"}, "data": {"source": "iris"},
+                     "train": {"epochs": 50, **train}, "optimizer": {"schedule": "plateau", "patience": 2}})
+
+
+def test_steering_stops_at_a_target_or_after_patience_and_decays_on_plateaus():
+    from hvdtrain.steer import Steering
+    target = Steering()
+    spec = steering_spec(target={"metric": "val_accuracy", "value": 0.9})
+    for epoch, acc in enumerate([0.5, 0.8, 0.91], start=1):
+        assert target.stopped is None
+        target.update(spec, {"epoch": epoch, "val_accuracy": acc, "val_loss": 1.0 / epoch})
+    assert target.stopped == "target: val_accuracy 0.9100 reached 0.9"
+
+    patient = Steering()
+    spec = steering_spec(early_stopping={"metric": "val_loss", "patience": 3, "min_delta": 0.01})
+    losses = [1.0, 0.8, 0.795, 0.81, 0.805]  # 0.795 is not better by more than 0.01
+    for epoch, loss in enumerate(losses, start=1):
+        patient.update(spec, {"epoch": epoch, "val_loss": loss})
+    assert patient.stopped.startswith("early stopping: val_loss did not improve by more than 0.01 for 3 epochs")
+    assert (patient.best_epoch, patient.best_value) == (2, 0.8)
+    # plateau (patience 2, decay 0.1): no lower val_loss after 0.795 at epochs 4 and 5
+    assert patient.lr_factor == pytest.approx(0.1)
+    assert Steering.from_dict(patient.to_dict()) == patient  # what a checkpoint keeps
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", [1.0, 1.0, 1.0, 1.0]),
+    ("cosine", [1.0, 0.5 * (1 + np.cos(np.pi / 4)), 0.5, 0.5 * (1 + np.cos(3 * np.pi / 4))]),
+    ("step", [1.0, 1.0, 0.1, 0.1]),
+])
+def test_lr_schedules_after_warm_up(schedule, expected):
+    spec = validate({"name": "s", "backend": "torch", "model": {"kind": "mlp"}, "data": {"source": "iris"},
+                     "optimizer": {"lr": 0.1, "schedule": schedule, "decay_every_epochs": 2, "decay": 0.1}})
+    got = [loop.lr_schedule(spec.optimizer, 0.4, epoch, 10, epochs=4)(0) / 0.4 for epoch in range(4)]
+    assert got == pytest.approx(expected)
+    warm = spec.model_copy(update={"optimizer": spec.optimizer.model_copy(update={"warmup_epochs": 1.0})})
+    assert loop.lr_schedule(warm.optimizer, 0.4, 0, 10, epochs=4)(5) == pytest.approx(0.25)  # halfway up
