@@ -13,6 +13,7 @@ import json
 import math
 import resource
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +144,7 @@ def task_scores(dataset: Dataset, stats: np.ndarray) -> dict[str, float]:
 
 def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start: Position,
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    say = (lambda line: None) if spec.log.level == "quiet" else (progress or tqdm.write)
+    say = (lambda line: None) if spec.log.level == "quiet" else (progress or write_line)
     n = len(dataset.train)
     per_epoch = steps_per_epoch(n, comm.size, spec.train.batch_size)
     # Horovod: the learning rate scaled by the number of workers.
@@ -261,6 +262,13 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
     return record
 
 
+def write_line(line: str) -> None:
+    """A line on stdout at once (around a tqdm bar), also where stdout is a pipe
+    that Python would otherwise fill before passing on."""
+    tqdm.write(line)
+    sys.stdout.flush()
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory: VmHWM, which starts afresh with the
     program (getrusage's maxrss also holds the peak of the process that started it)."""
@@ -301,7 +309,7 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
     would meet the others inside it): rank 0 loads the checkpoint locally, and
     the state, model and optimizer included, is broadcast from rank 0 at every
     (re)start. Preflight runs after each reset."""
-    progress = progress or tqdm.write
+    progress = progress or write_line
     start, problem = load_latest(spec, steps) if make_comm().rank == 0 else (Position(0), None)
     if problem:
         raise UserError(problem)
