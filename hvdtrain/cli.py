@@ -54,7 +54,10 @@ def slurm_script(args) -> tuple[str, object]:
     return render(spec, Path(args.spec), args.overrides, nodes=args.nodes,
                   tasks_per_node=args.tasks_per_node, gpus_per_node=args.gpus_per_node,
                   cpus_per_task=args.cpus_per_task, time_limit=args.time,
-                  partition=args.partition, mode=args.mode), spec
+                  partition=args.partition, mode=args.mode, account=args.account, qos=args.qos,
+                  mem=args.mem, constraint=args.constraint, exclusive=args.exclusive,
+                  sbatch_args=args.sbatch_arg, container_image=args.container_image,
+                  container_mounts=args.container_mounts), spec
 
 
 def emit(text: str, output: str | None) -> int:
@@ -246,6 +249,15 @@ def parser() -> argparse.ArgumentParser:
         slurm.add_argument("--cpus-per-task", type=int, help="default: resources.cpus_per_worker")
         slurm.add_argument("--time", default="01:00:00", help="time limit (default 01:00:00)")
         slurm.add_argument("--partition", help="partition (default: the cluster's default)")
+        slurm.add_argument("--account", help="account to charge")
+        slurm.add_argument("--qos", help="quality of service")
+        slurm.add_argument("--mem", help="memory per node, e.g. 64G")
+        slurm.add_argument("--constraint", help="node features, e.g. a100")
+        slurm.add_argument("--exclusive", action="store_true", help="whole nodes")
+        slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                           help="any other sbatch option, e.g. --sbatch-arg=--mail-type=END (repeatable)")
+        slurm.add_argument("--container-image", help="run the ranks in this container (Pyxis/enroot)")
+        slurm.add_argument("--container-mounts", help="srun --container-mounts, e.g. /data:/data")
         slurm.add_argument("--mode", choices=["gloo", "mpi"], default="gloo",
                            help="gloo: ranks from SLURM_* and a rendezvous server (default); "
                                 "mpi: srun --mpi=pmix")

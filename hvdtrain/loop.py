@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, preempt
 from .data import Dataset, eval_shard, shard_batches, steps_per_epoch
 from .errors import UserError
 from .metrics import (confusion, epoch_metrics, final_metrics, regression_scores,
@@ -211,18 +211,31 @@ def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start
             if done[0] < limit and done[0] % passes == 0 and shown.due(done[0]):
                 return
 
+    check = spec.slurm.check_every_steps if preempt.enabled() else None
     while done[0] < per_epoch:
         first = done[0]
-        end = min(per_epoch, (first // every + 1) * every)
+        end = min(per_epoch, (first // every + 1) * every, (first // check + 1) * check if check else per_epoch)
         part = np.asarray(steps.train_epoch(epoch, until(end), lr_at, first, per_epoch), dtype=np.float64)
         local += part
         shown.segment(epoch, done[0], part[0], part[1], lr_at(done[0] - 1))
-        if done[0] == end < per_epoch and end % every == 0:
+        if not done[0] == end < per_epoch:
+            continue
+        # a stop asked for (Slurm's warning signal) on any rank: all stop after this step
+        stop = bool(check and end % check == 0 and comm.allreduce_sum(
+            np.array([float(preempt.asked())]), f"hvdtrain.stop.{epoch}.{end}")[0] > 0)
+        if stop or (spec.checkpoint.every_steps and end % every == 0):
             totals = start.sums + comm.allreduce_sum(local, f"hvdtrain.train.{epoch}.{end}")
             if comm.rank == 0:
                 save_checkpoint(spec, steps, {"epoch": epoch},
                                 Position(epoch, end, *totals, steering=start.steering))
                 say(f"checkpoint: epoch {epoch + 1}, step {end}/{per_epoch}")
+        if stop:
+            if comm.rank == 0:
+                (Path(spec.output) / preempt.MARKER).write_text(f"epoch {epoch + 1}, step {end}\n")
+                say(f"stopping on request after step {end} of epoch {epoch + 1}: the rerun goes on from here")
+            # every rank waits for rank 0's checkpoint before any of them ends the job step
+            comm.allreduce_sum(np.zeros(1), "hvdtrain.stopped")
+            raise preempt.Preempted(f"stopped after step {end} of epoch {epoch + 1}")
     return start.sums + comm.allreduce_sum(local, f"hvdtrain.train.{epoch}")
 
 
@@ -394,6 +407,7 @@ def prepare_run_dir(spec: JobSpec, start_epoch: int) -> None:
     """Write the resolved spec; keep only metrics of epochs the checkpoint covers."""
     out = Path(spec.output)
     out.mkdir(parents=True, exist_ok=True)
+    (out / preempt.MARKER).unlink(missing_ok=True)  # this run goes on from the stop
     (out / "spec.yaml").write_text(dump(spec))
     log = out / "metrics.jsonl"
     if log.exists():

@@ -8,6 +8,7 @@ import os
 import runpy
 import sys
 
+from . import preempt
 from .spec import EntrySpec, HorovodSpec, load_spec
 
 
@@ -49,6 +50,7 @@ def main(spec_path: str, overrides: list[str]) -> int:
     from .report import require_tensorboard
 
     spec = load_spec(spec_path, overrides)
+    preempt.install()  # before anything slow: a stop asked for early is not lost
     apply_horovod_environment(spec.horovod)
     # Under srun: Horovod's rank and size from Slurm's variables (nothing elsewhere).
     expected_size = prepare_rank(os.environ, spec.horovod.start_timeout_seconds)
@@ -58,7 +60,11 @@ def main(spec_path: str, overrides: list[str]) -> int:
     backend = get_backend(spec.backend)
     require_tensorboard(spec)
     dataset = load_dataset(spec.data, image=image_input(spec.model, spec.data), task=spec.task)
-    backend.fit(spec, dataset, expected_size=expected_size)
+    try:
+        backend.fit(spec, dataset, expected_size=expected_size)
+    except preempt.Preempted as stop:
+        print(f"hvdtrain: {stop}; exiting {preempt.EXIT_PREEMPTED} for the job to be requeued", flush=True)
+        return preempt.EXIT_PREEMPTED
     return 0
 
 

@@ -230,6 +230,17 @@ class TrainSpec(Section):
         "policy); fp16 needs a GPU"))
 
 
+class SlurmSpec(Section):
+    requeue: bool = Field(default=True, description=(
+        "on preemption or near the time limit (Slurm's USR1), checkpoint where training is and requeue the job"))
+    signal_seconds: Annotated[int, Field(ge=10, le=86_400)] = Field(
+        default=120, description="USR1 this long before the time limit (sbatch --signal)")
+    max_restarts: Annotated[int, Field(ge=0, le=1000)] = Field(
+        default=3, description="requeue at most this many times (SLURM_RESTART_COUNT)")
+    check_every_steps: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=10, description="how often the ranks agree on whether a stop was asked for (one small allreduce)")
+
+
 class LogSpec(Section):
     level: Literal["quiet", "normal", "verbose"] = Field(default="normal", description=(
         "quiet: the final line only; verbose: also rank and pipeline details"))
@@ -327,6 +338,7 @@ class JobSpec(Section):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     log: LogSpec = Field(default_factory=LogSpec)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     output: Path | None = Field(default=None, description="run directory; default runs/<name>")
 
     @model_validator(mode="after")

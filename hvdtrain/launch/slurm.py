@@ -20,6 +20,7 @@ from . import rank_command, template
 from ..errors import UserError
 from ..spec import JobSpec
 from .srun import MODES
+from .. import preempt
 
 TEMPLATE = "hvdtrain.sbatch"
 
@@ -27,8 +28,12 @@ TEMPLATE = "hvdtrain.sbatch"
 def render(spec: JobSpec, spec_path: Path, overrides: list[str], *, nodes: int = 1,
            tasks_per_node: int | None = None, gpus_per_node: int | None = None,
            cpus_per_task: int | None = None, time_limit: str = "01:00:00",
-           partition: str | None = None, mode: str = "gloo") -> str:
-    """The template with its {{...}} fields filled; lines of empty fields are dropped."""
+           partition: str | None = None, mode: str = "gloo", account: str | None = None,
+           qos: str | None = None, mem: str | None = None, constraint: str | None = None,
+           exclusive: bool = False, sbatch_args: list[str] = (), container_image: str | None = None,
+           container_mounts: str | None = None) -> str:
+    """The template with its {{...}} fields filled; lines of empty fields are dropped,
+    and {{#flag}} ... {{/flag}} blocks ({{^flag}}: where it is off) kept or dropped."""
     if mode not in MODES:
         raise UserError(f"launch mode {mode!r}: choose one of {', '.join(MODES)}")
     if nodes < 1:
@@ -48,12 +53,34 @@ def render(spec: JobSpec, spec_path: Path, overrides: list[str], *, nodes: int =
         "cpus_per_task": cpus_per_task or spec.resources.cpus_per_worker,
         "gpus_per_node": gpus_per_node or None, "time": time_limit, "partition": partition,
         "workdir": Path.cwd(), "mode": mode, "srun_mpi": "pmix" if mode == "mpi" else "none",
-        "command": shlex.join(command),
+        "command": shlex.join(command), "account": account, "qos": qos, "mem": mem,
+        "constraint": constraint, "exclusive": "" if exclusive else None,
+        "sbatch_args": "\n".join(f"#SBATCH {shlex.quote(a)}" for a in sbatch_args) or None,
+        "container": "".join(f" {o}" for o in (
+            f"--container-image={shlex.quote(container_image)}" if container_image else "",
+            f"--container-mounts={shlex.quote(container_mounts)}" if container_mounts else "") if o),
+        "signal_seconds": spec.slurm.signal_seconds, "max_restarts": spec.slurm.max_restarts,
+        "marker": shlex.quote(str((Path.cwd() / spec.output / preempt.MARKER).resolve())),
+        "exit_preempted": preempt.EXIT_PREEMPTED,
     }
+    flags = {"requeue": spec.slurm.requeue}
+    for arg in sbatch_args:
+        if not arg.startswith("--"):
+            raise UserError(f"--sbatch-arg {arg!r}: give an sbatch option such as --mail-type=END")
     fields["spec"] = spec_path.resolve()
-    lines = []
+    lines, keep = [], []
     for line in template(TEMPLATE).splitlines():
         if line.startswith("#%"):  # a note about the template itself
+            continue
+        block = re.fullmatch(r"{{([#^/])(\w+)}}", line)
+        if block:  # {{#flag}} / {{^flag}} open a block kept where the flag is on / off
+            sign, flag = block.groups()
+            if sign == "/":
+                keep.pop()
+            else:
+                keep.append(flags[flag] == (sign == "#"))
+            continue
+        if not all(keep):
             continue
         names = re.findall(r"{{(\w+)}}", line)
         if any(fields[n] is None for n in names):

@@ -99,3 +99,43 @@ def test_users_own_script_runs_under_srun(slurm_one_node, figure):
     assert outcome["ranks"] == 2 and len(set(outcome["digests"])) == 1 and outcome["accuracy"] >= 0.93
     assert "epoch 10: loss" in log
     figure(f"slurm one node, plain Horovod script: job {job} COMPLETED, accuracy {outcome['accuracy']:.4f}")
+
+
+def test_warned_job_checkpoints_within_the_epoch_requeues_and_completes_on_the_uninterrupted_weights(
+        slurm_one_node, figure):
+    """USR1 to the batch script (what Slurm sends --signal seconds before the time limit
+    or a preemption): the ranks stop after the same step, rank 0 checkpoints within the
+    epoch, the script requeues the job, and the rerun resumes there and completes."""
+    work = ["data.source=synthetic", "data.synthetic.samples=25000", "data.synthetic.shape=[16]",
+            "model.hidden=[32]", "model.dropout=0.2", "train.epochs=2", "train.batch_size=8",
+            "log.every_seconds=0.2"]
+    whole = slurm_one_node.hvdtrain("run", MLP, "-np", "2", f"output={slurm_one_node.jobs / 'whole'}", *work)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    result = slurm_one_node.hvdtrain("submit", "slurm", MLP, "--tasks-per-node", "2", "-o",
+                                     slurm_one_node.jobs / "warned.sbatch",
+                                     f"output={slurm_one_node.jobs / 'warned'}", *work)
+    job = re.search(r"submitted job (\d+)", result.stdout).group(1)
+    log = slurm_one_node.jobs / f"slurm-digits-mlp-torch-{job}.out"
+    deadline = time.monotonic() + 300
+    while not re.search(r"^epoch 1/2  step (\d{3,})/", log.read_text() if log.exists() else "", re.M):
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_one_node.env, check=True)
+    deadline = time.monotonic() + 300
+    while slurm_one_node.state(job) != "COMPLETED":
+        assert slurm_one_node.state(job) not in ("FAILED", "CANCELLED", "TIMEOUT"), log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
+    text = log.read_text()
+    details = subprocess.run(["scontrol", "show", "job", job], env=slurm_one_node.env, capture_output=True,
+                             text=True).stdout
+    restarts = int(re.search(r"Restarts=(\d+)", details).group(1))
+    stopped = re.search(r"stopping on request after step (\d+) of epoch 1", text)
+    figure(f"slurm requeue: job {job} COMPLETED, Restarts={restarts}, stopped after step "
+           f"{stopped.group(1) if stopped else '?'} of epoch 1")
+    assert restarts == 1 and stopped, text[-3000:]
+    assert f"requeueing job {job} (restart 1 of at most 3)" in text
+    assert f"and {stopped.group(1)} steps of epoch 1" in text  # the rerun resumed at that step
+    digest = {d: json.loads((slurm_one_node.jobs / d / "summary.json").read_text())["weights_digest"]
+              for d in ("whole", "warned")}
+    assert digest["warned"] == digest["whole"]
