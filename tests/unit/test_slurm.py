@@ -14,7 +14,8 @@ START_TIMEOUT = HorovodSpec().start_timeout_seconds
 
 
 def directives(text):
-    return dict(line[len("#SBATCH --"):].split("=", 1) for line in text.splitlines()
+    """{option: value} of the #SBATCH lines (None for a flag)."""
+    return dict((*line[len("#SBATCH --"):].split("=", 1), None)[:2] for line in text.splitlines()
                 if line.startswith("#SBATCH --"))
 
 
@@ -30,10 +31,11 @@ def test_render_fills_the_template_from_spec_and_options():
     head = directives(text)
     assert head == {"job-name": "digits-mlp-torch", "nodes": "2", "ntasks-per-node": "4",
                     "cpus-per-task": "1", "gpus-per-node": "4", "time": "02:00:00",
-                    "partition": "gpu", "chdir": str(ROOT.cwd()), "output": "slurm-%x-%j.out"}
+                    "partition": "gpu", "chdir": str(ROOT.cwd()), "output": "slurm-%x-%j.out",
+                    "requeue": None, "open-mode": "append", "signal": "B:USR1@120"}
     assert "export HVDTRAIN_LAUNCH=mpi" in text
     assert srun_line(text) == (f"srun --kill-on-bad-exit=1 --mpi=pmix {sys.executable} -m hvdtrain train "
-                               f"{MLP.resolve()} train.epochs=3 'output=runs/a b'")
+                               f"{MLP.resolve()} train.epochs=3 'output=runs/a b' &")
     assert "{{" not in text and text.startswith("#!/bin/bash\n")
 
 
@@ -44,6 +46,34 @@ def test_cpu_job_drops_gpu_and_partition_lines_and_spreads_workers():
     assert head["ntasks-per-node"] == "2" and head["cpus-per-task"] == "2"
     text = slurm.render(spec, MLP, [], mode="gloo")
     assert "--mpi=none" in srun_line(text) and "export HVDTRAIN_LAUNCH=gloo" in text
+
+
+def test_site_options_and_containers_reach_sbatch_and_srun():
+    spec = load_spec(MLP)
+    text = slurm.render(spec, MLP, [], account="proj1", qos="high", mem="64G", constraint="a100",
+                        exclusive=True, sbatch_args=["--mail-type=END", "--reservation=r 1"],
+                        container_image="nvcr.io/nvidia/pytorch:26.10-py3", container_mounts="/data:/data")
+    head = directives(text)
+    assert {k: head[k] for k in ("account", "qos", "mem", "constraint", "exclusive", "mail-type")} == \
+        {"account": "proj1", "qos": "high", "mem": "64G", "constraint": "a100", "exclusive": None,
+         "mail-type": "END"}
+    assert "#SBATCH '--reservation=r 1'" in text
+    assert srun_line(text).startswith("srun --kill-on-bad-exit=1 --mpi=none "
+                                      "--container-image=nvcr.io/nvidia/pytorch:26.10-py3 --container-mounts=/data:/data ")
+    with pytest.raises(UserError, match="--sbatch-arg 'mail'"):
+        slurm.render(spec, MLP, [], sbatch_args=["mail"])
+
+
+def test_requeue_is_on_by_default_and_can_be_turned_off():
+    on = slurm.render(load_spec(MLP, ["slurm.signal_seconds=300", "slurm.max_restarts=5"]), MLP, [])
+    assert directives(on)["signal"] == "B:USR1@300" and "requeue" in directives(on)
+    assert "export HVDTRAIN_STOP_SIGNAL=USR1" in on and 'if [ "${SLURM_RESTART_COUNT:-0}" -lt 5 ]' in on
+    marker = (ROOT.cwd() / "runs" / "digits-mlp-torch" / ".preempted").resolve()  # the spec's output
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in on and f"if [ -f {marker} ]" in on
+    off = slurm.render(load_spec(MLP, ["slurm.requeue=false"]), MLP, [])
+    assert "no-requeue" in directives(off) and "signal" not in directives(off)
+    assert "HVDTRAIN_STOP_SIGNAL" not in off and "scontrol" not in off and not srun_line(off).endswith("&")
+    assert "{{" not in on + off
 
 
 @pytest.mark.parametrize("kwargs, message", [
