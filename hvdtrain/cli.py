@@ -80,7 +80,19 @@ def cmd_submit_slurm(args) -> int:
     script = Path(args.output or Path(spec.output) / "hvdtrain.sbatch")
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(text)
-    return submit(script, args.wait)
+    return submit(script, args.wait, Path(spec.output), spec.name)
+
+
+def cmd_status(args) -> int:
+    from .launch.slurm import status
+    print(status(Path(args.run_dir)))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from .launch.slurm import follow
+    follow(Path(args.run_dir), args.follow)
+    return 0
 
 
 def elastic_range(text: str | None) -> tuple[int, int] | None:
@@ -201,6 +213,12 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("-o", "--output", help="PNG to write (default RUN_DIR/curves.png for one run, "
                                              "else ./curves.png)")
+    status = verb("status", cmd_status, "the Slurm job a run was submitted as: state, restarts, last epoch",
+                  spec=False)
+    status.add_argument("run_dir")
+    logs = verb("logs", cmd_logs, "the log of the Slurm job a run was submitted as", spec=False)
+    logs.add_argument("run_dir")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
     verb("doctor", cmd_doctor, "show what is installed and what is missing", spec=False)
     build = verb("build-horovod", cmd_build_horovod,
                  "build (or take from cache) and install Horovod for this environment", spec=False)

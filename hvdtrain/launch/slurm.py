@@ -9,6 +9,7 @@ Two launch modes (HVDTRAIN_LAUNCH, written into the script):
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -91,19 +92,86 @@ def render(spec: JobSpec, spec_path: Path, overrides: list[str], *, nodes: int =
     return "\n".join(lines) + "\n"
 
 
-def submit(script: Path, wait: bool) -> int:
-    """sbatch the script; with wait, block until the job ends and return its exit status."""
+JOB_RECORD = "slurm-job.json"  # in the run directory: the job `hvdtrain status` and `logs` look at
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+        "BOOT_FAIL", "DEADLINE")
+
+
+def submit(script: Path, wait: bool, run_dir: Path | None = None, name: str | None = None) -> int:
+    """sbatch the script; with wait, block until the job ends and return its exit status.
+    The job id and its log are recorded in run_dir for `hvdtrain status` and `logs`."""
     sbatch = shutil.which("sbatch")
     if not sbatch:
         raise UserError("sbatch not found: run on a Slurm login node, or render the script "
                         "with `hvdtrain render slurm` and submit it there")
     args = [sbatch, "--parsable", *(["--wait"] if wait else []), str(script)]
-    proc = subprocess.run(args, capture_output=True, text=True)
-    job = proc.stdout.strip().split(";")[0]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # the job id comes at once, before --wait waits
+    job = first.strip().split(";")[0]
+    if job and run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / JOB_RECORD).write_text(json.dumps({"job": job, "script": str(script.resolve()),
+                                                      "log": str(Path.cwd() / f"slurm-{name}-{job}.out")}))
     if job:
         print(f"submitted job {job} ({script})", flush=True)
+    rest, err = proc.communicate()
+    proc = subprocess.CompletedProcess(args, proc.returncode, first + rest, err)
     if proc.returncode != 0 and not (wait and job):
         raise UserError(f"sbatch failed: {proc.stderr.strip() or proc.returncode}")
     if wait:
         print(f"job {job} ended with exit status {proc.returncode}", flush=True)
     return proc.returncode
+
+
+def job_record(run_dir: Path) -> dict:
+    path = Path(run_dir) / JOB_RECORD
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no Slurm job recorded ({JOB_RECORD}); submit with `hvdtrain submit slurm`")
+    return json.loads(path.read_text())
+
+
+def job_fields(job: str) -> dict[str, str]:
+    """`scontrol show job` as a dict; empty once Slurm has forgotten the job."""
+    scontrol = shutil.which("scontrol")
+    if not scontrol:
+        raise UserError("scontrol not found: run on a Slurm login node")
+    out = subprocess.run([scontrol, "show", "job", "--oneliner", job], capture_output=True, text=True).stdout
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def status(run_dir: Path) -> str:
+    """The recorded job's state, restarts, run time and nodes, and the run's last epoch."""
+    record = job_record(run_dir)
+    fields = job_fields(record["job"])
+    if fields:
+        line = (f"job {record['job']}: {fields.get('JobState')}  restarts {fields.get('Restarts', '0')}  "
+                f"run time {fields.get('RunTime')}  nodes {fields.get('NodeList')}  exit {fields.get('ExitCode')}")
+    else:
+        sacct = shutil.which("sacct")
+        out = subprocess.run([sacct, "-j", record["job"], "-X", "-n", "-P", "-o", "State,Elapsed,ExitCode"],
+                             capture_output=True, text=True).stdout.strip() if sacct else ""
+        line = f"job {record['job']}: {out or 'no longer known to scontrol or sacct'}"
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if metrics.is_file() and metrics.read_text().strip():
+        last = json.loads(metrics.read_text().strip().splitlines()[-1])
+        line += f"\nlast epoch {last['epoch']}: val_loss {last['val_loss']:.4f}"
+    return line + f"\nlog: {record['log']}"
+
+
+def follow(run_dir: Path, forever: bool, out=None, poll: float = 1.0) -> None:
+    """The job's log; with forever, what it appends until the job ends (tail -f)."""
+    import sys
+    import time
+    out = out or sys.stdout
+    record = job_record(run_dir)
+    log, position = Path(record["log"]), 0
+    while True:
+        if log.is_file():
+            with open(log) as handle:
+                handle.seek(position)
+                out.write(handle.read())
+                position = handle.tell()
+            out.flush()
+        if not forever or job_fields(record["job"]).get("JobState", "COMPLETED") in DONE:
+            break
+        time.sleep(poll)

@@ -139,3 +139,7 @@ def test_warned_job_checkpoints_within_the_epoch_requeues_and_completes_on_the_u
     digest = {d: json.loads((slurm_one_node.jobs / d / "summary.json").read_text())["weights_digest"]
               for d in ("whole", "warned")}
     assert digest["warned"] == digest["whole"]
+    shown = slurm_one_node.hvdtrain("status", slurm_one_node.jobs / "warned")
+    assert shown.returncode == 0 and f"job {job}: COMPLETED  restarts 1" in shown.stdout, shown.stdout + shown.stderr
+    logged = slurm_one_node.hvdtrain("logs", slurm_one_node.jobs / "warned", "-f")
+    assert logged.returncode == 0 and logged.stdout == text
