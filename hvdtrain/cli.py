@@ -104,6 +104,18 @@ def elastic_range(text: str | None) -> tuple[int, int] | None:
     return int(low), int(high)
 
 
+def cmd_render_trainjob(args) -> int:
+    from .launch.trainjob import render
+    return emit(render(Path(args.spec), args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                       image=args.image, namespace=args.namespace, procs_per_node=args.procs_per_node,
+                       memory=args.memory, with_runtime=args.runtime, shm=args.shm), args.output)
+
+
+def cmd_render_runtime(args) -> int:
+    from .launch.trainjob import render_runtime
+    return emit(render_runtime(args.image, shm=args.shm), args.output)
+
+
 def cmd_render_k8s(args) -> int:
     from .launch.k8s import render
     text = render(Path(args.spec), args.overrides, workers=args.workers,
@@ -303,6 +315,31 @@ def parser() -> argparse.ArgumentParser:
                           "Worker replicas = MAX_WORKERS")
     k8s.add_argument("-o", "--output", help="write the manifests here")
     k8s.set_defaults(func=cmd_render_k8s)
+
+    job = render.add_parser("trainjob", help="a Kubeflow Trainer v2 TrainJob and its spec ConfigMap",
+                            description="a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1) on "
+                                        "the Horovod ClusterTrainingRuntime, and its spec ConfigMap")
+    job.add_argument("spec", help="job spec (YAML)")
+    job.add_argument("overrides", nargs="*", metavar="key.path=value",
+                     help="override spec values (baked into the ConfigMap)")
+    job.add_argument("--nodes", type=int, required=True, help="training nodes (pods), the launcher's included")
+    job.add_argument("--gpus-per-node", type=int, help="default: resources.gpus_per_worker")
+    job.add_argument("--image", required=True, help="image with hvdtrain (k8s/Dockerfile)")
+    job.add_argument("--namespace", help="namespace of the ConfigMap and TrainJob")
+    job.add_argument("--procs-per-node", type=int, help="ranks per node (default: GPUs, or 1)")
+    job.add_argument("--memory", default="4Gi", help="memory per node (default 4Gi)")
+    job.add_argument("--runtime", action="store_true", help="also the Horovod ClusterTrainingRuntime")
+    job.add_argument("--shm", default="1Gi", help="--runtime: /dev/shm size per node (default 1Gi)")
+    job.add_argument("-o", "--output", help="write the manifests here")
+    job.set_defaults(func=cmd_render_trainjob)
+
+    runtime = render.add_parser("runtime", help="the Horovod ClusterTrainingRuntime for Kubeflow Trainer v2",
+                                description="the Horovod ClusterTrainingRuntime that TrainJobs from "
+                                            "`render trainjob` run on; apply once per cluster")
+    runtime.add_argument("--image", required=True, help="image with hvdtrain (k8s/Dockerfile)")
+    runtime.add_argument("--shm", default="1Gi", help="/dev/shm size per node (default 1Gi)")
+    runtime.add_argument("-o", "--output", help="write the manifest here")
+    runtime.set_defaults(func=cmd_render_runtime)
     return top
 
 

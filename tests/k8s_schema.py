@@ -73,6 +73,43 @@ def pod_templates(job):
                      "spec": template["spec"]}
 
 
+TRAINER = Path(__file__).parent / "data" / "kubeflow-trainer-v2.3.0"
+TRAINER_CRDS = {"TrainJob": "trainer.kubeflow.org_trainjobs.yaml",
+                "ClusterTrainingRuntime": "trainer.kubeflow.org_clustertrainingruntimes.yaml"}
+_TRAINER_VALIDATORS = {}
+
+
+def trainer_problems(doc) -> list[str]:
+    """A Trainer v2.3.0 object against its CRD's v1alpha1 schema, strictly; and the
+    CEL rules (x-kubernetes-validations) of the fields rendered here, checked by hand."""
+    kind = doc.get("kind")
+    if kind not in _TRAINER_VALIDATORS:
+        crd = yaml.safe_load((TRAINER / TRAINER_CRDS[kind]).read_text())
+        [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+        _TRAINER_VALIDATORS[kind] = jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+    problems = [f"{kind} {'/'.join(map(str, e.absolute_path))}: {e.message}"
+                for e in _TRAINER_VALIDATORS[kind].iter_errors(doc)]
+    if doc.get("apiVersion") != "trainer.kubeflow.org/v1alpha1":
+        problems.append(f"{kind}: not trainer.kubeflow.org/v1alpha1")
+    trainer = (doc.get("spec") or {}).get("trainer") or {}
+    if trainer.get("numProcPerNode", 1) < 1:
+        problems.append("TrainJob trainer.numProcPerNode must be greater than or equal to 1")
+    reserved = {"OMPI_MCA_orte_default_hostfile", "OMPI_MCA_plm_rsh_args", "OMPI_MCA_orte_keep_fqdn_hostnames",
+                "OMPI_MCA_orte_set_default_slots"}  # the MPI plugin's own (constants.MPIReservedEnvNames)
+    problems += [f"TrainJob trainer.env: {e['name']} is reserved by the MPI plugin"
+                 for e in trainer.get("env", []) if e["name"] in reserved]
+    return problems
+
+
+def runtime_pod_templates(runtime):
+    for job in runtime["spec"]["template"]["spec"]["replicatedJobs"]:
+        template = job["template"]["spec"]["template"]
+        yield job["name"], {"apiVersion": "v1", "kind": "Pod",
+                            "metadata": {"name": f"{runtime['metadata']['name']}-{job['name']}",
+                                         **template.get("metadata", {})},
+                            "spec": template["spec"]}
+
+
 def manifest_problems(text: str) -> list[str]:
     docs = [d for d in yaml.safe_load_all(text) if d]
     problems = []
@@ -81,6 +118,11 @@ def manifest_problems(text: str) -> list[str]:
             problems += mpijob_problems(doc)
             for kind, pod in pod_templates(doc):
                 problems += [f"{kind} pod: {p}" for p in kubernetes_problems(pod)]
+        elif doc.get("kind") in TRAINER_CRDS:
+            problems += trainer_problems(doc)
+            if doc["kind"] == "ClusterTrainingRuntime":
+                for name, pod in runtime_pod_templates(doc):
+                    problems += [f"{name} pod: {p}" for p in kubernetes_problems(pod)]
         else:
             problems += kubernetes_problems(doc)
     return problems

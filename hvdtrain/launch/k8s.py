@@ -35,13 +35,11 @@ def render(spec_path: Path, overrides: list[str], *, workers: int, gpus_per_work
     """Multi-document YAML: the ConfigMap, then the MPIJob."""
     if workers < 1:
         raise UserError("--workers must be at least 1")
-    if not image.strip() or any(c.isspace() for c in image):
-        raise UserError(f"--image {image!r} is not an image reference")
+    check_image(image)
     for flag, value in (("--memory", memory), ("--shm", shm)):
         if not QUANTITY.match(value):
             raise UserError(f"{flag} {value!r} is not a Kubernetes quantity (e.g. 4Gi, 512Mi)")
-    if namespace is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace):
-        raise UserError(f"--namespace {namespace!r} is not a valid namespace name")
+    check_namespace(namespace)
     given = load_spec(spec_path, overrides, check_paths=False)
     name = k8s_name(given.name)
     gpus = given.resources.gpus_per_worker if gpus_per_worker is None else gpus_per_worker
@@ -74,8 +72,22 @@ def render(spec_path: Path, overrides: list[str], *, workers: int, gpus_per_work
     return yaml.dump_all([configmap, job], Dumper=ManifestDumper, sort_keys=False, width=100)
 
 
+def check_image(image: str) -> None:
+    if not image.strip() or any(c.isspace() for c in image):
+        raise UserError(f"--image {image!r} is not an image reference")
+
+
+def check_namespace(namespace: str | None) -> None:
+    if namespace is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace):
+        raise UserError(f"--namespace {namespace!r} is not a valid namespace name")
+
+
 class ManifestDumper(yaml.SafeDumper):
-    """Multi-line strings (the spec in the ConfigMap) as readable | blocks."""
+    """Multi-line strings (the spec in the ConfigMap) as readable | blocks; a value the
+    template shares (a YAML alias) written out in full at each place."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, text: str):

@@ -91,3 +91,56 @@ def test_launcher_command_runs_the_users_own_script(pod_paths, tmp_path, figure)
     outcome = json.loads((output / "result.json").read_text())
     assert outcome["ranks"] == 2 and len(set(outcome["digests"])) == 1 and outcome["accuracy"] >= 0.93
     figure(f"k8s launcher: plain Horovod script on mpirun -np 2, accuracy {outcome['accuracy']:.4f}")
+
+
+@pytest.fixture
+def trainer_paths(pod_paths):
+    """Also the hostfile's directory, as Trainer's MPI plugin mounts it in the launcher."""
+    hostfile_dir = Path("/etc/mpi")
+    created = not hostfile_dir.exists()
+    hostfile_dir.mkdir(parents=True, exist_ok=True)
+    yield hostfile_dir
+    (hostfile_dir / "hostfile").unlink(missing_ok=True)
+    if created:
+        shutil.rmtree(hostfile_dir, ignore_errors=True)
+
+
+def test_trainjob_launcher_command_trains_on_the_hostfile_trainer_writes(trainer_paths, tmp_path, figure):
+    """A TrainJob of 1 node with 2 processes: what Trainer's MPI plugin and the kubelet do
+    (the ConfigMap mounted, /etc/mpi/hostfile as "<endpoint> slots=<numProcPerNode>", the
+    plugin's Open MPI variables), then the trainer's command and args as rendered."""
+    from hvdtrain.launch import trainjob
+    text = trainjob.render(ROOT / "examples" / "digits-mlp-torch.yaml", ["checkpoint.every_epochs=10"], nodes=1,
+                           gpus_per_node=0, procs_per_node=2, image="hvdtrain:test")
+    configmap, job = yaml.safe_load_all(text)
+    trainer = job["spec"]["trainer"]
+    [patch] = job["spec"]["runtimePatches"]
+    [launcher] = [j for j in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+                  if j["name"] == "launcher"]
+    [mount] = [m for m in launcher["template"]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+               if m["name"] == "spec"]
+    spec_dir = Path(mount["mountPath"])
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    for key, content in configmap["data"].items():
+        (spec_dir / key).write_text(content)
+    hostfile = trainer_paths / "hostfile"
+    hostfile.write_text(f"localhost slots={trainer['numProcPerNode']}\n")
+    output = Path(yaml.safe_load(configmap["data"][k8s.SPEC_KEY])["output"])
+    shutil.rmtree(output, ignore_errors=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           **{e["name"]: e["value"] for e in trainer["env"]},
+           # what the MPI plugin sets (pkg/runtime/framework/plugins/mpi, constants.go of v2.3.0)
+           "OMPI_MCA_orte_default_hostfile": str(hostfile), "OMPI_MCA_orte_keep_fqdn_hostnames": "true",
+           "OMPI_MCA_orte_set_default_slots": str(trainer["numProcPerNode"]),
+           "OMPI_MCA_plm_rsh_args": "-o ConnectionAttempts=10"}
+    try:
+        result = subprocess.run(trainer["command"] + trainer["args"], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        summary = json.loads((output / "summary.json").read_text())
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+        for key in configmap["data"]:
+            (spec_dir / key).unlink(missing_ok=True)
+    assert summary["workers"] == 2 and summary["final"]["val_accuracy"] >= 0.95
+    figure(f"TrainJob launcher: mpirun -np 2 on Trainer's hostfile trained to {summary['final']['val_accuracy']:.4f}")

@@ -21,6 +21,14 @@ def test_the_copies_users_read_are_the_shipped_templates(shipped, copy):
     assert copy.read_text() == template(shipped), f"{copy} differs from hvdtrain/templates/{shipped}"
 
 
+def test_the_rendered_trainer_examples_are_what_render_gives_today():
+    from hvdtrain.launch import trainjob
+    image = "registry.example/hvdtrain:latest"
+    assert (ROOT / "k8s" / "horovod-runtime.yaml").read_text() == trainjob.render_runtime(image)
+    assert (ROOT / "k8s" / "trainjob-digits-cnn-torch.yaml").read_text() == trainjob.render(
+        ROOT / "examples" / "digits-cnn-torch.yaml", [], nodes=2, gpus_per_node=4, image=image)
+
+
 def test_no_module_imports_the_cli_but_main():
     importers = []
     for path in PACKAGE.rglob("*.py"):
@@ -52,12 +60,14 @@ def installed_wheel(tmp_path_factory):
 def test_wheel_holds_the_templates(installed_wheel):
     wheel, _ = installed_wheel
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"hvdtrain/templates/hvdtrain.sbatch", "hvdtrain/templates/mpijob.yaml"} <= set(names)
+    assert {"hvdtrain/templates/hvdtrain.sbatch", "hvdtrain/templates/mpijob.yaml",
+            "hvdtrain/templates/trainjob.yaml", "hvdtrain/templates/horovod-runtime.yaml"} <= set(names)
 
 
 @pytest.mark.parametrize("target, args", [
     ("slurm", ["examples/digits-mlp-torch.yaml"]),
     ("k8s", ["examples/digits-cnn-torch.yaml", "--workers", "2", "--image", "X"]),
+    ("trainjob", ["examples/digits-cnn-torch.yaml", "--nodes", "2", "--image", "X", "--runtime"]),
 ])
 def test_installed_wheel_renders(installed_wheel, tmp_path, target, args):
     _, site = installed_wheel
@@ -69,7 +79,8 @@ def test_installed_wheel_renders(installed_wheel, tmp_path, target, args):
                              *[str(ROOT / a) if a.startswith("examples/") else a for a in args]],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    expected = "srun --kill-on-bad-exit=1" if target == "slurm" else "kind: MPIJob"
+    expected = {"slurm": "srun --kill-on-bad-exit=1", "k8s": "kind: MPIJob",
+                "trainjob": "kind: ClusterTrainingRuntime"}[target]
     assert expected in result.stdout
 
 
