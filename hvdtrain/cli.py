@@ -23,15 +23,19 @@ def cmd_run(args) -> int:
     import json
 
     from .backends import require_framework
-    from .launch.local import launch
+    from .launch.local import Hosts, launch
     from .metrics import final_metrics
     from .spec import load_spec
     if args.quiet or args.verbose:  # an override, so that every rank gets it
         args.overrides = [*args.overrides, f"log.level={'quiet' if args.quiet else 'verbose'}"]
     spec = load_spec(args.spec, args.overrides)  # invalid specs stop here, before any launch
     require_framework(spec.backend)
-    ranks = args.np or spec.resources.workers
-    code = launch(spec, args.spec, args.overrides, ranks)
+    if args.hosts and args.hostfile:
+        raise UserError("give -H or --hostfile, not both")
+    hosts = Hosts(args.hosts, Path(args.hostfile) if args.hostfile else None, args.mpi, args.ssh_port,
+                  Path(args.ssh_identity_file) if args.ssh_identity_file else None, args.network_interfaces)
+    ranks = args.np or hosts.slots() or spec.resources.workers
+    code = launch(spec, args.spec, args.overrides, ranks, hosts)
     if code == 0 and spec.entry is not None:
         print(f"{spec.name}: {spec.entry.script or spec.entry.module} finished on {ranks} ranks")
     summary = Path(spec.output) / "summary.json"
@@ -203,6 +207,14 @@ def parser() -> argparse.ArgumentParser:
 
     run = verb("run", cmd_run, "train with N local ranks through horovodrun --gloo")
     run.add_argument("-np", type=int, metavar="N", help="ranks (default: resources.workers)")
+    run.add_argument("-H", "--hosts", metavar="HOST:SLOTS,...",
+                     help="run the ranks on these hosts through ssh, as horovodrun does (default: "
+                          "localhost); -np defaults to the slots in all")
+    run.add_argument("--hostfile", help="hosts from a file, one 'HOST slots=N' per line")
+    run.add_argument("--mpi", action="store_true", help="Open MPI's mpirun instead of Gloo")
+    run.add_argument("--ssh-port", type=int, help="ssh port of the hosts")
+    run.add_argument("--ssh-identity-file", help="ssh key for the hosts")
+    run.add_argument("--network-interfaces", metavar="NIC,...", help="interfaces for the ranks' traffic")
     loudness = run.add_mutually_exclusive_group()
     loudness.add_argument("-q", "--quiet", action="store_true", help="only the final line (log.level=quiet)")
     loudness.add_argument("-v", "--verbose", action="store_true", help="also data and checkpoint details "

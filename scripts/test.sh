@@ -4,10 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 # The cluster tests start a throwaway Slurm cluster from Debian's packages (root only).
-if [ "$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null; then
-  echo "== installing slurm-wlm and munge for the cluster tests"
+# The two-host tests start sshd in network namespaces (openssh-server).
+if [ "$(id -u)" = 0 ] && { ! command -v slurmctld >/dev/null || [ ! -x /usr/sbin/sshd ]; }; then
+  echo "== installing slurm-wlm, munge and openssh-server for the cluster tests"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge openssh-server >/dev/null
 fi
 set +e
 .venv/bin/python -m pytest -ra "$@"

@@ -1,4 +1,6 @@
-"""Local launch: `horovodrun --gloo` starting N ranks on this machine."""
+"""`hvdtrain run`: horovodrun starting the ranks, on this machine (`localhost:N`) or
+on the hosts named with -H / --hostfile, through ssh as horovodrun does; Gloo by
+default, or Open MPI with --mpi."""
 from __future__ import annotations
 
 import os
@@ -7,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import rank_command
@@ -22,14 +25,52 @@ def horovodrun_path() -> str:
     return found
 
 
+@dataclass
+class Hosts:
+    """Where the ranks run: horovodrun's -H list or hostfile, and how it reaches them."""
+    hosts: str | None = None  # "a:4,b:4"
+    hostfile: Path | None = None  # lines "a slots=4" (or "a:4")
+    mpi: bool = False  # Open MPI's mpirun instead of Gloo
+    ssh_port: int | None = None
+    ssh_identity_file: Path | None = None
+    network_interfaces: str | None = None  # "eth0,eth1"
+
+    def slots(self) -> int | None:
+        """Ranks the hosts hold in all, or None for this machine alone."""
+        if self.hosts is not None:
+            return sum(slot_count(item, "-H") for item in self.hosts.split(","))
+        if self.hostfile is not None:
+            if not self.hostfile.is_file():
+                raise UserError(f"--hostfile {str(self.hostfile)!r}: no such file")
+            lines = [ln.split("#")[0].strip() for ln in self.hostfile.read_text().splitlines()]
+            return sum(slot_count(ln.replace(" slots=", ":"), f"--hostfile {self.hostfile}") for ln in lines if ln)
+        return None
+
+    def arguments(self, np: int) -> list[str]:
+        where = (["-H", self.hosts] if self.hosts else ["--hostfile", str(self.hostfile)] if self.hostfile
+                 else ["-H", f"localhost:{np}"])
+        ssh = [*(["--ssh-port", str(self.ssh_port)] if self.ssh_port else []),
+               *(["--ssh-identity-file", str(self.ssh_identity_file)] if self.ssh_identity_file else []),
+               *(["--network-interfaces", self.network_interfaces] if self.network_interfaces else [])]
+        return [*where, *ssh, "--mpi" if self.mpi else "--gloo"]
+
+
+def slot_count(item: str, where: str) -> int:
+    host, sep, slots = item.strip().rpartition(":")
+    if not (sep and host and slots.isdigit() and int(slots) > 0):
+        raise UserError(f"{where}: {item.strip()!r} is not host:slots (e.g. node1:4)")
+    return int(slots)
+
+
 def horovodrun_command(spec_path: str, overrides: list[str], np: int, start_timeout: int,
-                       elastic: ElasticSpec | None = None) -> list[str]:
+                       elastic: ElasticSpec | None = None, hosts: Hosts | None = None) -> list[str]:
+    hosts = hosts or Hosts()
     if elastic is None:
-        hosts = ["-H", f"localhost:{np}"]
+        where = hosts.arguments(np)
     else:  # the discovery script names the hosts, now and as they change
-        hosts = ["--min-np", str(elastic.min_workers), "--max-np", str(elastic.max_workers),
-                 "--host-discovery-script", str(elastic.discovery.resolve())]
-    return [horovodrun_path(), "-np", str(np), *hosts, "--gloo",
+        where = ["--min-np", str(elastic.min_workers), "--max-np", str(elastic.max_workers),
+                 "--host-discovery-script", str(elastic.discovery.resolve()), "--gloo"]
+    return [horovodrun_path(), "-np", str(np), *where,
             "--start-timeout", str(start_timeout), *rank_command(spec_path, overrides)]
 
 
@@ -40,7 +81,7 @@ def rank_environment(spec: JobSpec) -> dict[str, str]:
     return env
 
 
-def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int) -> int:
+def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int, hosts: Hosts | None = None) -> int:
     """Run the ranks with their output streaming through; return the exit code:
     0, the first failed rank's status when it is a usage error (2), else 1.
 
@@ -51,8 +92,11 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int) -> int:
     elastic = spec.horovod.elastic
     if elastic is not None and not (elastic.discovery.is_file() and os.access(elastic.discovery, os.X_OK)):
         raise UserError(f"horovod.elastic.discovery: {str(elastic.discovery)!r} is not an executable file")
+    if elastic is not None and hosts is not None and (hosts.hosts or hosts.hostfile or hosts.mpi):
+        raise UserError("-H, --hostfile and --mpi do not apply to elastic training: the discovery "
+                        "script names the hosts, and elastic Horovod runs on Gloo")
     cmd = horovodrun_command(spec_path, overrides, np, spec.horovod.start_timeout_seconds,
-                             spec.horovod.elastic)
+                             spec.horovod.elastic, hosts)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=rank_environment(spec))
     launcher_lines = []
@@ -74,7 +118,8 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int) -> int:
     # a signal shows as a negative status, or as 128 + signal from the shell horovodrun uses
     killed_by = -status if status < 0 else status - 128 if 128 < status <= 128 + 64 else None
     if killed_by:
-        how = f"was killed by signal {killed_by} ({signal_name(killed_by)}) on localhost"
+        on = "localhost" if hosts is None or not (hosts.hosts or hosts.hostfile) else "its host"
+        how = f"was killed by signal {killed_by} ({signal_name(killed_by)}) on {on}"
         where = "its last lines are above"
     else:
         how, where = f"exited with status {status}", "its error is above"
