@@ -69,9 +69,37 @@ def horovodrun_command(spec_path: str, overrides: list[str], np: int, start_time
         where = hosts.arguments(np)
     else:  # the discovery script names the hosts, now and as they change
         where = ["--min-np", str(elastic.min_workers), "--max-np", str(elastic.max_workers),
-                 "--host-discovery-script", str(elastic.discovery.resolve()), "--gloo"]
+                 "--host-discovery-script", str(elastic.discovery.resolve()), "--gloo",
+                 # Horovod's elastic driver waits up to this long for hosts (default 600 s, silently)
+                 "--elastic-timeout", str(start_timeout)]
+        if hosts.network_interfaces:
+            where += ["--network-interfaces", hosts.network_interfaces]
+        elif all_local(discovered_hosts(elastic)):
+            # Horovod's elastic Gloo driver finds the interfaces the hosts share by probing from
+            # host to host, so it waits for two hosts; ranks on this machine alone talk over
+            # the loopback interface, and naming it skips the wait.
+            where += ["--network-interfaces", "lo"]
     return [horovodrun_path(), "-np", str(np), *where,
             "--start-timeout", str(start_timeout), *rank_command(spec_path, overrides)]
+
+
+def discovered_hosts(elastic: ElasticSpec) -> list[str]:
+    """The hosts the discovery script names now ("host:slots" lines)."""
+    try:
+        out = subprocess.run([str(elastic.discovery.resolve())], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise UserError(f"horovod.elastic.discovery: {elastic.discovery} failed to run: {err}") from None
+    if out.returncode != 0:
+        raise UserError(f"horovod.elastic.discovery: {elastic.discovery} exited with {out.returncode}: "
+                        f"{out.stderr.strip()[:300]}")
+    return [line.split(":")[0].strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def all_local(hosts: list[str]) -> bool:
+    """Every host is this machine (so the ranks can use the loopback interface)."""
+    import socket
+    local = {"localhost", socket.gethostname(), socket.getfqdn()}
+    return bool(hosts) and all(h in local or h.startswith("127.") for h in hosts)
 
 
 def rank_environment(spec: JobSpec) -> dict[str, str]:
@@ -111,6 +139,13 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int, hosts: 
         return 0
     # elastic: workers may fail and be replaced; the failure that ended the job is the last
     rank, status = first_failure(launcher_lines[::-1] if spec.horovod.elastic else launcher_lines)
+    waited = next((ln for ln in launcher_lines if "Timed out waiting for" in ln), None)
+    if rank is None and waited is not None:
+        print(f"hvdtrain: training failed: no workers within horovod.start_timeout_seconds "
+              f"({spec.horovod.start_timeout_seconds} s): Horovod timed out "
+              f"{waited.split('Timed out', 1)[1].strip().replace('{activity}', 'hosts with enough slots')}",
+              file=sys.stderr)
+        return EXIT_FAILED
     if rank is None:
         tail = "".join(launcher_lines[-5:]).rstrip()
         print(f"hvdtrain: training failed: horovodrun exited with status {code}\n{tail}", file=sys.stderr)

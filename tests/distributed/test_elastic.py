@@ -77,3 +77,32 @@ def test_worker_killed_then_added_back(tmp_path, figure):
     assert summary["workers"] == 2 and summary["final"]["val_accuracy"] >= 0.95
     figure(f"elastic: workers {workers[0]} -> 1 (after the kill) -> {workers[-1]}; "
           f"final accuracy {summary['final']['val_accuracy']:.4f}")
+
+
+def elastic_run(tmp_path, hosts_text, *overrides):
+    discover = tmp_path / "discover.sh"
+    discover.write_text(f"#!/bin/sh\nprintf '{hosts_text}'\n")
+    discover.chmod(0o755)
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "hvdtrain", "run", str(MLP), "train.epochs=3",
+                             f"output={tmp_path / 'out'}", *overrides,
+                             f"horovod.elastic={{min_workers: 1, max_workers: 2, discovery: {discover}}}"],
+                            capture_output=True, text=True, timeout=300)
+    return result, time.monotonic() - began
+
+
+def test_one_local_host_with_two_slots_starts_at_once(tmp_path, figure):
+    """Horovod's elastic Gloo driver waits for two hosts to probe their shared interfaces;
+    for this machine alone hvdtrain names the loopback interface, so it starts."""
+    result, seconds = elastic_run(tmp_path, "localhost:2\\n")
+    figure(f"elastic, discovery 'localhost:2': exit {result.returncode} after {seconds:.1f}s")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2 workers)" in result.stdout and seconds < 120
+
+
+def test_no_hosts_ends_within_the_start_timeout_saying_what_it_waited_for(tmp_path, figure):
+    result, seconds = elastic_run(tmp_path, "", "horovod.start_timeout_seconds=15")
+    figure(f"elastic, discovery printing no host: exit {result.returncode} after {seconds:.1f}s")
+    assert result.returncode == 1 and seconds < 60
+    assert "no workers within horovod.start_timeout_seconds (15 s): Horovod timed out waiting for hosts " \
+           "with enough slots" in result.stderr
