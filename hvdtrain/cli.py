@@ -185,10 +185,17 @@ def cmd_doctor(args) -> int:
 def cmd_build_horovod(args) -> int:
     from .horovod_build import BuildError, ensure_horovod
     try:
-        ensure_horovod(force=args.force)
+        wheel = ensure_horovod(force=args.force)
     except BuildError as err:
         print(f"hvdtrain: Horovod build failed: {err}", file=sys.stderr)
         return EXIT_FAILED
+    if args.wheel_out:
+        import shutil
+        target = Path(args.wheel_out)
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(wheel, target / wheel.name)
+        print(f"wrote {target / wheel.name}: `pip install {wheel.name}` on nodes with the same "
+              "Python, torch, TensorFlow and MPI (no compiler needed)")
     return 0
 
 
@@ -247,6 +254,7 @@ def parser() -> argparse.ArgumentParser:
     build = verb("build-horovod", cmd_build_horovod,
                  "build (or take from cache) and install Horovod for this environment", spec=False)
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument("--wheel-out", metavar="DIR", help="also copy the wheel here, for nodes without compilers")
 
     bench = verb("bench", cmd_bench, "training throughput against hand-written Horovod, DDP and the "
                  "TF backend, and allreduce bandwidth; writes bench.json and bench.png", spec=False)

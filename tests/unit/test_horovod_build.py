@@ -109,3 +109,15 @@ def test_reinit_keeps_fixed_fusion_and_cycle_knobs(knobs):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["4", "4", "4"]
+
+
+def test_build_horovod_copies_the_wheel_out_for_nodes_without_compilers(cli, tmp_path):
+    """The cached wheel of this environment (setup built it), copied out whole."""
+    import zipfile
+    result = cli("build-horovod", "--wheel-out", tmp_path / "wheels", timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [wheel] = (tmp_path / "wheels").glob("horovod-0.28.1+hvdtrain.*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("horovod/torch/mpi_lib_v2") for n in names)
+    assert any(n.startswith("horovod/tensorflow/mpi_lib") for n in names)
+    assert f"wrote {wheel}" in result.stdout
