@@ -4,7 +4,6 @@ that `evaluate` scores as the summary did, early stopping with the best epoch
 exported and the plateau schedule."""
 import json
 
-import numpy as np
 import pytest
 
 from tests.conftest import ROOT
