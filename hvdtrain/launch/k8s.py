@@ -42,13 +42,7 @@ def render(spec_path: Path, overrides: list[str], *, workers: int, gpus_per_work
     check_namespace(namespace)
     given = load_spec(spec_path, overrides, check_paths=False)
     name = k8s_name(given.name)
-    gpus = given.resources.gpus_per_worker if gpus_per_worker is None else gpus_per_worker
-    if gpus < 0:
-        raise UserError("--gpus-per-worker must be at least 0")
-    slots = slots_per_worker or gpus or 1
-    if gpus and slots != gpus:
-        raise UserError(f"--slots-per-worker {slots} with {gpus} GPUs per worker: "
-                        "Horovod runs one rank per GPU, so they must be equal")
+    gpus, slots = ranks_per_pod(given, gpus_per_worker, slots_per_worker, "worker", "--slots-per-worker")
     extra = []
     if elastic is not None:
         low, high = elastic
@@ -70,6 +64,19 @@ def render(spec_path: Path, overrides: list[str], *, workers: int, gpus_per_work
         if namespace:
             doc["metadata"]["namespace"] = namespace
     return yaml.dump_all([configmap, job], Dumper=ManifestDumper, sort_keys=False, width=100)
+
+
+def ranks_per_pod(spec: JobSpec, gpus: int | None, ranks: int | None, pod: str, flag: str) -> tuple[int, int]:
+    """(GPUs, ranks) per pod: the GPUs given (default: the spec's per worker), one rank
+    each (Horovod's rule), or the ranks given for CPU pods."""
+    gpus = spec.resources.gpus_per_worker if gpus is None else gpus
+    if gpus < 0:
+        raise UserError(f"--gpus-per-{pod} must be at least 0")
+    ranks = ranks or gpus or 1
+    if gpus and ranks != gpus:
+        raise UserError(f"{flag} {ranks} with {gpus} GPUs per {pod}: Horovod runs one rank per GPU, "
+                        "so they must be equal")
+    return gpus, ranks
 
 
 def check_image(image: str) -> None:

@@ -12,7 +12,7 @@ from . import rank_command, template
 from ..errors import UserError
 from ..spec import load_spec
 from .k8s import (OUTPUT_DIR, QUANTITY, SPEC_DIR, SPEC_KEY, ManifestDumper, check_image, check_namespace,
-                  fill_configmap, k8s_name, with_np)
+                  fill_configmap, k8s_name, ranks_per_pod, with_np)
 
 TEMPLATE, RUNTIME_TEMPLATE = "trainjob.yaml", "horovod-runtime.yaml"
 
@@ -47,13 +47,7 @@ def render(spec_path: Path, overrides: list[str], *, nodes: int, gpus_per_node: 
         raise UserError("horovod.elastic: Kubeflow Trainer v2 keeps no host list up to date for "
                         "elastic Horovod; render an MPIJob (`hvdtrain render k8s --elastic`)")
     name = k8s_name(given.name)
-    gpus = given.resources.gpus_per_worker if gpus_per_node is None else gpus_per_node
-    if gpus < 0:
-        raise UserError("--gpus-per-node must be at least 0")
-    procs = procs_per_node or gpus or 1
-    if gpus and procs != gpus:
-        raise UserError(f"--procs-per-node {procs} with {gpus} GPUs per node: Horovod runs one rank "
-                        "per GPU, so they must be equal")
+    gpus, procs = ranks_per_pod(given, gpus_per_node, procs_per_node, "node", "--procs-per-node")
     # The spec as every rank reads it: output inside the output volume, resources as deployed.
     spec = load_spec(spec_path, [*overrides, f"output={OUTPUT_DIR}/{name}",
                                  f"resources.workers={nodes * procs}",

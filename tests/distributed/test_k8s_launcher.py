@@ -35,31 +35,24 @@ def pod_paths():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_launcher(spec, overrides, tmp_path):
-    """Render an MPIJob for 1 worker with 2 slots, then do what the operator and kubelet
-    do (mount the ConfigMap, write the hostfile) and run the launcher's command and
-    args as rendered. Returns (result, the spec's output dir); cleans the pod's paths."""
-    text = k8s.render(spec, overrides, workers=1, gpus_per_worker=0, slots_per_worker=2,
-                      image="hvdtrain:test")
-    configmap, job = yaml.safe_load_all(text)
-    launcher_pod = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
-    container = launcher_pod["containers"][0]
-    [mount] = [m for m in container["volumeMounts"] if m["name"] == "spec"]
+def run_in_pod(configmap, mounts, command, env_list, hostfile, slots, extra_env, tmp_path):
+    """What the operator and kubelet do (mount the ConfigMap where the container's
+    `spec` mount is, write the hostfile "localhost slots=N"), then the command as
+    rendered in the image's environment (its python3 has hvdtrain) plus the
+    container's env. Returns (result, the spec's output dir, kept); cleans the pod's paths."""
+    [mount] = [m for m in mounts if m["name"] == "spec"]
     spec_dir = Path(mount["mountPath"])
     spec_dir.mkdir(parents=True, exist_ok=True)
     for key, content in configmap["data"].items():
         (spec_dir / key).write_text(content)
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text(f"localhost slots={job['spec']['slotsPerWorker']}\n")
+    hostfile.write_text(f"localhost slots={slots}\n")
     output = Path(yaml.safe_load(configmap["data"][k8s.SPEC_KEY])["output"])
     shutil.rmtree(output, ignore_errors=True)
-    # the image's environment: its python3 has hvdtrain; then the container's env
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           **{e["name"]: e["value"] for e in container["env"]},
-           "OMPI_MCA_orte_default_hostfile": str(hostfile)}
+           **{e["name"]: e["value"] for e in env_list}, "OMPI_MCA_orte_default_hostfile": str(hostfile),
+           **extra_env}
     try:
-        result = subprocess.run(container["command"] + container["args"], env=env, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         kept = tmp_path / "output"
         if output.exists():
             shutil.copytree(output, kept)
@@ -68,6 +61,16 @@ def run_launcher(spec, overrides, tmp_path):
         shutil.rmtree(output, ignore_errors=True)
         for key in configmap["data"]:
             (spec_dir / key).unlink(missing_ok=True)
+
+
+def run_launcher(spec, overrides, tmp_path):
+    """Render an MPIJob for 1 worker with 2 slots and run its launcher as the operator would."""
+    text = k8s.render(spec, overrides, workers=1, gpus_per_worker=0, slots_per_worker=2,
+                      image="hvdtrain:test")
+    configmap, job = yaml.safe_load_all(text)
+    container = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    return run_in_pod(configmap, container["volumeMounts"], container["command"] + container["args"],
+                      container["env"], tmp_path / "hostfile", job["spec"]["slotsPerWorker"], {}, tmp_path)
 
 
 def test_launcher_command_trains_two_ranks_with_the_configmap_spec(pod_paths, tmp_path, figure):
@@ -117,30 +120,14 @@ def test_trainjob_launcher_command_trains_on_the_hostfile_trainer_writes(trainer
     [patch] = job["spec"]["runtimePatches"]
     [launcher] = [j for j in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
                   if j["name"] == "launcher"]
-    [mount] = [m for m in launcher["template"]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
-               if m["name"] == "spec"]
-    spec_dir = Path(mount["mountPath"])
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    for key, content in configmap["data"].items():
-        (spec_dir / key).write_text(content)
-    hostfile = trainer_paths / "hostfile"
-    hostfile.write_text(f"localhost slots={trainer['numProcPerNode']}\n")
-    output = Path(yaml.safe_load(configmap["data"][k8s.SPEC_KEY])["output"])
-    shutil.rmtree(output, ignore_errors=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           **{e["name"]: e["value"] for e in trainer["env"]},
-           # what the MPI plugin sets (pkg/runtime/framework/plugins/mpi, constants.go of v2.3.0)
-           "OMPI_MCA_orte_default_hostfile": str(hostfile), "OMPI_MCA_orte_keep_fqdn_hostnames": "true",
-           "OMPI_MCA_orte_set_default_slots": str(trainer["numProcPerNode"]),
-           "OMPI_MCA_plm_rsh_args": "-o ConnectionAttempts=10"}
-    try:
-        result = subprocess.run(trainer["command"] + trainer["args"], env=env, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-        summary = json.loads((output / "summary.json").read_text())
-    finally:
-        shutil.rmtree(output, ignore_errors=True)
-        for key in configmap["data"]:
-            (spec_dir / key).unlink(missing_ok=True)
+    mounts = launcher["template"]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    slots = trainer["numProcPerNode"]
+    # what the MPI plugin sets besides the hostfile (pkg/runtime/framework/plugins/mpi, constants.go of v2.3.0)
+    plugin_env = {"OMPI_MCA_orte_keep_fqdn_hostnames": "true", "OMPI_MCA_orte_set_default_slots": str(slots),
+                  "OMPI_MCA_plm_rsh_args": "-o ConnectionAttempts=10"}
+    result, output = run_in_pod(configmap, mounts, trainer["command"] + trainer["args"], trainer["env"],
+                                trainer_paths / "hostfile", slots, plugin_env, tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    summary = json.loads((output / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["final"]["val_accuracy"] >= 0.95
     figure(f"TrainJob launcher: mpirun -np 2 on Trainer's hostfile trained to {summary['final']['val_accuracy']:.4f}")
