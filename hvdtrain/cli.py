@@ -199,6 +199,20 @@ def cmd_build_horovod(args) -> int:
     return 0
 
 
+def kubernetes_options(sub: argparse.ArgumentParser, pod: str, kind: str) -> None:
+    """What the MPIJob and the TrainJob both take: the spec, overrides, image, namespace,
+    GPUs, memory and /dev/shm per pod, and the output file."""
+    sub.add_argument("spec", help="job spec (YAML)")
+    sub.add_argument("overrides", nargs="*", metavar="key.path=value",
+                     help="override spec values (baked into the ConfigMap)")
+    sub.add_argument(f"--gpus-per-{pod}", type=int, help="default: resources.gpus_per_worker")
+    sub.add_argument("--image", required=True, help="image with hvdtrain (k8s/Dockerfile)")
+    sub.add_argument("--namespace", help=f"namespace of the ConfigMap and {kind}")
+    sub.add_argument("--memory", default="4Gi", help=f"memory per {pod} (default 4Gi)")
+    sub.add_argument("--shm", default="1Gi", help=f"/dev/shm size per {pod} (default 1Gi)")
+    sub.add_argument("-o", "--output", help="write the manifests here")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="hvdtrain", description=__doc__)
     verbs = top.add_subparsers(dest="verb", required=True)
@@ -320,37 +334,21 @@ def parser() -> argparse.ArgumentParser:
     k8s = render.add_parser("k8s", help="a Kubeflow MPIJob (v2beta1) and its spec ConfigMap",
                             description="a Kubeflow MPIJob (v2beta1) and its spec ConfigMap, as "
                                         "multi-document YAML for kubectl apply -f -")
-    k8s.add_argument("spec", help="job spec (YAML)")
-    k8s.add_argument("overrides", nargs="*", metavar="key.path=value",
-                     help="override spec values (baked into the ConfigMap)")
+    kubernetes_options(k8s, "worker", "MPIJob")
     k8s.add_argument("--workers", type=int, required=True, help="worker pods")
-    k8s.add_argument("--gpus-per-worker", type=int, help="default: resources.gpus_per_worker")
-    k8s.add_argument("--image", required=True, help="image with hvdtrain (k8s/Dockerfile)")
-    k8s.add_argument("--namespace", help="namespace of the ConfigMap and MPIJob")
     k8s.add_argument("--slots-per-worker", type=int, help="ranks per worker (default: GPUs, or 1)")
-    k8s.add_argument("--memory", default="4Gi", help="memory per worker (default 4Gi)")
-    k8s.add_argument("--shm", default="1Gi", help="/dev/shm size per worker (default 1Gi)")
     k8s.add_argument("--elastic", metavar="MIN_RANKS:MAX_WORKERS",
                      help="elastic job: horovodrun with the operator's discover_hosts.sh; "
                           "Worker replicas = MAX_WORKERS")
-    k8s.add_argument("-o", "--output", help="write the manifests here")
     k8s.set_defaults(func=cmd_render_k8s)
 
     job = render.add_parser("trainjob", help="a Kubeflow Trainer v2 TrainJob and its spec ConfigMap",
                             description="a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1) on "
                                         "the Horovod ClusterTrainingRuntime, and its spec ConfigMap")
-    job.add_argument("spec", help="job spec (YAML)")
-    job.add_argument("overrides", nargs="*", metavar="key.path=value",
-                     help="override spec values (baked into the ConfigMap)")
+    kubernetes_options(job, "node", "TrainJob")
     job.add_argument("--nodes", type=int, required=True, help="training nodes (pods), the launcher's included")
-    job.add_argument("--gpus-per-node", type=int, help="default: resources.gpus_per_worker")
-    job.add_argument("--image", required=True, help="image with hvdtrain (k8s/Dockerfile)")
-    job.add_argument("--namespace", help="namespace of the ConfigMap and TrainJob")
     job.add_argument("--procs-per-node", type=int, help="ranks per node (default: GPUs, or 1)")
-    job.add_argument("--memory", default="4Gi", help="memory per node (default 4Gi)")
     job.add_argument("--runtime", action="store_true", help="also the Horovod ClusterTrainingRuntime")
-    job.add_argument("--shm", default="1Gi", help="--runtime: /dev/shm size per node (default 1Gi)")
-    job.add_argument("-o", "--output", help="write the manifests here")
     job.set_defaults(func=cmd_render_trainjob)
 
     runtime = render.add_parser("runtime", help="the Horovod ClusterTrainingRuntime for Kubeflow Trainer v2",
