@@ -19,7 +19,7 @@ def records(run_dir):
 @pytest.mark.parametrize("backend", ["torch", "tensorflow"])
 def test_run_shows_progress_writes_events_and_curves_and_scores_its_test_split(cli, tmp_path, backend, figure):
     out = tmp_path / "run"
-    result = cli("run", MLP[backend], "-np", "2", f"output={out}", "train.epochs=6", "log.every_seconds=0.05",
+    result = cli("run", MLP[backend], "-np", "2", f"output={out}", "train.epochs=6", "log.every_seconds=0.001",
                  "log.tensorboard=true", "log.every_steps=5", "data.test_fraction=0.2", "train.precision=bf16",
                  "train.grad_clip_norm=5.0")
     assert result.returncode == 0, result.stderr[-3000:]
