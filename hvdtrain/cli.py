@@ -226,7 +226,7 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    run = verb("run", cmd_run, "train with N local ranks through horovodrun --gloo")
+    run = verb("run", cmd_run, "train through horovodrun: N ranks here, or on the -H hosts (Gloo, or --mpi)")
     run.add_argument("-np", type=int, metavar="N", help="ranks (default: resources.workers)")
     run.add_argument("-H", "--hosts", metavar="HOST:SLOTS,...",
                      help="run the ranks on these hosts through ssh, as horovodrun does (default: "
