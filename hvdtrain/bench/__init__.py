@@ -121,7 +121,7 @@ def run_training(s: Settings, scratch: Path, log, failures: list[dict]) -> list[
                 result = attempt(cmd, out, f"{impl} on {ranks} rank(s), round {round_ + 1}", failures, log)
                 if result is None:
                     continue
-                rates = [result["samples_per_window"] / t for t in result["window_seconds"]]
+                rates = [n / t for n, t in zip(result["window_samples"], result["window_seconds"])]
                 runs.append({"impl": impl, "ranks": ranks, "round": round_, "samples_per_s": rates})
                 log(f"  {impl:10s} {ranks} rank(s), round {round_ + 1}: "
                     f"{statistics.median(rates):9.1f} samples/s")

@@ -52,13 +52,13 @@ def train_hvdtrain(spec, backend_name: str):
     def run(count: int, start: int) -> None:
         job.steps.train_epoch(0, cycle(batches, count, start), lambda i: lr, 0, count)
 
-    def barrier() -> None:
+    def total(value: float) -> float:
         if backend_name == "torch":
             import torch
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-        comm.allreduce_sum(np.zeros(1), "bench.barrier")
-    return comm.rank, comm.size, run, barrier, len(batches[0][1])
+        return float(comm.allreduce_sum(np.array([value]), "bench.sum")[0])
+    return comm.rank, comm.size, run, total, [len(y) for _, y in batches]
 
 
 def device_for(spec, local_rank: int):
@@ -94,10 +94,10 @@ def train_horovod(spec):
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
-    def barrier() -> None:
+    def total(value: float) -> float:
         synchronize(device)
-        hvd.allreduce(torch.zeros(1), name="bench.barrier")
-    return hvd.rank(), hvd.size(), plain_steps(model, optimizer, batches, device), barrier, len(batches[0][1])
+        return float(hvd.allreduce(torch.tensor([value], dtype=torch.float64), op=hvd.Sum, name="bench.sum")[0])
+    return hvd.rank(), hvd.size(), plain_steps(model, optimizer, batches, device), total, [len(y) for _, y in batches]
 
 
 def plain_steps(model, optimizer, batches: list, device):
@@ -136,10 +136,12 @@ def train_ddp(spec, communicate: bool = True):
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr * size,
                                 momentum=spec.optimizer.momentum)
 
-    def barrier() -> None:
+    def total(value: float) -> float:
         synchronize(device)
-        dist.barrier()
-    return rank, size, plain_steps(model, optimizer, batches, device), barrier, len(batches[0][1])
+        summed = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(summed)
+        return float(summed[0])
+    return rank, size, plain_steps(model, optimizer, batches, device), total, [len(y) for _, y in batches]
 
 
 def time_training(args) -> dict:
@@ -154,17 +156,20 @@ def time_training(args) -> dict:
                                                    "tensorflow"),
               "horovod": lambda: train_horovod(spec), "ddp": lambda: train_ddp(spec),
               "local": lambda: train_ddp(spec, communicate=False)}
-    rank, size, run, barrier, batch = makers[args.impl]()
+    # total(x): x summed over the ranks; every implementation starts and ends its windows with it
+    rank, size, run, total, sizes = makers[args.impl]()
     run(args.warmup, 0)
-    seconds = []
+    seconds, samples = [], []
     for window in range(args.windows):
-        barrier()
+        first = args.warmup + window * args.steps
+        total(0.0)
         began = time.perf_counter()
-        run(args.steps, args.warmup + window * args.steps)
-        barrier()
+        run(args.steps, first)
+        # what each rank processed in the window (its batches differ by a sample), summed
+        samples.append(total(float(sum(sizes[(first + i) % len(sizes)] for i in range(args.steps)))))
         seconds.append(time.perf_counter() - began)
     return {"rank": rank, "ranks": size, "impl": args.impl, "window_seconds": seconds,
-            "samples_per_window": args.steps * batch * size}
+            "window_samples": samples}
 
 
 def time_allreduce(args) -> dict:

@@ -59,3 +59,22 @@ def test_input_bench_smoke_run_measures_three_sources_and_peak_rss(cli, tmp_path
     assert [m["data_gib"] for m in report["memory"]] == [0.01, 0.02]
     assert all(m["peak_rss_mb"] > 0 and m["samples"] > 0 for m in report["memory"])
     assert report["figures"]["image_folder_vs_memory"] > 0 and "x in-memory" in result.stdout
+
+
+@pytest.mark.parametrize("impl", ["hvdtrain", "horovod", "ddp"])
+def test_each_implementation_counts_the_samples_its_ranks_processed(impl, tmp_path):
+    """One window of 23 steps on 2 ranks is one epoch of the digits: every sample once,
+    1438 in all (the two shards differ by one sample, batches by one), not 23 x 32 x 2."""
+    import subprocess
+
+    from hvdtrain.bench import env, launcher
+    from hvdtrain.data import load_dataset
+    from hvdtrain.spec import load_spec
+    spec = ROOT / "examples" / "digits-mlp-torch.yaml"
+    out = tmp_path / "window.json"
+    result = subprocess.run([*launcher(impl, 2), "train", impl, str(spec), str(out), "--windows", "1",
+                             "--steps", "23", "--warmup", "0"], capture_output=True, text=True, env=env(),
+                            timeout=600, cwd=ROOT)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    report = json.loads(out.read_text())
+    assert report["window_samples"] == [len(load_dataset(load_spec(spec).data).train)] == [1438]

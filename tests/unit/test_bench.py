@@ -52,7 +52,7 @@ def test_a_failed_launch_is_recorded_and_the_rest_is_kept(tmp_path, monkeypatch)
     def launch(cmd, out, what):  # stands in for the subprocess: ddp fails, horovod measures
         if what.startswith("ddp"):
             raise UserError(f"benchmark run {what} failed (exit 1):\nterminate called")
-        return {"samples_per_window": 300, "window_seconds": [1.5]}
+        return {"window_samples": [300], "window_seconds": [1.5]}
     monkeypatch.setattr(bench_module, "launch", launch)
     settings = bench_module.Settings(spec=ROOT / "examples" / "digits-mlp-torch.yaml", ranks=[1], rounds=2,
                                      windows=1, steps=1, warmup=0, impls=["horovod", "ddp"], sizes=[],
