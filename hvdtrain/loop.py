@@ -220,8 +220,9 @@ def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start
         shown.segment(epoch, done[0], part[0], part[1], lr_at(done[0] - 1))
         if not done[0] == end < per_epoch:
             continue
-        # a stop asked for (Slurm's warning signal) on any rank: all stop after this step
-        stop = bool(check and end % check == 0 and comm.allreduce_sum(
+        # a stop asked for (Slurm's warning signal) on any rank: all stop after this step,
+        # where a group of backward passes is complete (its gradients are in no checkpoint)
+        stop = bool(check and end % check == 0 and end % passes == 0 and comm.allreduce_sum(
             np.array([float(preempt.asked())]), f"hvdtrain.stop.{epoch}.{end}")[0] > 0)
         if stop or (spec.checkpoint.every_steps and end % every == 0):
             totals = start.sums + comm.allreduce_sum(local, f"hvdtrain.train.{epoch}.{end}")

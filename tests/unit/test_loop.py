@@ -160,3 +160,22 @@ def test_lr_schedules_after_warm_up(schedule, expected):
     assert got == pytest.approx(expected)
     warm = spec.model_copy(update={"optimizer": spec.optimizer.model_copy(update={"warmup_epochs": 1.0})})
     assert loop.lr_schedule(warm.optimizer, 0.4, 0, 10, epochs=4)(5) == pytest.approx(0.25)  # halfway up
+
+
+def test_a_stop_asked_for_ends_training_after_a_complete_group_of_passes(tmp_path, monkeypatch):
+    """Slurm's warning noted before training: with checks every 3 steps and groups of 2
+    backward passes, the ranks stop after step 6 (not 3, inside a group), checkpointed there."""
+    from hvdtrain import checkpoint, preempt
+    monkeypatch.setenv("HVDTRAIN_STOP_SIGNAL", "USR1")
+    monkeypatch.setattr(preempt, "_asked", [10])
+    spec = validate({"name": "stop", "backend": "torch", "model": {"kind": "mlp"}, "data": {"source": "iris"},
+                     "train": {"epochs": 2, "batch_size": 4}, "slurm": {"check_every_steps": 3},
+                     "horovod": {"backward_passes_per_step": 2}, "output": str(tmp_path / "run")})
+    trained = []
+    with pytest.raises(preempt.Preempted, match="after step 6 of epoch 1"):
+        loop.run_epochs(spec, tiny_dataset(), fake_comm(2, 2, False), recording_steps([], trained),
+                        Position(0), lambda line: None)
+    assert trained == [(0, s) for s in range(6)]
+    [saved] = checkpoint.list_checkpoints(spec.checkpoint.dir)
+    assert saved.name == "epoch-000000-step-000000006.ckpt"
+    assert (tmp_path / "run" / preempt.MARKER).read_text() == "epoch 1, step 6\n"
