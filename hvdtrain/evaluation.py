@@ -16,19 +16,11 @@ from .backends import get_backend
 from .data import Preprocessing, image_input, load_dataset, read_csv_rows, read_npz
 from .errors import DataError, UserError
 from .metrics import confusion, regression_scores, regression_sums, scores
-from .predict import image_files, read_inputs
+from .predict import image_files, model_dir_of, read_inputs
 from .samples import read_image
-from .spec import IMAGE_SUFFIXES, JobSpec, load_spec, read_yaml, validate
+from .spec import IMAGE_KINDS, JobSpec, load_spec
 
 BATCH = 1024
-
-
-def model_dir_of(run_dir: Path) -> Path:
-    model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
-    if not (model_dir / "model.json").is_file():
-        raise UserError(f"{run_dir}: no exported model (expected {model_dir / 'model.json'}); "
-                        "train with `hvdtrain run` first")
-    return model_dir
 
 
 def labelled_data(path: Path, prep: Preprocessing, spec: JobSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -45,7 +37,7 @@ def labelled_data(path: Path, prep: Preprocessing, spec: JobSpec) -> tuple[np.nd
                             f"({', '.join(prep.classes)})")
         files = [(f, d.name) for d in folders for f in image_files(d)]
         if not files:
-            raise DataError(f"{path}: no {'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} images in its class folders")
+            raise DataError(f"{path}: no {IMAGE_KINDS} images in its class folders")
         pixels = np.stack([read_image(f, prep.image_size) for f, _ in files])
         return prep.apply(pixels), encode([c for _, c in files], prep, path)
     if not path.is_file():
@@ -120,7 +112,7 @@ def evaluate_run(run_dir: Path, data: Path | None, output: Path | None, log=prin
         x, y = np.concatenate([p[0] for p in parts]), np.concatenate([np.asarray(p[1]) for p in parts])
         source = "the run's test split"
     else:
-        spec = validate(read_yaml(spec_file), str(spec_file))
+        spec = load_spec(spec_file, check_paths=False)  # the data it trained on need not be here
         x, y = labelled_data(data, prep, spec)
         source = str(data)
     model = get_backend(config["backend"]).load_model(model_dir)

@@ -12,7 +12,7 @@ from .backends import get_backend
 from .data import Preprocessing, csv_features, read_csv_rows, read_npz
 from .errors import DataError, UserError
 from .samples import read_image
-from .spec import IMAGE_SUFFIXES
+from .spec import IMAGE_KINDS, IMAGE_SUFFIXES
 
 
 def image_files(path: Path) -> list[Path]:
@@ -21,7 +21,7 @@ def image_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise DataError(f"{path}: no {'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} images in the folder")
+        raise DataError(f"{path}: no {IMAGE_KINDS} images in the folder")
     return files
 
 
@@ -47,11 +47,17 @@ def read_inputs(path: Path, prep: Preprocessing) -> np.ndarray:
     return csv_features(path, header, rows, columns, prep.categories)[0]
 
 
-def predict(run_dir: Path, input_path: Path, output: Path | None) -> list[str]:
+def model_dir_of(run_dir: Path) -> Path:
+    """The exported model of a run directory (or the model/ folder given itself)."""
     model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
     if not (model_dir / "model.json").is_file():
         raise UserError(f"{run_dir}: no exported model (expected {model_dir / 'model.json'}); "
                         "train with `hvdtrain run` first")
+    return model_dir
+
+
+def predict(run_dir: Path, input_path: Path, output: Path | None) -> list[str]:
+    model_dir = model_dir_of(run_dir)
     config = json.loads((model_dir / "model.json").read_text())
     prep = Preprocessing.load(model_dir / "preprocessing.json")
     model = get_backend(config["backend"]).load_model(model_dir)

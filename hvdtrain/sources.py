@@ -14,7 +14,7 @@ from .data import Dataset, Preprocessing, Targets, _natural, first_occurrences, 
 from .errors import DataError, UserError
 from .samples import (ArraySamples, ImageSamples, MappedSamples, UserSamples, as_numpy, check_image,
                       image_size, open_npy, read_image, release_pages)
-from .spec import IMAGE_SUFFIXES, DataSpec
+from .spec import IMAGE_KINDS, IMAGE_SUFFIXES, DataSpec
 
 STATISTICS_SAMPLE = 256  # training images the per-channel mean and std are taken from
 CHUNK_BYTES = 16 * 2**20  # a .npy file is scanned this much (as float64) at a time
@@ -90,7 +90,7 @@ def class_files(folder: Path, classes: list[str] | None = None) -> tuple[dict[st
         if c not in files:
             raise DataError(f"{folder}: class {c!r} is missing (no folder {folder / c})")
         if not files[c]:
-            raise DataError(f"{folder / c}: no {'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} images "
+            raise DataError(f"{folder / c}: no {IMAGE_KINDS} images "
                             f"in class folder {c!r}")
     return files, classes
 

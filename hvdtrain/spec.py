@@ -93,6 +93,7 @@ class CleanSpec(Section):
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_KINDS = "/".join(s[1:].upper() for s in IMAGE_SUFFIXES)  # PNG/JPG/JPEG, for messages
 LAZY_SOURCES = ("image_folder", "custom")  # read by the loader's workers, batch by batch
 
 
