@@ -21,6 +21,18 @@ class Fix:
     count: int = 1
 
 
+@dataclass(frozen=True)
+class NewFile:
+    """A module added to the sdist; its text is a file beside this one."""
+    path: str  # relative to the unpacked sdist; must not exist there
+    source: str  # file name in hvdtrain/horovod_build/
+    why: str
+
+    @property
+    def new(self) -> str:
+        return (Path(__file__).parent / self.source).read_text()
+
+
 BUILD_FIXES: tuple[Fix, ...] = (
     Fix(
         path="third_party/gloo/CMakeLists.txt",
@@ -240,12 +252,147 @@ KERAS3_FIXES: tuple[Fix, ...] = (
     ),
 )
 
-FIXES = BUILD_FIXES + RUNTIME_FIXES + KERAS3_FIXES
+# horovod.tensorflow.keras (model.fit with DistributedOptimizer and Horovod's callbacks)
+# on Keras 3: the optimizer is a new module (keras3.py beside this file); the callbacks
+# take Keras 3 variables, optimizers without an `lr` alias, and keep working without
+# Keras 2's backend functions.
+_KERAS = "horovod/_keras/"
+KERAS3_KERAS_FIXES: tuple[Fix | NewFile, ...] = (
+    NewFile(
+        path=_KERAS + "keras3.py",
+        source="keras3.py",
+        why="Keras 3's model.fit passes its own tape's gradients to optimizer.apply(); "
+            "Keras 3 optimizers have no compute_gradients/get_gradients, where Horovod "
+            "allreduced on Keras 2. The new module's DistributedOptimizer allreduces in "
+            "apply(), keeps Keras 2's _compute_gradients/minimize, and runs "
+            "backward_passes_per_step through Horovod's eager aggregation helper.",
+    ),
+    Fix(
+        path=_KERAS + "__init__.py",
+        old="    class _DistributedOptimizer(*optimizer.__class__.__bases__):\n"
+            "        _HAS_AGGREGATE_GRAD = True\n",
+        new="    from horovod._keras import keras3\n"
+            "    if keras3.is_keras3_optimizer(optimizer):\n"
+            "        return keras3.create_distributed_optimizer(\n"
+            "            optimizer, name, device_dense, device_sparse, compression, sparse_as_dense,\n"
+            "            gradient_predivide_factor, op, backward_passes_per_step,\n"
+            "            average_aggregated_gradients, groups, process_set, scale_local_gradients)\n\n"
+            "    class _DistributedOptimizer(*optimizer.__class__.__bases__):\n"
+            "        _HAS_AGGREGATE_GRAD = True\n",
+        why="hvd.DistributedOptimizer(keras3_optimizer) failed in Keras 2's code path "
+            "(compute_gradients, variables()): Keras 3 optimizers go to keras3.py.",
+    ),
+    Fix(
+        path=_KERAS + "callbacks.py",
+        old="import horovod.tensorflow as hvd\nimport tensorflow as tf\n",
+        new="import horovod.tensorflow as hvd\nimport tensorflow as tf\n"
+            "from horovod.tensorflow.util import _tf_variable\n\n\n"
+            "def _optimizer_variables(optimizer):\n"
+            "    # Keras 2: optimizer.variables(); Keras 3: a list.\n"
+            "    variables = optimizer.variables\n"
+            "    return variables() if callable(variables) else variables\n\n\n"
+            "def _get_lr(backend, optimizer):\n"
+            "    # Keras 3 optimizers have no `lr` alias, and Keras 3 variables no dtype.name\n"
+            "    # for the legacy backend's get_value / set_value.\n"
+            "    if hasattr(optimizer, 'lr'):\n"
+            "        return backend.get_value(optimizer.lr)\n"
+            "    return float(tf.convert_to_tensor(optimizer.learning_rate).numpy())\n\n\n"
+            "def _set_lr(backend, optimizer, value):\n"
+            "    if hasattr(optimizer, 'lr'):\n"
+            "        backend.set_value(optimizer.lr, value)\n"
+            "    else:\n"
+            "        optimizer.learning_rate = value\n\n\n"
+            "_MOMENTUM_WARNED = []\n\n\n"
+            "def _momentum_adjustable(optimizer):\n"
+            "    # Keras 2 keeps momentum in a variable; Keras 3 in a Python float that a\n"
+            "    # compiled train step has read once, so a new value would not be used.\n"
+            "    if not hasattr(optimizer, 'momentum'):\n"
+            "        return False\n"
+            "    if hasattr(optimizer, 'lr'):  # Keras 2\n"
+            "        return True\n"
+            "    if optimizer.momentum and not _MOMENTUM_WARNED:\n"
+            "        _MOMENTUM_WARNED.append(True)\n"
+            "        warnings.warn('momentum_correction: a Keras 3 optimizer keeps momentum in a Python '\n"
+            "                      'float that a compiled train step does not re-read; momentum is not '\n"
+            "                      'corrected while the learning rate changes')\n"
+            "    return False\n",
+        why="Helpers for the callbacks on Keras 3: its variables wrap a tf.Variable, its "
+            "optimizers expose `variables` as a list and have no `lr`, and its momentum is "
+            "a Python float compiled into the train step.",
+    ),
+    Fix(
+        path=_KERAS + "callbacks.py",
+        old="        self._local_vars.add(var.ref())\n",
+        new="        self._local_vars.add(_tf_variable(var).ref())\n",
+        why="BroadcastGlobalVariablesCallback(local_variables=...) failed on Keras 3 "
+            "variables (no ref()).",
+    ),
+    Fix(
+        path=_KERAS + "callbacks.py",
+        old="                broadcast_vars = [var for var in self.model.variables if var.ref() not in self._local_vars]\n"
+            "                hvd.broadcast_variables(broadcast_vars,\n"
+            "                                        root_rank=self.root_rank)\n"
+            "                hvd.broadcast_variables(self.model.optimizer.variables(),\n",
+        new="                broadcast_vars = [var for var in self.model.variables\n"
+            "                                  if _tf_variable(var).ref() not in self._local_vars]\n"
+            "                hvd.broadcast_variables(broadcast_vars,\n"
+            "                                        root_rank=self.root_rank)\n"
+            "                hvd.broadcast_variables(_optimizer_variables(self.model.optimizer),\n",
+        why="BroadcastGlobalVariablesCallback failed after the first batch on Keras 3: "
+            "ref() on its variables, optimizer.variables() on its optimizers.",
+    ),
+    Fix(
+        path=_KERAS + "callbacks.py",
+        old="                    hvd.allreduce(self.backend.constant(value, name=metric)).numpy()\n",
+        new="                    hvd.allreduce(tf.constant(value, name=metric)).numpy()\n",
+        why="MetricAverageCallback: Keras 3's keras.backend has no constant().",
+    ),
+    Fix(
+        path=_KERAS + "callbacks.py",
+        old="        old_lr = self.backend.get_value(self.model.optimizer.lr)\n"
+            "        new_lr = self.initial_lr * self.multiplier(epoch)\n"
+            "        self.backend.set_value(self.model.optimizer.lr, new_lr)\n\n"
+            "        if hasattr(self.model.optimizer, 'momentum') and self.momentum_correction:\n",
+        new="        old_lr = _get_lr(self.backend, self.model.optimizer)\n"
+            "        new_lr = self.initial_lr * self.multiplier(epoch)\n"
+            "        _set_lr(self.backend, self.model.optimizer, new_lr)\n\n"
+            "        if self.momentum_correction and _momentum_adjustable(self.model.optimizer):\n",
+        why="LearningRateScheduleCallback / LearningRateWarmupCallback on Keras 3 "
+            "optimizers (no `lr`; momentum a Python float).",
+    ),
+    Fix(
+        path=_KERAS + "callbacks.py",
+        old="self.backend.get_value(self.model.optimizer.lr)",
+        new="_get_lr(self.backend, self.model.optimizer)",
+        why="The learning rate read at train begin, logged at epoch end, and printed "
+            "after warmup, on Keras 3 optimizers.",
+        count=3,
+    ),
+    Fix(
+        path="horovod/tensorflow/keras/callbacks.py",
+        old="        elif isinstance(local_variables, tf.Variable):\n"
+            "            local_variables = [local_variables]\n"
+            "        elif not all(isinstance(var, tf.Variable) for var in local_variables):\n",
+        new="        elif isinstance(_tf_variable(local_variables), tf.Variable):\n"
+            "            local_variables = [local_variables]\n"
+            "        elif not all(isinstance(_tf_variable(var), tf.Variable) for var in local_variables):\n",
+        why="BroadcastGlobalVariablesCallback rejected Keras 3 variables as local_variables.",
+    ),
+    Fix(
+        path="horovod/tensorflow/keras/callbacks.py",
+        old="from horovod._keras import callbacks as _impl\n",
+        new="from horovod._keras import callbacks as _impl\n"
+            "from horovod.tensorflow.util import _tf_variable\n",
+        why="Import the Keras 3 unwrapping helper.",
+    ),
+)
+
+FIXES = BUILD_FIXES + RUNTIME_FIXES + KERAS3_FIXES + KERAS3_KERAS_FIXES
 
 
-def fixes_digest(fixes: tuple[Fix, ...] = FIXES) -> str:
-    """A short hash of the fix list: part of the wheel cache key."""
-    payload = json.dumps([asdict(f) for f in fixes], sort_keys=True).encode()
+def fixes_digest(fixes: tuple[Fix | NewFile, ...] = FIXES) -> str:
+    """A short hash of the fix list (and the added files' text): part of the wheel cache key."""
+    payload = json.dumps([asdict(f) | {"new": f.new} for f in fixes], sort_keys=True).encode()
     return hashlib.sha256(payload).hexdigest()[:12]
 
 
@@ -253,11 +400,17 @@ class FixError(RuntimeError):
     pass
 
 
-def apply_fixes(source_root: Path, fixes: tuple[Fix, ...] = FIXES) -> list[str]:
+def apply_fixes(source_root: Path, fixes: tuple[Fix | NewFile, ...] = FIXES) -> list[str]:
     """Apply every fix in place; return one line per fix for the build log."""
     applied = []
     for fix in fixes:
         target = source_root / fix.path
+        if isinstance(fix, NewFile):
+            if target.exists():
+                raise FixError(f"{fix.path} already exists in the sdist: the added module would replace it")
+            target.write_text(fix.new)
+            applied.append(f"{fix.path} (added): {fix.why}")
+            continue
         if not target.is_file():
             raise FixError(f"fix target {fix.path} is missing from the sdist")
         text = target.read_text()

@@ -36,6 +36,29 @@ def test_plain_horovod_code_on_keras3_objects(tmp_path):
     assert output.count("8 passed") == 2, output[-4000:]
 
 
+def test_horovod_tensorflow_keras_on_keras3(tmp_path):
+    """DistributedOptimizer, the callbacks and KerasState with Keras 3's model.fit."""
+    pytest.importorskip("keras")
+    code, output = run_on_two_ranks(RANKS / "horovod_keras_rank_checks.py", tmp_path)
+    assert code == 0, output[-4000:]
+    assert output.count("16 passed") == 2, output[-4000:]
+
+
+def test_horovod_keras_fit_example_trains_identically():
+    """Written like Horovod's tensorflow2_keras_mnist.py: compile with hvd.DistributedOptimizer, fit."""
+    pytest.importorskip("keras")
+    script = Path(__file__).resolve().parents[2] / "examples" / "plain_horovod_keras3_fit.py"
+    result = subprocess.run([horovodrun_path(), "-np", "2", "-H", "localhost:2", "--gloo",
+                             sys.executable, str(script)],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "weights identical on all 2 ranks: True" in result.stdout
+    assert "finished gradual learning rate warmup to 0.004" in result.stdout
+    final = float(result.stdout.split("final accuracy (averaged over ranks)")[1].split(",")[0])
+    assert final >= 0.9
+
+
 def test_plain_horovod_keras3_example_trains_identically():
     pytest.importorskip("keras")
     script = Path(__file__).resolve().parents[2] / "examples" / "plain_horovod_keras3.py"

@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from hvdtrain.horovod_build import build
-from hvdtrain.horovod_build.fixes import FIXES, Fix, FixError, apply_fixes, fixes_digest
+from hvdtrain.horovod_build.fixes import FIXES, Fix, FixError, NewFile, apply_fixes, fixes_digest
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +24,15 @@ def sdist_tree(tmp_path_factory):
 
 
 def test_every_fix_applies_exactly_and_changes_its_file(sdist_tree):
-    before = {f.path: (sdist_tree / f.path).read_text() for f in FIXES}
+    before = {f.path: (sdist_tree / f.path).read_text() if (sdist_tree / f.path).exists() else None
+              for f in FIXES}
+    assert [f.path for f in FIXES if isinstance(f, NewFile) and before[f.path] is not None] == []
     lines = apply_fixes(sdist_tree)
     assert len(lines) == len(FIXES)
     for fix in FIXES:
         text = (sdist_tree / fix.path).read_text()
         assert fix.new in text and text != before[fix.path]
+    compile((sdist_tree / "horovod/_keras/keras3.py").read_text(), "keras3.py", "exec")
     cmake = (sdist_tree / "third_party/gloo/CMakeLists.txt").read_text()
     assert "cmake_minimum_required(VERSION 2.8" not in cmake
 
@@ -40,6 +43,8 @@ def test_a_fix_that_does_not_match_stops_the_build(tmp_path):
         apply_fixes(tmp_path, (Fix("a.txt", "absent", "x", "test"),))
     with pytest.raises(FixError, match="missing from the sdist"):
         apply_fixes(tmp_path, (Fix("b.txt", "hello", "x", "test"),))
+    with pytest.raises(FixError, match="already exists"):
+        apply_fixes(tmp_path, (NewFile("a.txt", "keras3.py", "test"),))
 
 
 def test_cache_key_covers_versions_mpi_and_fixes():
