@@ -87,6 +87,17 @@ BUILD_FIXES: tuple[Fix, ...] = (
         why="TensorFlow >= 2.16 ships no highwayhash headers, which xla_mpi_ops.cc "
             "includes; the XLA ops are optional, so they are built only where possible.",
     ),
+    Fix(
+        path="horovod/common/ops/cuda/CMakeLists.txt",
+        old="set(CMAKE_CUDA_STANDARD 11)\n",
+        new="if(CMAKE_CXX_COMPILER_ID MATCHES GNU AND CMAKE_CXX_COMPILER_VERSION VERSION_GREATER_EQUAL 14)\n"
+            "    set(CMAKE_CUDA_STANDARD 14)\n"
+            "else()\n"
+            "    set(CMAKE_CUDA_STANDARD 11)\n"
+            "endif()\n",
+        why="Upstream pull request #4313: GCC >= 14's standard headers do not compile as "
+            "C++11 under nvcc, so the CUDA kernels of a GPU build are compiled as C++14 there.",
+    ),
 )
 
 # Horovod's own bugs that hvdtrain's features run into.
