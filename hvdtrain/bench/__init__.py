@@ -110,22 +110,73 @@ def attempt(cmd: list[str], out: Path, what: str, failures: list[dict], log) -> 
         return None
 
 
-def run_training(s: Settings, scratch: Path, log, failures: list[dict]) -> list[dict]:
+HAND_WRITTEN = ("horovod", "ddp", "local")
+
+
+def placements(impl: str, gpu: bool) -> list[str]:
+    """On a GPU the hand-written loops run twice: fed per batch from pinned host memory
+    (as a DataLoader feeds a loop, like hvdtrain) and with every batch resident on the GPU."""
+    return ["host", "resident"] if gpu and impl in HAND_WRITTEN else ["host"]
+
+
+def label(impl: str, placement: str) -> str:
+    return impl if placement == "host" else f"{impl}-gpu-resident"
+
+
+def run_training(s: Settings, scratch: Path, log, failures: list[dict], gpu: bool = False) -> list[dict]:
     runs = []
-    for ranks in s.ranks:
-        for round_ in range(s.rounds):
-            for impl in s.impls:  # alternate: A, B, C, A, B, C ...
-                out = scratch / f"train-{impl}-{ranks}-{round_}.json"
-                cmd = [*launcher(impl, ranks), "train", impl, str(s.spec), str(out), "--windows",
-                       str(s.windows), "--steps", str(s.steps), "--warmup", str(s.warmup)]
-                result = attempt(cmd, out, f"{impl} on {ranks} rank(s), round {round_ + 1}", failures, log)
-                if result is None:
-                    continue
-                rates = [n / t for n, t in zip(result["window_samples"], result["window_seconds"])]
-                runs.append({"impl": impl, "ranks": ranks, "round": round_, "samples_per_s": rates})
-                log(f"  {impl:10s} {ranks} rank(s), round {round_ + 1}: "
-                    f"{statistics.median(rates):9.1f} samples/s")
+    for round_ in range(s.rounds):
+        for ranks in s.ranks:  # alternate rank counts and implementations: A1 B1 A2 B2, A1 B1 ...
+            for impl in s.impls:
+                for placement in placements(impl, gpu):
+                    name = label(impl, placement)
+                    out = scratch / f"train-{name}-{ranks}-{round_}.json"
+                    cmd = [*launcher(impl, ranks), "train", impl, str(s.spec), str(out), "--windows",
+                           str(s.windows), "--steps", str(s.steps), "--warmup", str(s.warmup),
+                           "--placement", placement]
+                    result = attempt(cmd, out, f"{name} on {ranks} rank(s), round {round_ + 1}", failures, log)
+                    if result is None:
+                        continue
+                    rates = [n / t for n, t in zip(result["window_samples"], result["window_seconds"])]
+                    runs.append({"impl": impl, "placement": placement, "ranks": ranks, "round": round_,
+                                 "samples_per_s": rates, "window_samples": result["window_samples"],
+                                 "window_optimizer_steps": result["window_optimizer_steps"],
+                                 "window_allreduces": result["window_allreduces"]})
+                    log(f"  {name:22s} {ranks} rank(s), round {round_ + 1}: "
+                        f"{statistics.median(rates):9.1f} samples/s")
     return runs
+
+
+def unequal_work(runs: list[dict]) -> list[str]:
+    """Every implementation must process the same samples and take the same optimizer
+    steps in each window, as its workers counted them."""
+    problems = []
+    for ranks in sorted({r["ranks"] for r in runs}):
+        seen = {(label(r["impl"], r["placement"]), r["round"]): (r["window_samples"], r["window_optimizer_steps"])
+                for r in runs if r["ranks"] == ranks}
+        distinct = set(map(repr, seen.values()))
+        if len(distinct) > 1:
+            problems.append(f"{ranks} rank(s): samples and optimizer steps per window differ: "
+                            + "; ".join(f"{name} round {rnd + 1}: samples {w[0]}, steps {w[1]}"
+                                        for (name, rnd), w in seen.items()))
+    return problems
+
+
+def refused_settings(spec, impls: list[str], steps: int, warmup: int) -> list[str]:
+    """Spec settings that change the work and that an implementation cannot follow."""
+    hand = [i for i in impls if i in HAND_WRITTEN]
+    problems = []
+    if spec.horovod.adasum and "ddp" in impls:
+        problems.append("horovod.adasum: DDP has no Adasum reduction (bench it with --impls hvdtrain,horovod)")
+    if hand and spec.train.precision == "fp16":
+        problems.append(f"train.precision fp16: the hand-written loops ({', '.join(hand)}) run fp32 or bf16")
+    if hand and spec.train.grad_clip_norm:
+        problems.append(f"train.grad_clip_norm: the hand-written loops ({', '.join(hand)}) do not clip")
+    passes = spec.horovod.backward_passes_per_step
+    if steps % passes or warmup % passes:
+        problems.append(f"horovod.backward_passes_per_step {passes}: --steps ({steps}) and --warmup ({warmup}) "
+                        "must be multiples of it, so that every window holds whole groups")
+    return problems
 
 
 def run_allreduce(s: Settings, scratch: Path, mpi: bool, gpu: bool, log, failures: list[dict]) -> list[dict]:
@@ -179,26 +230,41 @@ def memcpy_rows(sizes: list[int]) -> list[dict]:
 
 def throughput_table(runs: list[dict]) -> list[dict]:
     table = []
-    for impl in dict.fromkeys(r["impl"] for r in runs):
+    for impl, placement in dict.fromkeys((r["impl"], r["placement"]) for r in runs):
         for ranks in sorted({r["ranks"] for r in runs}):
-            rates = [v for r in runs if r["impl"] == impl and r["ranks"] == ranks for v in r["samples_per_s"]]
+            chosen = [r for r in runs if (r["impl"], r["placement"], r["ranks"]) == (impl, placement, ranks)]
+            rates = [v for r in chosen for v in r["samples_per_s"]]
             if rates:
-                table.append({"impl": impl, "ranks": ranks, **summarize(rates)})
+                allreduces = [a for r in chosen for a in r["window_allreduces"] if a is not None]
+                table.append({"impl": label(impl, placement), "placement": placement, "ranks": ranks,
+                              "communicated": bool(sum(allreduces)) if allreduces else None,
+                              **summarize(rates)})
     return table
 
 
+SINGLE_RANK = "single rank: no communication measured"
+
+
 def figures(table: list[dict], allreduce: list[dict]) -> dict[str, Any]:
+    """Ratios between implementations at the largest rank count, only where it is >= 2:
+    at one rank Horovod allreduces nothing while DDP still runs its reducer."""
     med = {(t["impl"], t["ranks"]): t["median"] for t in table}
     top = max((r for _, r in med), default=0)
     out: dict[str, Any] = {}
-    if ("hvdtrain", top) in med and ("horovod", top) in med:
-        out["hvdtrain_vs_horovod"] = ratio(med["hvdtrain", top], med["horovod", top])
-    if ("horovod", top) in med and ("ddp", top) in med:
-        out["horovod_vs_ddp"] = ratio(med["horovod", top], med["ddp", top])
-    if ("tensorflow", top) in med and ("hvdtrain", top) in med:
-        out["tensorflow_vs_hvdtrain"] = ratio(med["tensorflow", top], med["hvdtrain", top])
-    out["scaling_efficiency"] = {impl: scaling_efficiency(med[impl, 1], med[impl, top], top)
-                                 for impl, r in med if r == 1 and top > 1 and (impl, top) in med}
+    if top < 2:
+        out["note"] = SINGLE_RANK
+    else:
+        for name, a, b in (("hvdtrain_vs_horovod", "hvdtrain", "horovod"), ("horovod_vs_ddp", "horovod", "ddp"),
+                           ("tensorflow_vs_hvdtrain", "tensorflow", "hvdtrain"),
+                           ("hvdtrain_vs_horovod_gpu_resident", "hvdtrain", "horovod-gpu-resident"),
+                           ("horovod_vs_ddp_gpu_resident", "horovod-gpu-resident", "ddp-gpu-resident")):
+            if (a, top) in med and (b, top) in med:
+                out[name] = ratio(med[a, top], med[b, top])
+        out["scaling_efficiency"] = {impl: scaling_efficiency(med[impl, 1], med[impl, top], top)
+                                     for impl, r in med if r == 1 and (impl, top) in med}
+        # what the 1-rank baselines did: Horovod registers no gradient hooks at size 1
+        out["one_rank_baseline_communicated"] = {t["impl"]: t["communicated"] for t in table
+                                                 if t["ranks"] == 1 and t["communicated"] is not None}
     big = [r for r in allreduce if r["bytes"] >= 1 << 20]
     by = {(r["impl"], r["bytes"]): r["busbw"] for r in big}
     ratios = [by[i, b] / by[i.replace("horovod", "torch"), b] for (i, b) in by
@@ -271,8 +337,10 @@ def print_table(report: dict, log) -> None:
     for t in report["throughput"]:
         log(f"{t['impl']:14s} {t['ranks']:5d} {t['median']:10.1f} {t['min']:10.1f} {t['max']:10.1f}")
     for name, value in report["figures"].items():
-        if isinstance(value, dict):
-            shown = ", ".join(f"{k} {v:.3f}" for k, v in value.items())
+        if isinstance(value, str):
+            shown = value
+        elif isinstance(value, dict):
+            shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
         else:
             shown = f"{value:.3f}"
         target = f" (target >= {TARGETS[name]})" if name in TARGETS else ""
@@ -292,14 +360,23 @@ def bench(s: Settings, log=print) -> dict:
         raise UserError(f"unknown implementation(s) {sorted(unknown)}: choose from {', '.join(TRAIN_IMPLS)}")
     if min(s.ranks) < 1 or min(s.windows, s.steps, s.rounds) < 1 or s.warmup < 0:
         raise UserError("--ranks, --rounds, --windows and --steps must be at least 1")
+    refused = refused_settings(spec, s.impls, s.steps, s.warmup)
+    if refused:
+        raise UserError("hvdtrain bench compares equal work; this spec's settings cannot be followed:\n  "
+                        + "\n  ".join(refused))
+    gpu = spec.resources.gpus_per_worker > 0
+    if gpu and not gpu_names():
+        raise UserError("the spec asks for GPUs (resources.gpus_per_worker) but torch sees no CUDA device "
+                        "here: nothing would run on a GPU; bench a spec with gpus_per_worker 0")
     s.output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hvdtrain-bench-") as scratch:
         log(f"training throughput, {s.rounds} round(s) x {s.windows} window(s) x {s.steps} steps:")
         failures: list[dict] = []
-        runs = run_training(s, Path(scratch), log, failures)
+        runs = run_training(s, Path(scratch), log, failures, gpu=gpu)
+        failures += [{"run": "equal work", "error": problem} for problem in unequal_work(runs)]
         log("allreduce:")
-        allreduce = run_allreduce(s, Path(scratch), mpi=mpi_version() is not None,
-                                  gpu=spec.resources.gpus_per_worker > 0, log=log, failures=failures)
+        allreduce = run_allreduce(s, Path(scratch), mpi=mpi_version() is not None, gpu=gpu, log=log,
+                                  failures=failures)
     if not runs and not allreduce:
         raise UserError("every benchmark run failed; the first error:\n" + failures[0]["error"])
     table = throughput_table(runs)
@@ -308,8 +385,10 @@ def bench(s: Settings, log=print) -> dict:
                            "windows_per_round": s.windows, "steps_per_window": s.steps,
                            "warmup_steps": s.warmup, "batch_size_per_rank": spec.train.batch_size,
                            "threads_per_rank": 1, "impls": s.impls,
+                           "optimizer": spec.optimizer.model_dump(mode="json"),
+                           "precision": spec.train.precision,
                            "horovod": spec.horovod.model_dump(mode="json")},
-              "gpus": gpu_names() if spec.resources.gpus_per_worker > 0 else [],
+              "gpus": gpu_names() if gpu else [],
               "runs": runs, "throughput": table, "allreduce": allreduce,
               "figures": figures(table, allreduce), "targets": TARGETS, "failures": failures}
     (s.output / "bench.json").write_text(json.dumps(report, indent=2))

@@ -8,7 +8,11 @@ Training IMPLs: hvdtrain (hvdtrain's own backend loop, torch), tensorflow
 (hvdtrain's TF backend), horovod (a minimal hand-written Horovod loop as in
 Horovod's examples), ddp (PyTorch DistributedDataParallel over gloo, started by
 torchrun), local (the same loop with no communication: each rank alone, the
-ceiling for scaling on the machine). Allreduce IMPLs: horovod (under
+ceiling for scaling on the machine). The hand-written loops follow the spec's
+optimizer, precision (bf16), fp16 compression, Adasum (Horovod) and backward
+passes per step, as hvdtrain does; `hvdtrain bench` refuses settings a loop
+cannot follow. Every window reports the samples, optimizer steps and gradient
+allreduces its ranks actually did. Allreduce IMPLs: horovod (under
 horovodrun --gloo or --mpi), torch (torch.distributed gloo, under torchrun).
 Each process uses one thread.
 """
@@ -37,6 +41,33 @@ def cycle(batches: list, count: int, start: int) -> list:
     return [batches[(start + i) % len(batches)] for i in range(count)]
 
 
+class Counts:
+    """What a rank did in a window, counted as it happens: optimizer steps and
+    gradient allreduces (tensors handed to the communication library)."""
+
+    def __init__(self):
+        self.optimizer_steps = 0
+        self.allreduces = 0
+        self.optimizer = None  # its class and hyperparameters, as built
+
+    def counting(self, method, what: str):
+        def counted(*args, **kwargs):
+            setattr(self, what, getattr(self, what) + 1)
+            return method(*args, **kwargs)
+        return counted
+
+
+def count_torch_optimizer(optimizer, counts: Counts, horovod: bool) -> None:
+    """Count the optimizer's steps and, for Horovod's DistributedOptimizer, the
+    gradients its hooks allreduce (none at size 1: Horovod registers no hooks)."""
+    optimizer.step = counts.counting(optimizer.step, "optimizer_steps")
+    group = optimizer.param_groups[0]
+    counts.optimizer = {"name": type(optimizer).__name__, "lr": group["lr"],
+                        **{k: group[k] for k in ("momentum", "weight_decay") if k in group}}
+    if horovod:
+        optimizer._allreduce_grad_async = counts.counting(optimizer._allreduce_grad_async, "allreduces")
+
+
 def train_hvdtrain(spec, backend_name: str):
     """hvdtrain's own loop: the backend's setup and its train_epoch."""
     from ..backends import get_backend
@@ -48,9 +79,18 @@ def train_hvdtrain(spec, backend_name: str):
     comm = job.comm
     _, batches = batches_for(spec, comm.rank, comm.size)
     lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
+    counts = Counts()
+    if backend_name == "torch":
+        count_torch_optimizer(job.optimizer, counts, horovod=True)
 
     def run(count: int, start: int) -> None:
         job.steps.train_epoch(0, cycle(batches, count, start), lambda i: lr, 0, count)
+
+    def done() -> dict:
+        if backend_name == "tensorflow":  # Keras counts its own applied steps
+            counts.optimizer_steps = int(job.optimizer.iterations.numpy())
+            counts.allreduces = None
+        return vars(counts).copy()
 
     def total(value: float) -> float:
         if backend_name == "torch":
@@ -58,7 +98,7 @@ def train_hvdtrain(spec, backend_name: str):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
         return float(comm.allreduce_sum(np.array([value]), "bench.sum")[0])
-    return comm.rank, comm.size, run, total, [len(y) for _, y in batches]
+    return comm.rank, comm.size, run, total, [len(y) for _, y in batches], done
 
 
 def device_for(spec, local_rank: int):
@@ -76,54 +116,95 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_horovod(spec):
-    """The loop of Horovod's PyTorch examples, written out by hand."""
+def hand_lr(spec, size: int) -> float:
+    """The learning rate hvdtrain would use (scaled_lr), for the hand-written loops."""
+    from types import SimpleNamespace
+
+    from ..loop import scaled_lr
+    return scaled_lr(spec.optimizer, spec.horovod.adasum,
+                     SimpleNamespace(size=size, local_size=size, hierarchical=False))
+
+
+def train_horovod(spec, placement: str):
+    """The loop of Horovod's PyTorch examples, written out by hand, with the
+    spec's optimizer, compression, Adasum and backward passes per step."""
     import horovod.torch as hvd
     import torch
 
-    from ..backends.torch import make_model
+    from ..backends.torch import make_model, make_optimizer
     hvd.init()
     torch.set_num_threads(THREADS)
     device = device_for(spec, hvd.local_rank())
     dataset, batches = batches_for(spec, hvd.rank(), hvd.size())
     torch.manual_seed(spec.train.seed)
     model = make_model(spec, dataset).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr * hvd.size(),
-                                momentum=spec.optimizer.momentum)
-    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    optimizer = make_optimizer(spec.optimizer, model.parameters(), hand_lr(spec, hvd.size()))
+    h = spec.horovod
+    optimizer = hvd.DistributedOptimizer(
+        optimizer, named_parameters=model.named_parameters(),
+        compression=hvd.Compression.fp16 if h.fp16_compression else hvd.Compression.none,
+        backward_passes_per_step=h.backward_passes_per_step, op=hvd.Adasum if h.adasum else hvd.Average)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    counts = Counts()
+    count_torch_optimizer(optimizer, counts, horovod=True)
 
     def total(value: float) -> float:
         synchronize(device)
         return float(hvd.allreduce(torch.tensor([value], dtype=torch.float64), op=hvd.Sum, name="bench.sum")[0])
-    return hvd.rank(), hvd.size(), plain_steps(model, optimizer, batches, device), total, [len(y) for _, y in batches]
+    run = plain_steps(spec, model, optimizer, batches, device, placement)
+    return hvd.rank(), hvd.size(), run, total, [len(y) for _, y in batches], lambda: vars(counts).copy()
 
 
-def plain_steps(model, optimizer, batches: list, device):
-    """The step loop of Horovod's and PyTorch's examples, on batches preloaded to the device."""
+def plain_steps(spec, model, optimizer, batches: list, device, placement: str, no_sync=None):
+    """The step loop of Horovod's and PyTorch's examples. placement "resident": every
+    batch on the device before timing; "host": each batch copied from (pinned) host
+    memory inside the step, the way a DataLoader feeds a loop. Backward passes per
+    step as hvdtrain runs them: each pass carries 1/N of the loss, one step per group
+    (DDP: no_sync for all but the group's last pass)."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
-    tensors = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for x, y in batches]
+    passes = spec.horovod.backward_passes_per_step
+    low = {"bf16": torch.bfloat16}.get(spec.train.precision)
+    pin = device.type == "cuda"
+    if placement == "resident":
+        tensors = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for x, y in batches]
+    else:
+        tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
+        if pin:
+            tensors = [(x.pin_memory(), y.pin_memory()) for x, y in tensors]
 
     def run(count: int, start: int) -> None:
         model.train()
-        for x, y in cycle(tensors, count, start):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+        for i, (x, y) in enumerate(cycle(tensors, count, start)):
+            if placement == "host":
+                x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
+            if i % passes == 0:
+                optimizer.zero_grad()
+            last = (i + 1) % passes == 0 or i + 1 == count
+            with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=low, enabled=low is not None):
+                    loss = F.cross_entropy(model(x), y)
+                (loss.float() / min(passes, count - i // passes * passes)).backward()
+            if last:
+                optimizer.step()
     return run
 
 
-def train_ddp(spec, communicate: bool = True):
-    """PyTorch DDP over gloo (NCCL on GPUs), as torchrun starts it. Without
-    `communicate`, every rank trains on its own and the process group serves
-    only the timing barriers: the machine's ceiling for running N ranks at once."""
+def train_ddp(spec, placement: str, communicate: bool = True):
+    """PyTorch DDP over gloo (NCCL on GPUs), as torchrun starts it, with the spec's
+    optimizer, fp16 compression (DDP's fp16 comm hook) and backward passes per step
+    (no_sync). Without `communicate`, every rank trains on its own and the process
+    group serves only the timing barriers: the machine's ceiling for running N ranks
+    at once."""
     import torch
     import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
-    from ..backends.torch import make_model
+    from ..backends.torch import make_model, make_optimizer
     torch.set_num_threads(THREADS)
     device = device_for(spec, int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -131,17 +212,27 @@ def train_ddp(spec, communicate: bool = True):
     dataset, batches = batches_for(spec, rank, size)
     torch.manual_seed(spec.train.seed)
     model = make_model(spec, dataset).to(device)
+    counts = Counts()
+    no_sync = None
     if communicate:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr * size,
-                                momentum=spec.optimizer.momentum)
+        hook = default_hooks.fp16_compress_hook if spec.horovod.fp16_compression else default_hooks.allreduce_hook
+
+        def counted_hook(state, bucket):  # one call per gradient bucket allreduced
+            counts.allreduces += 1
+            return hook(state, bucket)
+        model.register_comm_hook(None, counted_hook)
+        no_sync = model.no_sync
+    optimizer = make_optimizer(spec.optimizer, model.parameters(), hand_lr(spec, size))
+    count_torch_optimizer(optimizer, counts, horovod=False)
 
     def total(value: float) -> float:
         synchronize(device)
         summed = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(summed)
         return float(summed[0])
-    return rank, size, plain_steps(model, optimizer, batches, device), total, [len(y) for _, y in batches]
+    run = plain_steps(spec, model, optimizer, batches, device, placement, no_sync)
+    return rank, size, run, total, [len(y) for _, y in batches], lambda: vars(counts).copy()
 
 
 def time_training(args) -> dict:
@@ -154,22 +245,29 @@ def time_training(args) -> dict:
     makers = {"hvdtrain": lambda: train_hvdtrain(spec, "torch"),
               "tensorflow": lambda: train_hvdtrain(spec.model_copy(update={"backend": "tensorflow"}),
                                                    "tensorflow"),
-              "horovod": lambda: train_horovod(spec), "ddp": lambda: train_ddp(spec),
-              "local": lambda: train_ddp(spec, communicate=False)}
-    # total(x): x summed over the ranks; every implementation starts and ends its windows with it
-    rank, size, run, total, sizes = makers[args.impl]()
+              "horovod": lambda: train_horovod(spec, args.placement),
+              "ddp": lambda: train_ddp(spec, args.placement),
+              "local": lambda: train_ddp(spec, args.placement, communicate=False)}
+    # total(x): x summed over the ranks; every implementation starts and ends its windows with it.
+    # counts(): this rank's optimizer steps and gradient allreduces so far.
+    rank, size, run, total, sizes, counts = makers[args.impl]()
     run(args.warmup, 0)
-    seconds, samples = [], []
+    seconds, samples, steps, allreduces = [], [], [], []
     for window in range(args.windows):
         first = args.warmup + window * args.steps
         total(0.0)
+        before = counts()
         began = time.perf_counter()
         run(args.steps, first)
         # what each rank processed in the window (its batches differ by a sample), summed
         samples.append(total(float(sum(sizes[(first + i) % len(sizes)] for i in range(args.steps)))))
         seconds.append(time.perf_counter() - began)
-    return {"rank": rank, "ranks": size, "impl": args.impl, "window_seconds": seconds,
-            "window_samples": samples}
+        after = counts()
+        steps.append(after["optimizer_steps"] - before["optimizer_steps"])
+        allreduces.append(None if after["allreduces"] is None else after["allreduces"] - before["allreduces"])
+    return {"rank": rank, "ranks": size, "impl": args.impl, "placement": args.placement,
+            "optimizer": counts()["optimizer"], "window_seconds": seconds, "window_samples": samples, "window_optimizer_steps": steps,
+            "window_allreduces": allreduces}
 
 
 def time_allreduce(args) -> dict:
@@ -231,6 +329,8 @@ def main() -> None:
     train.add_argument("--windows", type=int, default=1)
     train.add_argument("--steps", type=int, default=10)
     train.add_argument("--warmup", type=int, default=3)
+    train.add_argument("--placement", choices=["host", "resident"], default="host",
+                       help="resident: the hand-written loops keep every batch on the GPU")
     reduce = sub.add_parser("allreduce")
     reduce.add_argument("impl", choices=["horovod", "torch"])
     reduce.add_argument("out")

@@ -78,3 +78,44 @@ def test_each_implementation_counts_the_samples_its_ranks_processed(impl, tmp_pa
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     report = json.loads(out.read_text())
     assert report["window_samples"] == [len(load_dataset(load_spec(spec).data).train)] == [1438]
+
+
+@pytest.mark.parametrize("settings", [
+    ["optimizer.momentum=0.9", "optimizer.weight_decay=0.001", "horovod.fp16_compression=true",
+     "horovod.backward_passes_per_step=2"],
+    ["optimizer.name=adam", "optimizer.weight_decay=0.01"]], ids=["sgd-fp16-passes2", "adam"])
+def test_every_implementation_does_the_same_work(settings, tmp_path):
+    """Per window, counted by the workers: the same samples and optimizer steps in every
+    implementation, the spec's optimizer in each, and gradients communicated by all but
+    `local`."""
+    import subprocess
+
+    import yaml
+
+    from hvdtrain.bench import env, launcher
+    spec = yaml.safe_load((ROOT / "examples" / "digits-mlp-torch.yaml").read_text())
+    for setting in settings:
+        key, value = setting.split("=")
+        section, name = key.split(".")
+        spec.setdefault(section, {})[name] = yaml.safe_load(value)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    reports = {}
+    for impl in ("hvdtrain", "horovod", "ddp", "local"):
+        out = tmp_path / f"{impl}.json"
+        result = subprocess.run([*launcher(impl, 2), "train", impl, str(tmp_path / "spec.yaml"), str(out),
+                                 "--windows", "2", "--steps", "6", "--warmup", "2"],
+                                capture_output=True, text=True, env=env(), timeout=600, cwd=ROOT)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        reports[impl] = json.loads(out.read_text())
+    passes = spec["horovod"].get("backward_passes_per_step", 1)
+    for impl, report in reports.items():
+        assert report["window_samples"] == reports["hvdtrain"]["window_samples"], impl
+        assert report["window_optimizer_steps"] == [6 // passes] * 2, impl
+        optimizer = report["optimizer"]
+        assert optimizer["name"].lower() == spec["optimizer"].get("name", "sgd"), impl
+        assert optimizer["weight_decay"] == spec["optimizer"]["weight_decay"], impl
+        assert optimizer["lr"] == pytest.approx(spec["optimizer"]["lr"] * 2), impl  # scaled by 2 ranks
+        if spec["optimizer"].get("name", "sgd") == "sgd":
+            assert optimizer["momentum"] == spec["optimizer"]["momentum"], impl
+        communicated = [a > 0 for a in report["window_allreduces"]]
+        assert communicated == [impl != "local"] * 2, impl

@@ -26,10 +26,15 @@ def test_sizes_parse():
         parse_size("lots")
 
 
+def run(impl, ranks, rates, allreduces=(5,), placement="host", samples=(64,), steps=(2,), round_=0):
+    return {"impl": impl, "placement": placement, "ranks": ranks, "round": round_, "samples_per_s": rates,
+            "window_samples": list(samples), "window_optimizer_steps": list(steps),
+            "window_allreduces": list(allreduces)}
+
+
 def test_figures_from_runs():
-    runs = [{"impl": i, "ranks": r, "samples_per_s": v} for i, r, v in [
-        ("hvdtrain", 1, [100, 110]), ("hvdtrain", 2, [190, 200]), ("horovod", 1, [100]),
-        ("horovod", 2, [200]), ("ddp", 1, [110]), ("ddp", 2, [180])]]
+    runs = [run("hvdtrain", 1, [100, 110], [0]), run("hvdtrain", 2, [190, 200]), run("horovod", 1, [100], [0]),
+            run("horovod", 2, [200]), run("ddp", 1, [110], [3]), run("ddp", 2, [180])]
     table = throughput_table(runs)
     assert [(t["impl"], t["ranks"], t["median"]) for t in table][:2] == [("hvdtrain", 1, 105), ("hvdtrain", 2, 195)]
     allreduce = [{"impl": "horovod-gloo", "bytes": 1 << 20, "busbw": 9.0},
@@ -40,7 +45,53 @@ def test_figures_from_runs():
     assert out["hvdtrain_vs_horovod"] == pytest.approx(0.975)
     assert out["horovod_vs_ddp"] == pytest.approx(200 / 180)
     assert out["scaling_efficiency"]["hvdtrain"] == pytest.approx(195 / 210)
+    # the 1-rank baselines: Horovod allreduced nothing, DDP ran its reducer
+    assert out["one_rank_baseline_communicated"] == {"hvdtrain": False, "horovod": False, "ddp": True}
     assert out["allreduce_vs_torch"] == {"min": 0.9, "median": 0.9}  # only messages >= 1 MiB count
+
+
+def test_no_ratio_between_implementations_at_one_rank():
+    table = throughput_table([run("hvdtrain", 1, [100], [0]), run("horovod", 1, [120], [0]),
+                              run("ddp", 1, [100], [3])])
+    out = figures(table, [])
+    assert out == {"note": "single rank: no communication measured"}
+
+
+def test_gpu_resident_runs_are_labelled_and_compared_apart():
+    runs = [run("hvdtrain", 2, [90]), run("horovod", 2, [100]), run("horovod", 2, [130], placement="resident"),
+            run("ddp", 2, [100]), run("ddp", 2, [120], placement="resident")]
+    table = throughput_table(runs)
+    assert [t["impl"] for t in table] == ["hvdtrain", "horovod", "horovod-gpu-resident", "ddp", "ddp-gpu-resident"]
+    out = figures(table, [])
+    assert out["hvdtrain_vs_horovod"] == pytest.approx(0.9)  # against the loop fed from the host
+    assert out["hvdtrain_vs_horovod_gpu_resident"] == pytest.approx(90 / 130)
+    assert out["horovod_vs_ddp_gpu_resident"] == pytest.approx(130 / 120)
+
+
+def test_unequal_work_is_found_from_the_workers_counts():
+    from hvdtrain.bench import unequal_work
+    same = [run("hvdtrain", 2, [1]), run("horovod", 2, [1]), run("ddp", 2, [1])]
+    assert unequal_work(same) == []
+    fewer_steps = same + [run("local", 2, [1], steps=(1,))]
+    problems = unequal_work(fewer_steps)
+    assert len(problems) == 1 and "local round 1: samples [64], steps [1]" in problems[0]
+
+
+def test_settings_a_loop_cannot_follow_are_refused():
+    from hvdtrain.bench import refused_settings
+    from hvdtrain.spec import load_spec
+    from tests.conftest import ROOT
+    base = ROOT / "examples" / "digits-mlp-torch.yaml"
+    assert refused_settings(load_spec(base), ["hvdtrain", "horovod", "ddp"], 10, 2) == []
+    adasum = load_spec(base, ["horovod.adasum=true"])
+    assert refused_settings(adasum, ["hvdtrain", "horovod"], 10, 2) == []
+    assert "DDP has no Adasum" in refused_settings(adasum, ["hvdtrain", "ddp"], 10, 2)[0]
+    passes = load_spec(base, ["horovod.backward_passes_per_step=4"])
+    assert "multiples of it" in refused_settings(passes, ["hvdtrain"], 10, 4)[0]
+    assert refused_settings(passes, ["hvdtrain", "horovod", "ddp"], 12, 4) == []
+    clipped = load_spec(base, ["train.grad_clip_norm=1.0"])
+    assert refused_settings(clipped, ["hvdtrain", "tensorflow"], 10, 2) == []
+    assert "do not clip" in refused_settings(clipped, ["hvdtrain", "local"], 10, 2)[0]
 
 
 def test_a_failed_launch_is_recorded_and_the_rest_is_kept(tmp_path, monkeypatch):
@@ -52,7 +103,8 @@ def test_a_failed_launch_is_recorded_and_the_rest_is_kept(tmp_path, monkeypatch)
     def launch(cmd, out, what):  # stands in for the subprocess: ddp fails, horovod measures
         if what.startswith("ddp"):
             raise UserError(f"benchmark run {what} failed (exit 1):\nterminate called")
-        return {"window_samples": [300], "window_seconds": [1.5]}
+        return {"window_samples": [300], "window_seconds": [1.5], "window_optimizer_steps": [5],
+                "window_allreduces": [0]}
     monkeypatch.setattr(bench_module, "launch", launch)
     settings = bench_module.Settings(spec=ROOT / "examples" / "digits-mlp-torch.yaml", ranks=[1], rounds=2,
                                      windows=1, steps=1, warmup=0, impls=["horovod", "ddp"], sizes=[],
