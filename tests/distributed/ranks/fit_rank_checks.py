@@ -20,9 +20,23 @@ hvd = import_horovod(BACKEND)
 
 
 def fit(name, *overrides):
+    """Train; return the summary and this rank's own weights digest, computed on this
+    rank from its own model (the summary holds the digest the ranks agreed on)."""
     spec = load_spec(ROOT / "examples" / EXAMPLE, [f"output={OUT / name}", *overrides])
     dataset = load_dataset(spec.data, image=isinstance(spec.model, CNNSpec))
-    return backend.fit(spec, dataset, progress=lambda line: None)
+    computed = []
+    original = backend.weights_digest
+
+    def recording(model):
+        computed.append(original(model))
+        return computed[-1]
+    backend.weights_digest = recording  # the Steps' digest reads it at call time
+    try:
+        summary = backend.fit(spec, dataset, progress=lambda line: None)
+    finally:
+        backend.weights_digest = original
+    assert computed, "fit never computed this rank's weights digest"
+    return summary, computed[-1]
 
 
 def same_on_every_rank(value, name):
@@ -36,9 +50,10 @@ def same_on_every_rank(value, name):
                          "horovod.fp16_compression=true", "horovod.backward_passes_per_step=2"], 0.93),
 ])
 def test_ranks_end_identical_with_identical_metrics(name, overrides, floor):
-    summary = fit(name, *overrides)
+    summary, own_digest = fit(name, *overrides)
     assert hvd.size() == 2
-    assert same_on_every_rank(summary["weights_digest"], f"{name}.digest")
+    assert same_on_every_rank(own_digest, f"{name}.digest")
+    assert own_digest == summary["weights_digest"]
     timing = ("seconds", "samples_per_s")  # each rank's own clock
     allreduced = {k: v for k, v in summary["final"].items() if k not in timing}
     assert set(allreduced) >= {"train_loss", "val_loss", "val_accuracy", "val_f1"}
@@ -47,3 +62,28 @@ def test_ranks_end_identical_with_identical_metrics(name, overrides, floor):
     if hvd.rank() == 0:
         model_dir = OUT / name / "model"
         assert (model_dir / "model.json").exists() and (model_dir / ARTIFACT).exists()
+
+
+def test_ranks_with_different_weights_stop_with_the_digest_message():
+    """check_consistency on real models whose weights differ on rank 1."""
+    from types import SimpleNamespace
+
+    from hvdtrain.errors import TrainingError
+    from hvdtrain.preflight import check_consistency
+    if BACKEND == "tensorflow":
+        import keras
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        if hvd.rank() == 1:
+            model.trainable_weights[0].assign_add(model.trainable_weights[0] * 0 + 1e-3)
+    else:
+        import torch
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        if hvd.rank() == 1:
+            with torch.no_grad():
+                model.weight.add_(1e-3)
+    steps = SimpleNamespace(weights_digest=lambda: backend.weights_digest(model))
+    with pytest.raises(TrainingError, match=r"ranks ended with different weights: ranks \[0\]: \w{12}; "
+                                            r"ranks \[1\]: \w{12}"):
+        check_consistency(backend.horovod_comm(hvd), steps)
