@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT
+from tests.output import Lines
 
 pytestmark = pytest.mark.distributed
 MLP = ROOT / "examples" / "digits-mlp-torch.yaml"
@@ -30,16 +31,6 @@ def worker_on(host: str, parent: psutil.Process):
     return None
 
 
-def wait_for_line(proc, lines, predicate, timeout):
-    deadline = time.monotonic() + timeout
-    for line in proc.stdout:
-        lines.append(line)
-        if predicate(line):
-            return line
-        assert time.monotonic() < deadline, "".join(lines)[-3000:]
-    pytest.fail("".join(lines)[-3000:])
-
-
 def test_worker_killed_then_added_back(tmp_path, figure):
     third = socket.gethostname()  # a third local name, resolving to this machine
     hosts = tmp_path / "hosts"
@@ -53,21 +44,20 @@ def test_worker_killed_then_added_back(tmp_path, figure):
                              f"output={tmp_path / 'out'}", elastic],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = []
+    lines = Lines(proc)
     try:
-        wait_for_line(proc, lines, lambda ln: "epoch 3/150" in ln, 300)
+        lines.wait_for_text("epoch 3/150", 300)
         victim = worker_on("127.0.0.1", psutil.Process(proc.pid))
         assert victim is not None
         hosts.write_text("localhost:1\n")
         victim.send_signal(signal.SIGKILL)
-        wait_for_line(proc, lines, lambda ln: "on 1 workers (elastic)" in ln, 120)
+        lines.wait_for_text("on 1 workers (elastic)", 120)
         hosts.write_text(f"localhost:1\n{third}:1\n")
-        wait_for_line(proc, lines, lambda ln: "on 2 workers (elastic)" in ln, 180)
-        rest, _ = proc.communicate(timeout=600)
+        lines.wait_for_text("on 2 workers (elastic)", 180)
+        output = lines.finish(600)
     finally:
         if proc.poll() is None:
             proc.kill()
-    output = "".join(lines) + rest
     assert proc.returncode == 0, output[-4000:]
     records = [json.loads(ln) for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, 151))  # every epoch once, none lost

@@ -14,6 +14,7 @@ import pytest
 
 from hvdtrain.launch.local import horovodrun_path
 from tests.conftest import ROOT
+from tests.output import Lines
 
 pytestmark = pytest.mark.distributed
 MLP = ROOT / "examples" / "digits-mlp-torch.yaml"
@@ -33,26 +34,19 @@ def rank_process(parent: psutil.Process, rank: int, variable: str) -> psutil.Pro
 
 def kill_rank_after(proc: subprocess.Popen, marker: str, rank: int, variable: str):
     """Read output until `marker`, SIGKILL the rank; return (seconds to exit, output)."""
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if marker in line:
-            break
+    lines = Lines(proc)
+    lines.wait_for_text(marker, 600)
     victim = None
     for _ in range(50):
         victim = rank_process(psutil.Process(proc.pid), rank, variable)
         if victim:
             break
         time.sleep(0.1)
-    assert victim is not None, "".join(lines)[-3000:]
+    assert victim is not None, lines.text()[-3000:]
     killed_at = time.monotonic()
     victim.send_signal(signal.SIGKILL)
-    try:
-        rest, _ = proc.communicate(timeout=DEADLINE_S + 30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"the job was still running {DEADLINE_S + 30}s after rank {rank} was killed")
-    return time.monotonic() - killed_at, "".join(lines) + rest
+    output = lines.finish(DEADLINE_S + 30)  # fails the test if the job outlives the kill by that
+    return time.monotonic() - killed_at, output
 
 
 def test_ranks_that_disagree_fail_fast_with_a_diff(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from hvdtrain.launch.local import horovodrun_path
+from tests.conftest import require_module
 
 pytestmark = pytest.mark.distributed
 RANKS = Path(__file__).parent / "ranks"
@@ -30,7 +31,7 @@ def test_two_ranks_train_identically(backend, tmp_path):
 
 
 def test_plain_horovod_code_on_keras3_objects(tmp_path):
-    pytest.importorskip("keras")
+    require_module("keras")
     code, output = run_on_two_ranks(RANKS / "keras3_rank_checks.py", tmp_path)
     assert code == 0, output[-4000:]
     assert output.count("8 passed") == 2, output[-4000:]
@@ -38,7 +39,7 @@ def test_plain_horovod_code_on_keras3_objects(tmp_path):
 
 def test_horovod_tensorflow_keras_on_keras3(tmp_path):
     """DistributedOptimizer, the callbacks and KerasState with Keras 3's model.fit."""
-    pytest.importorskip("keras")
+    require_module("keras")
     code, output = run_on_two_ranks(RANKS / "horovod_keras_rank_checks.py", tmp_path)
     assert code == 0, output[-4000:]
     assert output.count("16 passed") == 2, output[-4000:]
@@ -46,7 +47,7 @@ def test_horovod_tensorflow_keras_on_keras3(tmp_path):
 
 def test_horovod_keras_fit_example_trains_identically():
     """Written like Horovod's tensorflow2_keras_mnist.py: compile with hvd.DistributedOptimizer, fit."""
-    pytest.importorskip("keras")
+    require_module("keras")
     script = Path(__file__).resolve().parents[2] / "examples" / "plain_horovod_keras3_fit.py"
     result = subprocess.run([horovodrun_path(), "-np", "2", "-H", "localhost:2", "--gloo",
                              sys.executable, str(script)],
@@ -60,7 +61,7 @@ def test_horovod_keras_fit_example_trains_identically():
 
 
 def test_plain_horovod_keras3_example_trains_identically():
-    pytest.importorskip("keras")
+    require_module("keras")
     script = Path(__file__).resolve().parents[2] / "examples" / "plain_horovod_keras3.py"
     result = subprocess.run([horovodrun_path(), "-np", "2", "-H", "localhost:2", "--gloo",
                              sys.executable, str(script)],

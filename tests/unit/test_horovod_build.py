@@ -8,6 +8,7 @@ import pytest
 
 from hvdtrain.horovod_build import build
 from hvdtrain.horovod_build.fixes import FIXES, Fix, FixError, NewFile, apply_fixes, fixes_digest
+from tests.conftest import missing
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +17,7 @@ def sdist_tree(tmp_path_factory):
     cache = build.cache_root()
     sdist = cache / "sdist" / build.SDIST_NAME
     if not sdist.exists():
-        pytest.skip(f"{sdist} not cached yet: scripts/setup.sh downloads it")
+        missing(f"{sdist} not cached yet: scripts/setup.sh downloads it")
     root = tmp_path_factory.mktemp("sdist")
     with tarfile.open(sdist) as tar:
         tar.extractall(root, filter="data")
@@ -80,13 +81,13 @@ def test_failure_summary_picks_the_error_lines(tmp_path):
 def test_installed_horovod_is_this_build():
     version = build.installed_version("horovod")
     if version is None:
-        pytest.skip("Horovod not installed: scripts/setup.sh builds it")
+        missing("Horovod not installed: scripts/setup.sh builds it")
     assert version == f"{build.HOROVOD_VERSION}+hvdtrain.{fixes_digest()}"
 
 
 def test_doctor_shows_pytorch_and_gloo(cli):
     if build.installed_version("horovod") is None:
-        pytest.skip("Horovod not installed: scripts/setup.sh builds it")
+        missing("Horovod not installed: scripts/setup.sh builds it")
     result = cli("doctor")
     assert result.returncode == 0, result.stdout + result.stderr
     for line in ("torch:      2.13.0", "[X] PyTorch", "[X] Gloo", "horovodrun --check-build:"):
@@ -107,7 +108,7 @@ for attempt in range(3):  # what an elastic reset does: shutdown, then init agai
 def test_reinit_keeps_fixed_fusion_and_cycle_knobs(knobs):
     """Horovod 0.28.1 crashed (SIGSEGV) re-initialising with both knobs fixed."""
     if build.installed_version("horovod") is None:
-        pytest.skip("Horovod not installed: scripts/setup.sh builds it")
+        missing("Horovod not installed: scripts/setup.sh builds it")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOROVOD_")}
     env.update(HOROVOD_CONTROLLER="gloo", HOROVOD_CPU_OPERATIONS="gloo")  # MPI cannot re-init
     result = subprocess.run([sys.executable, "-c", REINIT], env={**env, **knobs},

@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("tensorflow")
+from tests.conftest import require_module  # noqa: E402
+
+require_module("tensorflow")
 import torch  # noqa: E402
 
 from hvdtrain.backends import tensorflow as tfb  # noqa: E402
