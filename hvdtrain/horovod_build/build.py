@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import os
 import platform
 import re
@@ -57,6 +58,68 @@ def mpi_version() -> str | None:
     return f"{family}{match.group(2)}"
 
 
+def torch_cuda() -> str | None:
+    """The CUDA version the installed torch was built for (None: a CPU build, or no torch).
+    Read from torch/version.py, so that the build does not import torch."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    version_py = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    match = re.search(r"^cuda(?:: \S+)? = '([\d.]+)'", version_py.read_text(), re.M) if version_py.exists() else None
+    return match.group(1) if match else None
+
+
+def pip_nccl() -> Path | None:
+    """The NCCL of NVIDIA's pip package (nvidia-nccl-cu12/-cu13, a dependency of torch's
+    CUDA wheels): its folder holding lib/libnccl.so.2 and include/nccl.h."""
+    for entry in sys.path:
+        folder = Path(entry or ".") / "nvidia" / "nccl"
+        if (folder / "lib" / "libnccl.so.2").exists() and (folder / "include" / "nccl.h").exists():
+            return folder.resolve()
+    return None
+
+
+def nvcc() -> str | None:
+    """CUDA's compiler: on PATH, or in CUDA_HOME / /usr/local/cuda."""
+    found = shutil.which("nvcc")
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if not found and home and (Path(home) / "bin" / "nvcc").exists():
+            found = str(Path(home) / "bin" / "nvcc")
+    return found
+
+
+def gpu_operations() -> str | None:
+    """NCCL tensor operations where they can be built: torch built for CUDA, CUDA's
+    compiler and NCCL present. HOROVOD_GPU_OPERATIONS set by hand wins ("" or NONE: off)."""
+    chosen = os.environ.get("HOROVOD_GPU_OPERATIONS")
+    if chosen is not None:
+        return chosen if chosen.upper() not in ("", "NONE", "0") else None
+    if torch_cuda() and nvcc() and (pip_nccl() or os.environ.get("HOROVOD_NCCL_HOME")):
+        return "NCCL"
+    return None
+
+
+def nccl_environment(cache: Path) -> dict[str, str]:
+    """HOROVOD_NCCL_LIB / _INCLUDE for the pip package's NCCL. The package ships only
+    libnccl.so.2, and Horovod's CMake looks for libnccl.so: the link is made in the cache."""
+    if any(os.environ.get(k) for k in ("HOROVOD_NCCL_HOME", "HOROVOD_NCCL_LIB", "HOROVOD_NCCL_INCLUDE")):
+        return {}  # the user's own NCCL
+    nccl = pip_nccl()
+    if nccl is None:
+        return {}
+    lib = cache / "nccl" / hashlib.sha256(str(nccl).encode()).hexdigest()[:12]
+    lib.mkdir(parents=True, exist_ok=True)
+    link = lib / "libnccl.so"
+    if not link.is_symlink() or link.resolve() != (nccl / "lib" / "libnccl.so.2").resolve():
+        link.unlink(missing_ok=True)
+        link.symlink_to(nccl / "lib" / "libnccl.so.2")
+    env = {"HOROVOD_NCCL_LIB": str(lib), "HOROVOD_NCCL_INCLUDE": str(nccl / "include")}
+    compiler = nvcc()
+    if compiler and not shutil.which("nvcc"):
+        env["PATH"] = f"{Path(compiler).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return env
+
+
 @dataclass(frozen=True)
 class BuildPlan:
     torch: str | None
@@ -74,7 +137,7 @@ class BuildPlan:
             mpi=mpi_version(),
             python=f"cp{sys.version_info.major}{sys.version_info.minor}",
             fixes=fixes_digest(),
-            gpu=os.environ.get("HOROVOD_GPU_OPERATIONS") or None,
+            gpu=gpu_operations(),
         )
 
     @property
@@ -101,6 +164,10 @@ class BuildPlan:
         # CMake >= 4 also refuses the old minimum versions of nested projects.
         env["CMAKE_POLICY_VERSION_MINIMUM"] = "3.5"
         env.setdefault("MAKEFLAGS", f"-j{os.cpu_count() or 2}")
+        env.pop("HOROVOD_GPU_OPERATIONS", None)
+        if self.gpu:
+            env["HOROVOD_GPU_OPERATIONS"] = self.gpu
+            env.update(nccl_environment(cache_root()))
         return env
 
 
@@ -186,7 +253,8 @@ def ensure_horovod(force: bool = False, install: bool = True, echo=print) -> Pat
             log_path = cache / "logs" / f"{plan.key}.log"
             frameworks = " + ".join(n for n, v in (("torch", plan.torch), ("tensorflow", plan.tensorflow)) if v)
             echo(f"building Horovod {HOROVOD_VERSION} for {frameworks}, Gloo"
-                 f"{' + MPI (' + plan.mpi + ')' if plan.mpi else ' (no MPI compiler found)'}; "
+                 f"{' + MPI (' + plan.mpi + ')' if plan.mpi else ' (no MPI compiler found)'}"
+                 f"{', ' + plan.gpu + ' GPU operations' if plan.gpu else ''}; "
                  f"log: {log_path}")
             started = time.monotonic()
             try:

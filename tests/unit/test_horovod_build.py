@@ -70,6 +70,46 @@ def test_build_switches_follow_what_is_installed():
     assert env["HOROVOD_WITH_MPI"] == "1"
 
 
+def test_gpu_build_is_chosen_from_cuda_torch_nvcc_and_nccl(monkeypatch):
+    monkeypatch.delenv("HOROVOD_GPU_OPERATIONS", raising=False)
+    monkeypatch.delenv("HOROVOD_NCCL_HOME", raising=False)
+    monkeypatch.setattr(build, "torch_cuda", lambda: "13.0")
+    monkeypatch.setattr(build, "nvcc", lambda: "/usr/local/cuda/bin/nvcc")
+    monkeypatch.setattr(build, "pip_nccl", lambda: "/site/nvidia/nccl")
+    assert build.gpu_operations() == "NCCL"
+    monkeypatch.setattr(build, "pip_nccl", lambda: None)
+    assert build.gpu_operations() is None  # no NCCL
+    monkeypatch.setattr(build, "pip_nccl", lambda: "/site/nvidia/nccl")
+    monkeypatch.setattr(build, "torch_cuda", lambda: None)
+    assert build.gpu_operations() is None  # a CPU build of torch
+    monkeypatch.setenv("HOROVOD_GPU_OPERATIONS", "NCCL")
+    assert build.gpu_operations() == "NCCL"  # set by hand wins
+    monkeypatch.setenv("HOROVOD_GPU_OPERATIONS", "")
+    monkeypatch.setattr(build, "torch_cuda", lambda: "13.0")
+    assert build.gpu_operations() is None
+
+
+def test_pip_nccl_gets_the_libnccl_link_horovod_looks_for(tmp_path, monkeypatch):
+    for name in ("HOROVOD_NCCL_HOME", "HOROVOD_NCCL_LIB", "HOROVOD_NCCL_INCLUDE"):
+        monkeypatch.delenv(name, raising=False)
+    nccl = tmp_path / "site" / "nvidia" / "nccl"
+    (nccl / "lib").mkdir(parents=True)
+    (nccl / "include").mkdir()
+    (nccl / "lib" / "libnccl.so.2").write_bytes(b"\x7fELF")
+    (nccl / "include" / "nccl.h").write_text("#define NCCL_MAJOR 2\n")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site"), *sys.path])
+    assert build.pip_nccl() == nccl.resolve()
+    env = build.nccl_environment(tmp_path / "cache")
+    link = build.Path(env["HOROVOD_NCCL_LIB"]) / "libnccl.so"
+    assert link.is_symlink() and link.resolve() == (nccl / "lib" / "libnccl.so.2").resolve()
+    assert env["HOROVOD_NCCL_INCLUDE"] == str(nccl.resolve() / "include")
+    assert build.nccl_environment(tmp_path / "cache") == env  # a second build finds the link made
+    monkeypatch.setenv("HOROVOD_NCCL_HOME", "/opt/nccl")
+    assert build.nccl_environment(tmp_path / "cache") == {}  # the user's own NCCL
+    plan = build.BuildPlan(torch="2.13.0", tensorflow=None, mpi=None, python="cp312", fixes="abc", gpu="NCCL")
+    assert plan.environment()["HOROVOD_GPU_OPERATIONS"] == "NCCL" and "gpu-nccl" in plan.key
+
+
 def test_failure_summary_picks_the_error_lines(tmp_path):
     log = tmp_path / "build.log"
     log.write_text("compiling a\ncompiling b\n/usr/bin/ld: multiple definition of `x'\n"
