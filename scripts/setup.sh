@@ -49,12 +49,14 @@ if [ -n "$machine_site" ]; then
   echo "$machine_site" > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/hvdtrain-machine-site.pth"
 fi
 if [ $gpu = 1 ]; then
-  echo "== GPU machine: installing hvdtrain with [$extras] (CUDA builds)"
+  echo "== GPU machine: installing hvdtrain [$extras] (CUDA builds)"
 else
   echo "== installing torch 2.13.0 (CPU), tensorflow-cpu 2.21.0 and hvdtrain: [$extras]"
 fi
 [ ${#pip_from[@]} -gt 0 ] || .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-.venv/bin/python -m pip install -q "${pip_from[@]}" -e ".[$extras]"
+target=.
+[ -z "$extras" ] || target=".[$extras]"
+.venv/bin/python -m pip install -q "${pip_from[@]}" -e "$target"
 echo "== Horovod"
 .venv/bin/hvdtrain build-horovod
 for framework in torch tensorflow; do
