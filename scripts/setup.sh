@@ -10,7 +10,8 @@
 # the Horovod build adds NCCL GPU operations by itself (CUDA's nvcc, NCCL from NVIDIA's
 # pip package). Settings:
 #   HVDTRAIN_FRAMEWORKS=torch     one framework only (default: torch,tensorflow)
-#   HVDTRAIN_WHEELS=DIR           install from the wheels in DIR only (no package index)
+#   HVDTRAIN_WHEELS=DIR           install from the wheels in DIR only (no package index;
+#                                 DIR holds setuptools and wheel too)
 #   HVDTRAIN_EXTRAS=tensorboard   hvdtrain's other extras (default: tensorboard,test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,7 +54,12 @@ if [ $gpu = 1 ]; then
 else
   echo "== installing torch 2.13.0 (CPU), tensorflow-cpu 2.21.0 and hvdtrain: [$extras]"
 fi
-[ ${#pip_from[@]} -gt 0 ] || .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+# setuptools in .venv itself: Horovod's build imports distutils from it (Python >= 3.12)
+if [ ${#pip_from[@]} -gt 0 ]; then
+  .venv/bin/python -m pip install -q "${pip_from[@]}" setuptools wheel
+else
+  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+fi
 target=.
 [ -z "$extras" ] || target=".[$extras]"
 .venv/bin/python -m pip install -q "${pip_from[@]}" -e "$target"
