@@ -11,7 +11,7 @@
 # pip package). Settings:
 #   HVDTRAIN_FRAMEWORKS=torch     one framework only (default: torch,tensorflow)
 #   HVDTRAIN_WHEELS=DIR           install from the wheels in DIR only (no package index;
-#                                 DIR holds setuptools and wheel too)
+#                                 DIR holds setuptools too)
 #   HVDTRAIN_EXTRAS=tensorboard   hvdtrain's other extras (default: tensorboard,test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +45,12 @@ case $frameworks in *,tensorflow,*) if [ $gpu = 1 ]; then extras+=",tensorflow-c
 extras=${extras#,}
 
 [ -x .venv/bin/python ] || { echo "== creating .venv"; "$PYTHON" -m venv .venv; }
+# setuptools in .venv itself: Horovod's build imports distutils from it (Python >= 3.12)
+if [ ${#pip_from[@]} -gt 0 ]; then
+  .venv/bin/python -m pip install -q "${pip_from[@]}" --ignore-installed --no-deps setuptools
+else
+  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+fi
 if [ -n "$machine_site" ]; then
   echo "== using the machine's CUDA build of torch from $machine_site"
   echo "$machine_site" > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/hvdtrain-machine-site.pth"
@@ -53,12 +59,6 @@ if [ $gpu = 1 ]; then
   echo "== GPU machine: installing hvdtrain [$extras] (CUDA builds)"
 else
   echo "== installing torch 2.13.0 (CPU), tensorflow-cpu 2.21.0 and hvdtrain: [$extras]"
-fi
-# setuptools in .venv itself: Horovod's build imports distutils from it (Python >= 3.12)
-if [ ${#pip_from[@]} -gt 0 ]; then
-  .venv/bin/python -m pip install -q "${pip_from[@]}" setuptools wheel
-else
-  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 fi
 target=.
 [ -z "$extras" ] || target=".[$extras]"

@@ -113,7 +113,10 @@ def nccl_environment(cache: Path) -> dict[str, str]:
     if not link.is_symlink() or link.resolve() != (nccl / "lib" / "libnccl.so.2").resolve():
         link.unlink(missing_ok=True)
         link.symlink_to(nccl / "lib" / "libnccl.so.2")
-    env = {"HOROVOD_NCCL_LIB": str(lib), "HOROVOD_NCCL_INCLUDE": str(nccl / "include")}
+    # SHARED: link the very libnccl.so.2 that torch loads (Horovod's CMake otherwise
+    # prefers a static libnccl found elsewhere on the system)
+    env = {"HOROVOD_NCCL_LIB": str(lib), "HOROVOD_NCCL_INCLUDE": str(nccl / "include"),
+           "HOROVOD_NCCL_LINK": "SHARED"}
     compiler = nvcc()
     if compiler and not shutil.which("nvcc"):
         env["PATH"] = f"{Path(compiler).parent}{os.pathsep}{os.environ.get('PATH', '')}"
