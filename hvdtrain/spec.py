@@ -130,6 +130,9 @@ class DataSpec(Section):
         "image_folder, custom and .npy, 0 (read in the training process) for data held in memory"))
     prefetch: Annotated[int, Field(ge=1, le=1024)] = Field(
         default=2, description="batches read ahead (per loader process with torch)")
+    on_device: bool | None = Field(default=None, description=(
+        "torch on a GPU: keep data held in memory on the GPU and take each batch there; "
+        "default: where the arrays need at most a quarter of the GPU's free memory"))
 
     @field_validator("clean", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ from .. import plugins
 from ..data import Dataset, Preprocessing
 from ..errors import DataError, UserError
 from ..loop import Batch, Comm, Steps, Training, run_elastic, run_epochs, scaled_lr, step_seed
-from ..samples import Samples, loader_failure
+from ..samples import ArraySamples, Samples, loader_failure
 from ..preflight import built_on_every_rank, preflight
 from ..resume import resume
 from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict
@@ -304,23 +304,128 @@ class BatchReader(torch.utils.data.Dataset):
 def make_loader(spec: JobSpec, device: torch.device) -> Callable[[Samples, list[np.ndarray]], Iterable[Batch]]:
     """The input pipeline: one torch DataLoader per split, whose `data.workers`
     processes (kept from epoch to epoch) read `data.prefetch` batches each ahead,
-    into page-locked memory when training on a GPU."""
+    into page-locked memory when training on a GPU. On a GPU, arrays held in memory
+    that fit (`data.on_device`) stay on the GPU and each batch is gathered there;
+    other batches are read and pinned on a thread and copied to the GPU on a side
+    stream one batch ahead, so that the copy overlaps the previous step."""
     loaders: dict[int, torch.utils.data.DataLoader] = {}
+    resident: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
     workers = spec.data.workers if spec.data else 0
+    prefetch = spec.data.prefetch if spec.data else 2
+    on_device = spec.data.on_device if spec.data else False
 
-    def loader(samples: Samples, index_batches: list[np.ndarray]) -> Iterable[Batch]:
+    def host_batches(samples: Samples, index_batches: list[np.ndarray]) -> Iterable[Batch]:
         if id(samples) not in loaders:
             loaders[id(samples)] = torch.utils.data.DataLoader(
                 BatchReader(samples), sampler=IndexBatches(), batch_size=None, num_workers=workers,
                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                prefetch_factor=spec.data.prefetch if workers else None)
+                prefetch_factor=prefetch if workers else None)
         data_loader = loaders[id(samples)]
         data_loader.sampler.batches = index_batches
         try:
             yield from data_loader
         except DataError as err:  # raised in a worker: its message, not the worker's traceback
             raise loader_failure(err) from None
+
+    def loader(samples: Samples, index_batches: list[np.ndarray]) -> Iterable[Batch]:
+        if device.type != "cuda":
+            return host_batches(samples, index_batches)
+        if id(samples) not in resident:
+            resident[id(samples)] = device_arrays(samples, device, on_device)
+        arrays = resident[id(samples)]
+        if arrays is not None:
+            return gathered_on_device(arrays, index_batches, device)
+        return copied_ahead(threaded(host_batches(samples, index_batches), prefetch), device)
     return loader
+
+
+def device_arrays(samples: Samples, device: torch.device, on_device: bool | None):
+    """The arrays of in-memory samples on the GPU, where `data.on_device` allows (by
+    default: where they need at most a quarter of the GPU's free memory); else None."""
+    if on_device is False or not isinstance(samples, ArraySamples):
+        return None
+    x, y = np.asarray(samples.x), np.asarray(samples.y)
+    if on_device is None:
+        free, _ = torch.cuda.mem_get_info(device)
+        if x.nbytes + y.nbytes > free // 4:
+            return None
+    return to_device(x, device), to_device(y, device)
+
+
+def gathered_on_device(arrays: tuple[torch.Tensor, torch.Tensor], index_batches: list[np.ndarray],
+                       device: torch.device) -> Iterable[Batch]:
+    """Batches gathered on the GPU; the pass's indices go over in one copy."""
+    if not index_batches:
+        return
+    x, y = arrays
+    order = to_device(np.concatenate(index_batches).astype(np.int64), device)
+    start = 0
+    for batch in index_batches:
+        chosen = order[start:start + len(batch)]
+        start += len(batch)
+        yield x.index_select(0, chosen), y.index_select(0, chosen)
+
+
+def threaded(batches: Iterable[Batch], depth: int) -> Iterable[Batch]:
+    """Iterate `batches` (reading, and pinning for the GPU) on a thread, `depth` ahead;
+    an error there is raised here."""
+    import queue
+    import threading
+    ahead: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    end, stop = object(), threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        ahead.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ahead.put(end)
+        except BaseException as err:  # noqa: BLE001 -- handed to the consumer
+            ahead.put(err)
+
+    thread = threading.Thread(target=produce, name="hvdtrain-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ahead.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def copied_ahead(batches: Iterable[Batch], device: torch.device) -> Iterable[Batch]:
+    """Each batch's copy to the GPU is issued on a side stream while the previous
+    batch is being used; a batch is handed over once its copy is done (on the GPU:
+    the compute stream waits for the copy, the CPU does not)."""
+    stream = torch.cuda.Stream(device)
+    pending = None
+    for x, y in batches:
+        with torch.cuda.stream(stream):
+            copied = (to_device(x, device), to_device(y, device))
+            done = stream.record_event()
+        if pending is not None:
+            yield handed_over(*pending)
+        pending = (copied, done)
+    if pending is not None:
+        yield handed_over(*pending)
+
+
+def handed_over(copied: tuple[torch.Tensor, torch.Tensor], done) -> Batch:
+    current = torch.cuda.current_stream()
+    current.wait_event(done)
+    for tensor in copied:
+        tensor.record_stream(current)  # its memory is not reused before the step has used it
+    return copied
 
 
 def to_device(batch, device: torch.device) -> torch.Tensor:
@@ -331,7 +436,7 @@ def to_device(batch, device: torch.device) -> torch.Tensor:
     tensor = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
     if tensor.dtype == torch.float64:
         tensor = tensor.float()
-    if device.type != "cuda":
+    if device.type != "cuda" or tensor.device == device:
         return tensor
     if not tensor.is_pinned():
         tensor = tensor.pin_memory()

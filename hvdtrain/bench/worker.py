@@ -71,20 +71,21 @@ def count_torch_optimizer(optimizer, counts: Counts, horovod: bool) -> None:
 def train_hvdtrain(spec, backend_name: str):
     """hvdtrain's own loop: the backend's setup and its train_epoch."""
     from ..backends import get_backend
-    from ..data import image_input, load_dataset
+    from ..data import image_input, load_dataset, shard_batches
     from ..loop import scaled_lr
     backend = get_backend(backend_name)
     dataset = load_dataset(spec.data, image=image_input(spec.model, spec.data), task=spec.task)
     job = backend.setup(spec, dataset)
     comm = job.comm
-    _, batches = batches_for(spec, comm.rank, comm.size)
+    order = shard_batches(len(dataset.train), comm.rank, comm.size, spec.train.batch_size, spec.train.seed, 0)
     lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
     counts = Counts()
     if backend_name == "torch":
         count_torch_optimizer(job.optimizer, counts, horovod=True)
 
-    def run(count: int, start: int) -> None:
-        job.steps.train_epoch(0, cycle(batches, count, start), lambda i: lr, 0, count)
+    def run(count: int, start: int) -> None:  # fed by hvdtrain's own input pipeline, as in `fit`
+        batches = job.steps.loader(dataset.train, cycle(order, count, start))
+        job.steps.train_epoch(0, batches, lambda i: lr, 0, count)
 
     def done() -> dict:
         if backend_name == "tensorflow":  # Keras counts its own applied steps
@@ -98,7 +99,7 @@ def train_hvdtrain(spec, backend_name: str):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
         return float(comm.allreduce_sum(np.array([value]), "bench.sum")[0])
-    return comm.rank, comm.size, run, total, [len(y) for _, y in batches], done
+    return comm.rank, comm.size, run, total, [len(b) for b in order], done
 
 
 def device_for(spec, local_rank: int):

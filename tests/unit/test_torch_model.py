@@ -84,3 +84,38 @@ def test_custom_model_without_a_program_is_rebuilt_by_its_builder(tmp_path):
     with torch.no_grad():
         expected = net(torch.from_numpy(ds.val.x[:16])).numpy()
     assert np.allclose(load_model(tmp_path)(ds.val.x[:16]), expected, atol=1e-6)
+
+
+def test_threaded_reading_keeps_order_and_raises_the_readers_error():
+    from hvdtrain.backends.torch import threaded
+    from hvdtrain.errors import DataError
+    assert list(threaded(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise DataError("images/7.png: truncated")
+    got = threaded(failing(), depth=2)
+    assert next(got) == 1
+    with pytest.raises(DataError, match="truncated"):
+        next(got)
+
+
+def test_threaded_reading_stops_when_the_consumer_stops():
+    import threading
+    import time
+
+    from hvdtrain.backends.torch import threaded
+    read = []
+
+    def endless():
+        while True:
+            read.append(1)
+            yield len(read)
+    got = threaded(endless(), depth=2)
+    assert next(got) == 1
+    got.close()
+    time.sleep(0.5)
+    count = len(read)
+    time.sleep(0.3)
+    assert len(read) == count <= 5  # the reader stopped, a few batches ahead at most
+    assert not any(t.name == "hvdtrain-loader" and t.is_alive() for t in threading.enumerate())
