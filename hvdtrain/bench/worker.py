@@ -258,17 +258,36 @@ def time_training(args) -> dict:
         first = args.warmup + window * args.steps
         total(0.0)
         before = counts()
+        profiler = profiling(args.profile, rank, window == args.windows - 1)
         began = time.perf_counter()
-        run(args.steps, first)
+        with profiler:
+            run(args.steps, first)
         # what each rank processed in the window (its batches differ by a sample), summed
         samples.append(total(float(sum(sizes[(first + i) % len(sizes)] for i in range(args.steps)))))
         seconds.append(time.perf_counter() - began)
         after = counts()
         steps.append(after["optimizer_steps"] - before["optimizer_steps"])
         allreduces.append(None if after["allreduces"] is None else after["allreduces"] - before["allreduces"])
+    if args.profile and rank == 0:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        name = f"{args.impl}-{args.placement}"
+        (Path(args.profile) / f"{name}.txt").write_text(profiler.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+        profiler.export_chrome_trace(str(Path(args.profile) / f"{name}.json"))
     return {"rank": rank, "ranks": size, "impl": args.impl, "placement": args.placement,
             "optimizer": counts()["optimizer"], "window_seconds": seconds, "window_samples": samples, "window_optimizer_steps": steps,
             "window_allreduces": allreduces}
+
+
+def profiling(directory: str | None, rank: int, last: bool):
+    """torch.profiler over the last window on rank 0 (--profile DIR), else nothing."""
+    import contextlib
+    if not (directory and last and rank == 0):
+        return contextlib.nullcontext()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    return profile(activities=[ProfilerActivity.CPU]
+                   + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
 
 
 def time_allreduce(args) -> dict:
@@ -332,6 +351,7 @@ def main() -> None:
     train.add_argument("--warmup", type=int, default=3)
     train.add_argument("--placement", choices=["host", "resident"], default="host",
                        help="resident: the hand-written loops keep every batch on the GPU")
+    train.add_argument("--profile", help="write torch.profiler's table and trace of the last window here")
     reduce = sub.add_parser("allreduce")
     reduce.add_argument("impl", choices=["horovod", "torch"])
     reduce.add_argument("out")
