@@ -129,10 +129,18 @@ def evaluate(dataset: Dataset, comm: Comm, steps: Steps, batch_size: int,
     for x, y in steps.loader(samples, eval_shard(len(samples), comm.rank, comm.size, batch_size)):
         outputs, batch_loss = steps.evaluate_batch(x, y)
         loss += batch_loss
-        labels = np.asarray(y)
+        labels = host_labels(y)
         stats += regression_sums(prep.targets(outputs), prep.targets(labels)) if regression else \
             confusion(labels, np.asarray(outputs).argmax(axis=1), k).ravel()
     return stats, loss
+
+
+def host_labels(labels) -> np.ndarray:
+    """A batch's labels as numpy, wherever the loader put them: the torch loader keeps
+    them on the GPU when training there."""
+    if getattr(labels, "is_cuda", False):
+        labels = labels.cpu()
+    return np.asarray(labels)
 
 
 def task_scores(dataset: Dataset, stats: np.ndarray) -> dict[str, float]:

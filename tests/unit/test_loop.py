@@ -179,3 +179,17 @@ def test_a_stop_asked_for_ends_training_after_a_complete_group_of_passes(tmp_pat
     [saved] = checkpoint.list_checkpoints(spec.checkpoint.dir)
     assert saved.name == "epoch-000000-step-000000006.ckpt"
     assert (tmp_path / "run" / preempt.MARKER).read_text() == "epoch 1, step 6\n"
+
+
+def test_labels_on_a_gpu_come_back_to_the_host_for_the_metrics():
+    from hvdtrain.loop import host_labels
+
+    class OnGpu:  # what a CUDA tensor offers: is_cuda and cpu()
+        is_cuda = True
+
+        def cpu(self):
+            return np.array([1, 0, 2])
+    assert host_labels(OnGpu()).tolist() == [1, 0, 2]
+    assert host_labels(np.array([3, 4])).tolist() == [3, 4]
+    import torch
+    assert host_labels(torch.tensor([5, 6])).tolist() == [5, 6]
