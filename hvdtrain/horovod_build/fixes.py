@@ -297,11 +297,8 @@ KERAS3_KERAS_FIXES: tuple[Fix | NewFile, ...] = (
         path=_KERAS + "callbacks.py",
         old="import horovod.tensorflow as hvd\nimport tensorflow as tf\n",
         new="import horovod.tensorflow as hvd\nimport tensorflow as tf\n"
+            "from horovod.tensorflow.elastic import _optimizer_variables  # added above for Keras 3\n"
             "from horovod.tensorflow.util import _tf_variable\n\n\n"
-            "def _optimizer_variables(optimizer):\n"
-            "    # Keras 2: optimizer.variables(); Keras 3: a list.\n"
-            "    variables = optimizer.variables\n"
-            "    return variables() if callable(variables) else variables\n\n\n"
             "def _get_lr(backend, optimizer):\n"
             "    # Keras 3 optimizers have no `lr` alias, and Keras 3 variables no dtype.name\n"
             "    # for the legacy backend's get_value / set_value.\n"
@@ -327,9 +324,10 @@ KERAS3_KERAS_FIXES: tuple[Fix | NewFile, ...] = (
             "                      'float that a compiled train step does not re-read; momentum is not '\n"
             "                      'corrected while the learning rate changes')\n"
             "    return False\n",
-        why="Helpers for the callbacks on Keras 3: its variables wrap a tf.Variable, its "
-            "optimizers expose `variables` as a list and have no `lr`, and its momentum is "
-            "a Python float compiled into the train step.",
+        why="Helpers for the callbacks on Keras 3 (and the elastic module's and util's "
+            "unwrapping ones): its variables wrap a tf.Variable, its optimizers expose "
+            "`variables` as a list and have no `lr`, and its momentum is a Python float "
+            "compiled into the train step.",
     ),
     Fix(
         path=_KERAS + "callbacks.py",
