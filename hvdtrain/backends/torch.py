@@ -22,7 +22,7 @@ from ..loop import Batch, Comm, Steps, Training, run_elastic, run_epochs, scaled
 from ..samples import ArraySamples, Samples, loader_failure
 from ..preflight import built_on_every_rank, preflight
 from ..resume import resume
-from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict
+from ..spec import CNNSpec, CustomModelSpec, DataSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 # (outputs, targets) -> the batch's mean loss. Regression models have one output per sample.
@@ -323,7 +323,7 @@ def make_loader(spec: JobSpec, device: torch.device) -> Callable[[Samples, list[
     loaders: dict[int, torch.utils.data.DataLoader] = {}
     resident: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
     workers = spec.data.workers if spec.data else 0
-    prefetch = spec.data.prefetch if spec.data else 2
+    prefetch = spec.data.prefetch if spec.data else DataSpec.model_fields["prefetch"].default
     on_device = spec.data.on_device if spec.data else False
 
     def host_batches(samples: Samples, index_batches: list[np.ndarray]) -> Iterable[Batch]:

@@ -45,29 +45,27 @@ def test_horovod_tensorflow_keras_on_keras3(tmp_path):
     assert output.count("16 passed") == 2, output[-4000:]
 
 
-def test_horovod_keras_fit_example_trains_identically():
-    """Written like Horovod's tensorflow2_keras_mnist.py: compile with hvd.DistributedOptimizer, fit."""
+def run_example_on_two_ranks(name: str) -> subprocess.CompletedProcess:
     require_module("keras")
-    script = Path(__file__).resolve().parents[2] / "examples" / "plain_horovod_keras3_fit.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / name
     result = subprocess.run([horovodrun_path(), "-np", "2", "-H", "localhost:2", "--gloo",
                              sys.executable, str(script)],
                             capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "weights identical on all 2 ranks: True" in result.stdout
+    return result
+
+
+def test_horovod_keras_fit_example_trains_identically():
+    """Written like Horovod's tensorflow2_keras_mnist.py: compile with hvd.DistributedOptimizer, fit."""
+    result = run_example_on_two_ranks("plain_horovod_keras3_fit.py")
     assert "finished gradual learning rate warmup to 0.004" in result.stdout
     final = float(result.stdout.split("final accuracy (averaged over ranks)")[1].split(",")[0])
     assert final >= 0.9
 
 
 def test_plain_horovod_keras3_example_trains_identically():
-    require_module("keras")
-    script = Path(__file__).resolve().parents[2] / "examples" / "plain_horovod_keras3.py"
-    result = subprocess.run([horovodrun_path(), "-np", "2", "-H", "localhost:2", "--gloo",
-                             sys.executable, str(script)],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "weights identical on all 2 ranks: True" in result.stdout
+    result = run_example_on_two_ranks("plain_horovod_keras3.py")
     final = float(result.stdout.split("epoch 5: loss")[1].split("training accuracy")[1].split()[0])
     assert final >= 0.9
