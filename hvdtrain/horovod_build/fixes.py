@@ -100,6 +100,71 @@ BUILD_FIXES: tuple[Fix, ...] = (
     ),
 )
 
+# A model in channels-last memory order (torch.channels_last, the fast layout for
+# convolutions on GPUs) has parameters and gradients that are dense but not
+# "contiguous" in torch's default sense, and Horovod refused every one of them.
+# Allreduce and broadcast work element by element on the tensor's memory as one
+# block, which is right for any gap-free layout that all ranks share (a model's
+# parameters and their gradients do); their outputs now take the input's layout.
+# Allgather, alltoall and reducescatter concatenate or split along the first
+# dimension and keep the strict check.
+_MPI_OPS = "horovod/torch/mpi_ops.py"
+CHANNELS_LAST_FIXES: tuple[Fix, ...] = (
+    Fix(
+        path=_MPI_OPS,
+        old="def _check_function(function_factory, tensor):\n"
+            "    function = function_factory(tensor)\n"
+            "    if not hasattr(mpi_lib, function):\n"
+            "        raise ValueError('Tensor type %s is not supported.' % tensor.type())\n"
+            "    if not tensor.is_contiguous():\n",
+        new="def _dense(tensor):\n"
+            "    return any(tensor.is_contiguous(memory_format=layout)\n"
+            "               for layout in (torch.channels_last, torch.channels_last_3d))\n"
+            "\n\n"
+            "def _check_function(function_factory, tensor, elementwise=False):\n"
+            "    function = function_factory(tensor)\n"
+            "    if not hasattr(mpi_lib, function):\n"
+            "        raise ValueError('Tensor type %s is not supported.' % tensor.type())\n"
+            "    if not (tensor.is_contiguous() or elementwise and _dense(tensor)):\n",
+        why="Let allreduce and broadcast take channels-last tensors (elementwise=True).",
+    ),
+    Fix(
+        path=_MPI_OPS,
+        old="    function = _check_function(_allreduce_function_factory, tensor)\n",
+        new="    function = _check_function(_allreduce_function_factory, tensor, elementwise=True)\n",
+        why="Allreduce is elementwise.",
+    ),
+    Fix(
+        path=_MPI_OPS,
+        old="    function = _check_function(_grouped_allreduce_function_factory, tensors[0])\n",
+        new="    function = _check_function(_grouped_allreduce_function_factory, tensors[0], elementwise=True)\n"
+            "    for other in tensors[1:]:\n"
+            "        _check_function(_grouped_allreduce_function_factory, other, elementwise=True)\n",
+        why="Grouped allreduce is elementwise; every tensor of the group is checked, not the "
+            "first alone (a strided one among the others was reduced as if it were dense).",
+    ),
+    Fix(
+        path=_MPI_OPS,
+        old="    function = _check_function(_broadcast_function_factory, tensor)\n",
+        new="    function = _check_function(_broadcast_function_factory, tensor, elementwise=True)\n",
+        why="Broadcast copies the tensor's memory as one block.",
+    ),
+    Fix(
+        path=_MPI_OPS,
+        old="    output = tensor.new(tensor.shape)\n",
+        new="    output = torch.empty_like(tensor)\n",
+        count=2,
+        why="allreduce_async and broadcast_async: the output takes the input's memory layout; "
+            "a default-layout output would hold a channels-last input's values permuted.",
+    ),
+    Fix(
+        path=_MPI_OPS,
+        old="    outputs = [t.new(t.shape) for t in tensors]\n",
+        new="    outputs = [torch.empty_like(t) for t in tensors]\n",
+        why="grouped_allreduce_async: the same for each output.",
+    ),
+)
+
 # Horovod's own bugs that hvdtrain's features run into.
 RUNTIME_FIXES: tuple[Fix, ...] = (
     Fix(
@@ -117,7 +182,7 @@ RUNTIME_FIXES: tuple[Fix, ...] = (
             "wrote past the vector's end: SIGSEGV with both variables set, another "
             "variable silently overwritten with one.",
     ),
-)
+) + CHANNELS_LAST_FIXES
 
 # Keras 3 (TensorFlow >= 2.16) variables are not tf.Variable objects: they wrap
 # one (``.value``) and lack its API (``ref()``, ...). Horovod's TensorFlow code

@@ -69,3 +69,9 @@ def test_plain_horovod_keras3_example_trains_identically():
     result = run_example_on_two_ranks("plain_horovod_keras3.py")
     final = float(result.stdout.split("epoch 5: loss")[1].split("training accuracy")[1].split()[0])
     assert final >= 0.9
+
+
+def test_horovod_torch_ops_on_channels_last_tensors(tmp_path):
+    code, output = run_on_two_ranks(RANKS / "torch_layout_rank_checks.py", tmp_path)
+    assert code == 0, output[-4000:]
+    assert output.count("6 passed") == 2, output[-4000:]

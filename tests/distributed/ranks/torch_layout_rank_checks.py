@@ -1,0 +1,90 @@
+"""Horovod's torch ops on channels-last tensors, run inside each of 2 ranks by
+horovodrun (see test_ranks.py). The build's CHANNELS_LAST_FIXES let allreduce
+and broadcast take them (outputs keep the input's layout); the collectives that
+split or join along the first dimension still refuse them."""
+import horovod.torch as hvd
+import pytest
+import torch
+from torch import nn
+
+hvd.init()
+CL = torch.channels_last
+
+
+def rank_tensor(seed_offset=0):
+    """A different 4-d tensor on each rank, in channels-last order."""
+    generator = torch.Generator().manual_seed(hvd.rank() + seed_offset)
+    return torch.randn(2, 3, 4, 5, generator=generator).contiguous(memory_format=CL)
+
+
+def mean_over_ranks(seed_offset=0):
+    return sum(torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(r + seed_offset))
+               for r in range(hvd.size())) / hvd.size()
+
+
+def test_allreduce_of_a_channels_last_tensor_is_the_elementwise_mean():
+    tensor = rank_tensor()
+    assert not tensor.is_contiguous()
+    out = hvd.allreduce(tensor, name="cl.allreduce")
+    assert out.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out, mean_over_ranks())
+    hvd.allreduce_(tensor, name="cl.allreduce_")
+    torch.testing.assert_close(tensor, mean_over_ranks())
+
+
+def test_grouped_allreduce_of_channels_last_tensors():
+    first, second = rank_tensor(), rank_tensor(10)
+    outs = hvd.grouped_allreduce([first, second], name="cl.grouped")
+    torch.testing.assert_close(outs[0], mean_over_ranks())
+    torch.testing.assert_close(outs[1], mean_over_ranks(10))
+
+
+def test_broadcast_of_a_channels_last_tensor_gives_rank_0s_values():
+    tensor = rank_tensor()
+    expected = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(hvd.broadcast(tensor, root_rank=0, name="cl.broadcast"), expected)
+    hvd.broadcast_(tensor, root_rank=0, name="cl.broadcast_")
+    torch.testing.assert_close(tensor, expected)
+
+
+def test_allgather_still_refuses_a_channels_last_tensor():
+    with pytest.raises(ValueError, match="contiguous"):
+        hvd.allgather(rank_tensor(), name="cl.allgather")
+
+
+def test_a_strided_tensor_later_in_a_group_is_refused():
+    strided = torch.zeros(4, 6)[:, ::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        hvd.grouped_allreduce([torch.zeros(3), strided], name="cl.strided")
+
+
+def model(channels_last: bool) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    return net.to(memory_format=CL) if channels_last else net
+
+
+def trained(channels_last: bool) -> list[torch.Tensor]:
+    """Three DistributedOptimizer steps on rank-specific batches."""
+    net = model(channels_last)
+    optimizer = hvd.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+                                         named_parameters=net.named_parameters())
+    hvd.broadcast_parameters(net.state_dict(), root_rank=0)
+    generator = torch.Generator().manual_seed(100 + hvd.rank())
+    for _ in range(3):
+        x = torch.randn(4, 3, 8, 8, generator=generator)
+        y = torch.randint(0, 3, (4,), generator=generator)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(x.contiguous(memory_format=CL) if channels_last else x), y).backward()
+        optimizer.step()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_distributed_optimizer_trains_a_channels_last_model_as_a_default_layout_one():
+    plain, last = trained(False), trained(True)
+    assert not last[0].is_contiguous()  # the conv weight really is channels-last
+    for a, b in zip(plain, last):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    gathered = hvd.allgather_object([p.contiguous() for p in last], name="cl.weights")
+    for a, b in zip(*gathered):
+        assert torch.equal(a, b)  # every rank holds the same weights
