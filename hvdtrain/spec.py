@@ -232,6 +232,12 @@ class TrainSpec(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description=(
         "bf16/fp16: mixed precision (torch autocast, with loss scaling for fp16; Keras' mixed "
         "policy); fp16 needs a GPU"))
+    compile: bool = Field(default=False, description=(
+        "torch: train through torch.compile (the first steps of each run, and of evaluation, "
+        "take longer while it compiles); checkpoints and exports keep the plain model"))
+    channels_last: bool = Field(default=False, description=(
+        "torch: images and the model's 4-d weights in channels-last memory order (faster "
+        "convolutions on GPUs, with bf16/fp16 most)"))
 
 
 class SlurmSpec(Section):
@@ -364,6 +370,11 @@ class JobSpec(Section):
         if steered and self.horovod.elastic is not None:
             raise ValueError(f"{', '.join(steered)}: not with elastic training (its state would not "
                              "reach workers that join)")
+        torch_only = [k for k, on in (("train.compile", self.train.compile),
+                                      ("train.channels_last", self.train.channels_last)) if on]
+        if torch_only and self.backend != "torch":
+            raise ValueError(f"{' and '.join(torch_only)}: torch backend settings (TensorFlow's steps are "
+                             "already compiled graphs, with images in channels-last order)")
         every = self.checkpoint.every_steps
         if every is not None and self.horovod.elastic is not None:
             raise ValueError("checkpoint.every_steps does not apply to elastic training: it commits "

@@ -107,13 +107,16 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
         print(f"rank {hvd.rank()} (local rank {hvd.local_rank()}) trains on {device}: "
               f"{torch.cuda.get_device_name(device)}", flush=True)
     torch.set_num_threads(spec.resources.cpus_per_worker)
+    if use_cuda:  # cuDNN picks the fastest convolution for each input shape (a few: batches differ by one)
+        torch.backends.cudnn.benchmark = True
     hierarchical = use_cuda and hvd.nccl_built()
     comm = horovod_comm(hvd, hierarchical)
 
     torch.manual_seed(spec.train.seed)
     # User code may fail on one rank only: every rank learns of it before any other collective.
     model, loss_fn = built_on_every_rank(
-        comm, lambda: (make_model(spec, dataset).to(device), make_loss(spec.loss)),
+        comm, lambda: (placed(make_model(spec, dataset), device, spec.train.channels_last),
+                       make_loss(spec.loss)),
         elastic=spec.horovod.elastic is not None)
     # Horovod: scale the learning rate by the number of workers (the loop sets it
     # at every step from the same rule, with warm-up).
@@ -129,6 +132,12 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     example = dataset.val.batch(np.arange(min(2, len(dataset.val))))[0]
     steps = make_steps(spec, model, optimizer, loss_fn, device, comm.rank, example, hvd)
     return Training(hvd, comm, model, optimizer, steps, lambda: horovod_comm(hvd, hierarchical))
+
+
+def placed(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """The model on the rank's device; its 4-d weights in channels-last order if asked."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def fit(spec: JobSpec, dataset: Dataset, expected_size: int | None = None,
@@ -199,6 +208,15 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
     autocast = lambda: torch.autocast(device.type, dtype=low, enabled=low is not None)  # noqa: E731
     scaler = torch.amp.GradScaler(device.type) if spec.train.precision == "fp16" else None
 
+    # torch.compile: the steps call the compiled module, which shares the model's
+    # parameters; checkpoints, buffers and exports keep using the plain model
+    forward = torch.compile(model) if spec.train.compile else model
+    memory_format = torch.channels_last if spec.train.channels_last else None
+
+    def inputs(x) -> torch.Tensor:
+        x = to_device(x, device)
+        return x.contiguous(memory_format=memory_format) if memory_format and x.ndim == 4 else x
+
     def loss_of(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = loss_fn(outputs, y)
         if not (isinstance(loss, torch.Tensor) and loss.ndim == 0):
@@ -220,7 +238,7 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
                     group["lr"] = lr_at(i)
                 in_group = min(passes, count - i)
             with autocast():
-                loss = loss_of(model(to_device(x, device)), to_device(y, device))
+                loss = loss_of(forward(inputs(x)), to_device(y, device))
             # Gradients of a group's passes add up: each pass carries its share.
             share = loss.float() / in_group if in_group > 1 or loss.dtype != torch.float32 else loss
             (scaler.scale(share) if scaler else share).backward()
@@ -265,7 +283,7 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
     def evaluate_batch(x, y) -> tuple[np.ndarray, float]:
         model.eval()
         with torch.no_grad(), autocast():
-            out = model(to_device(x, device)).float()
+            out = forward(inputs(x)).float()
             return out.cpu().numpy(), float(loss_of(out, to_device(y, device))) * len(y)
 
     def export(directory: Path) -> None:

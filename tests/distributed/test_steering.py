@@ -126,3 +126,30 @@ def test_plot_draws_several_runs_on_one_figure(cli, tmp_path):
     assert (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = cli("plot", tmp_path / "nothing")
     assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr
+
+
+def test_compiled_channels_last_training_follows_the_plain_model_and_exports_it(cli, tmp_path, figure):
+    """train.compile + train.channels_last on 2 ranks: the losses of the plain model
+    (other kernels sum in another order: within 1%; the run's end-of-training check
+    has already compared the ranks' weights), an export of the plain model, predict on it."""
+    cnn = ROOT / "examples" / "digits-cnn-torch.yaml"
+    runs = {}
+    for name, extra in (("plain", []), ("compiled", ["train.compile=true", "train.channels_last=true"])):
+        out = tmp_path / name
+        result = cli("run", cnn, "-np", "2", f"output={out}", "train.epochs=2", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = records(out)
+    plain, compiled = ([r["train_loss"] for r in runs[k]] for k in ("plain", "compiled"))
+    figure(f"train loss per epoch, plain {plain} / compiled, channels-last {compiled}")
+    assert compiled == pytest.approx(plain, rel=1e-2)
+    assert compiled[-1] < 0.5 * compiled[0]
+    import torch
+    weights = torch.load(tmp_path / "compiled" / "model" / "weights.pt", weights_only=True)
+    assert not [k for k in weights if k.startswith("_orig_mod")]
+    rows = tmp_path / "rows.npz"
+    import numpy as np
+    from sklearn.datasets import load_digits
+    np.savez(rows, x=load_digits().data[:5])
+    predicted = cli("predict", tmp_path / "compiled", rows, "-o", tmp_path / "p.csv")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 6

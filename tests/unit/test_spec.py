@@ -72,6 +72,13 @@ def test_cnn_needs_image_data():
     assert isinstance(spec.model, CNNSpec)
 
 
+def test_compile_and_channels_last_are_torch_settings():
+    spec = validate(dict(BASE, backend="torch", train={"compile": True, "channels_last": True}))
+    assert spec.train.compile and spec.train.channels_last
+    found = problems(dict(BASE, backend="tensorflow", train={"compile": True, "channels_last": True}))
+    assert len(found) == 1 and "train.compile and train.channels_last: torch backend settings" in found[0]
+
+
 def test_file_source_needs_a_supported_path():
     assert "needs data.path" in problems(dict(BASE, data={"source": "file"}))[0]
     assert "must end in .npz, .csv or .npy" in problems(dict(BASE, data={"source": "file", "path": "x.txt"}))[0]
