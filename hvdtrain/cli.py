@@ -132,7 +132,7 @@ def cmd_render_k8s(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import DEFAULT_SIZES, TRAIN_IMPLS, Settings, bench, parse_size
     from .spec import load_spec
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, args.overrides)
     try:
         ranks = [int(r) for r in args.ranks.split(",")]
         data_sizes = [float(g) for g in args.data_sizes.split(",")] if args.data_sizes != "none" else []
@@ -141,6 +141,8 @@ def cmd_bench(args) -> int:
                         "such as 1,2") from None
     output = Path(args.output) if args.output else Path(spec.output) / "bench"
     if args.input:
+        if args.overrides:
+            raise UserError("--input benches the spec file as it is: give it no key.path=value overrides")
         from .bench.input import bench_input
         bench_input(Path(args.spec), output, max(ranks), args.rounds or 2, args.epochs, data_sizes)
         return 0
@@ -148,7 +150,8 @@ def cmd_bench(args) -> int:
         [parse_size(x) for x in args.sizes.split(",")] if args.sizes else DEFAULT_SIZES
     impls = args.impls.split(",") if args.impls else list(TRAIN_IMPLS)
     bench(Settings(spec=Path(args.spec), ranks=ranks, rounds=args.rounds or 5, windows=args.windows,
-                   steps=args.steps, warmup=args.warmup, impls=impls, sizes=sizes, output=output))
+                   steps=args.steps, warmup=args.warmup, impls=impls, sizes=sizes, output=output,
+                   overrides=args.overrides))
     return 0
 
 
@@ -273,6 +276,8 @@ def parser() -> argparse.ArgumentParser:
     bench = verb("bench", cmd_bench, "training throughput against hand-written Horovod, DDP and the "
                  "TF backend, and allreduce bandwidth; writes bench.json and bench.png", spec=False)
     bench.add_argument("spec", help="job spec (YAML) giving model, data and batch size")
+    bench.add_argument("overrides", nargs="*", metavar="key.path=value",
+                       help="override spec values for every implementation, e.g. train.precision=bf16")
     bench.add_argument("--ranks", default="1,2", help="rank counts (default 1,2)")
     bench.add_argument("--rounds", type=int, help="alternating launches per implementation or data "
                                                    "source (default 5; 2 with --input)")

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,7 @@ class Settings:
     impls: list[str]
     sizes: list[int]
     output: Path
+    overrides: list[str] = field(default_factory=list)  # key.path=value, for every launch
 
 
 def env() -> dict[str, str]:
@@ -133,7 +134,7 @@ def run_training(s: Settings, scratch: Path, log, failures: list[dict], gpu: boo
                     out = scratch / f"train-{name}-{ranks}-{round_}.json"
                     cmd = [*launcher(impl, ranks), "train", impl, str(s.spec), str(out), "--windows",
                            str(s.windows), "--steps", str(s.steps), "--warmup", str(s.warmup),
-                           "--placement", placement]
+                           "--placement", placement, *(f"--set={o}" for o in s.overrides)]
                     result = attempt(cmd, out, f"{name} on {ranks} rank(s), round {round_ + 1}", failures, log)
                     if result is None:
                         continue
@@ -358,7 +359,7 @@ def print_table(report: dict, log) -> None:
 def bench(s: Settings, log=print) -> dict:
     from ..horovod_build.build import mpi_version
     from ..spec import load_spec
-    spec = load_spec(s.spec)
+    spec = load_spec(s.spec, s.overrides)
     if spec.entry is not None or spec.task != "classification" or spec.loss != "cross_entropy":
         raise UserError("hvdtrain bench compares hand-written loops that train a classifier with "
                         "cross-entropy: give it a spec without entry, with task classification "
@@ -389,12 +390,13 @@ def bench(s: Settings, log=print) -> dict:
         raise UserError("every benchmark run failed; the first error:\n" + failures[0]["error"])
     table = throughput_table(runs)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "versions": versions(),
-              "settings": {"spec": str(s.spec), "spec_name": spec.name, "ranks": s.ranks, "rounds": s.rounds,
+              "settings": {"spec": str(s.spec), "overrides": s.overrides, "spec_name": spec.name, "ranks": s.ranks, "rounds": s.rounds,
                            "windows_per_round": s.windows, "steps_per_window": s.steps,
                            "warmup_steps": s.warmup, "batch_size_per_rank": spec.train.batch_size,
                            "threads_per_rank": 1, "impls": s.impls,
                            "optimizer": spec.optimizer.model_dump(mode="json"),
-                           "precision": spec.train.precision,
+                           "precision": spec.train.precision, "compile": spec.train.compile,
+                           "channels_last": spec.train.channels_last,
                            "horovod": spec.horovod.model_dump(mode="json")},
               "gpus": gpu_names() if gpu else [],
               "runs": runs, "throughput": table, "allreduce": allreduce,

@@ -1,7 +1,7 @@
 """One rank of `hvdtrain bench`: times training steps or allreduces and, on
 rank 0, writes what it measured as JSON.
 
-    python -m hvdtrain.bench.worker train IMPL SPEC OUT --windows W --steps K --warmup U
+    python -m hvdtrain.bench.worker train IMPL SPEC OUT --windows W --steps K --warmup U [--set K=V]
     python -m hvdtrain.bench.worker allreduce IMPL OUT --sizes 4096,65536
 
 Training IMPLs: hvdtrain (hvdtrain's own backend loop, torch), tensorflow
@@ -107,6 +107,7 @@ def device_for(spec, local_rank: int):
     import torch
     if spec.resources.gpus_per_worker > 0 and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+        torch.backends.cudnn.benchmark = True  # as hvdtrain sets it, and as tuning guides advise
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -132,13 +133,13 @@ def train_horovod(spec, placement: str):
     import horovod.torch as hvd
     import torch
 
-    from ..backends.torch import make_model, make_optimizer
+    from ..backends.torch import make_model, make_optimizer, placed
     hvd.init()
     torch.set_num_threads(THREADS)
     device = device_for(spec, hvd.local_rank())
     dataset, batches = batches_for(spec, hvd.rank(), hvd.size())
     torch.manual_seed(spec.train.seed)
-    model = make_model(spec, dataset).to(device)
+    model = placed(make_model(spec, dataset), device, spec.train.channels_last)
     optimizer = make_optimizer(spec.optimizer, model.parameters(), hand_lr(spec, hvd.size()))
     h = spec.horovod
     optimizer = hvd.DistributedOptimizer(
@@ -162,7 +163,9 @@ def plain_steps(spec, model, optimizer, batches: list, device, placement: str, n
     batch on the device before timing; "host": each batch copied from (pinned) host
     memory inside the step, the way a DataLoader feeds a loop. Backward passes per
     step as hvdtrain runs them: each pass carries 1/N of the loss, one step per group
-    (DDP: no_sync for all but the group's last pass)."""
+    (DDP: no_sync for all but the group's last pass). train.compile: the steps call
+    torch.compile's module (for DDP, the compiled DDP module); train.channels_last:
+    images in channels-last order."""
     import contextlib
 
     import torch
@@ -170,8 +173,13 @@ def plain_steps(spec, model, optimizer, batches: list, device, placement: str, n
     passes = spec.horovod.backward_passes_per_step
     low = {"bf16": torch.bfloat16}.get(spec.train.precision)
     pin = device.type == "cuda"
+    forward = torch.compile(model) if spec.train.compile else model
+    order = torch.channels_last if spec.train.channels_last else torch.contiguous_format
+
+    def images(x):
+        return x.contiguous(memory_format=order) if x.ndim == 4 else x
     if placement == "resident":
-        tensors = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for x, y in batches]
+        tensors = [(images(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device)) for x, y in batches]
     else:
         tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
         if pin:
@@ -181,13 +189,13 @@ def plain_steps(spec, model, optimizer, batches: list, device, placement: str, n
         model.train()
         for i, (x, y) in enumerate(cycle(tensors, count, start)):
             if placement == "host":
-                x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
+                x, y = images(x.to(device, non_blocking=pin)), y.to(device, non_blocking=pin)
             if i % passes == 0:
                 optimizer.zero_grad()
             last = (i + 1) % passes == 0 or i + 1 == count
             with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=low, enabled=low is not None):
-                    loss = F.cross_entropy(model(x), y)
+                    loss = F.cross_entropy(forward(x), y)
                 (loss.float() / min(passes, count - i // passes * passes)).backward()
             if last:
                 optimizer.step()
@@ -205,14 +213,14 @@ def train_ddp(spec, placement: str, communicate: bool = True):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
-    from ..backends.torch import make_model, make_optimizer
+    from ..backends.torch import make_model, make_optimizer, placed
     torch.set_num_threads(THREADS)
     device = device_for(spec, int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     dataset, batches = batches_for(spec, rank, size)
     torch.manual_seed(spec.train.seed)
-    model = make_model(spec, dataset).to(device)
+    model = placed(make_model(spec, dataset), device, spec.train.channels_last)
     counts = Counts()
     no_sync = None
     if communicate:
@@ -240,7 +248,7 @@ def time_training(args) -> dict:
     from ..plugins import add_import_paths, import_paths
     from ..rank import apply_horovod_environment
     from ..spec import load_spec
-    spec = load_spec(args.spec, [f"resources.cpus_per_worker={THREADS}"])
+    spec = load_spec(args.spec, [*args.overrides, f"resources.cpus_per_worker={THREADS}"])
     add_import_paths(import_paths(args.spec, spec.code))  # a custom model's builder
     apply_horovod_environment(spec.horovod)  # fusion, cycle time, autotune, timeline as the spec says
     makers = {"hvdtrain": lambda: train_hvdtrain(spec, "torch"),
@@ -351,6 +359,8 @@ def main() -> None:
     train.add_argument("--warmup", type=int, default=3)
     train.add_argument("--placement", choices=["host", "resident"], default="host",
                        help="resident: the hand-written loops keep every batch on the GPU")
+    train.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                       help="override a spec value (as hvdtrain bench was given)")
     train.add_argument("--profile", help="write torch.profiler's table and trace of the last window here")
     reduce = sub.add_parser("allreduce")
     reduce.add_argument("impl", choices=["horovod", "torch"])
