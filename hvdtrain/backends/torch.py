@@ -382,18 +382,28 @@ def device_arrays(samples: Samples, device: torch.device, on_device: bool | None
     return to_device(x, device), to_device(y, device)
 
 
+GATHER_AT_ONCE = (32, 256 << 20)  # at most this many batches and bytes gathered on the GPU at once
+
+
 def gathered_on_device(arrays: tuple[torch.Tensor, torch.Tensor], index_batches: list[np.ndarray],
-                       device: torch.device) -> Iterable[Batch]:
-    """Batches gathered on the GPU; the pass's indices go over in one copy."""
+                       device: torch.device, at_once: tuple[int, int] = GATHER_AT_ONCE) -> Iterable[Batch]:
+    """Batches gathered on the GPU, several by one gather (their indices go over in
+    one copy): each batch is then a slice, with no kernel of its own. A small model's
+    step is bound by the CPU launching kernels, and two gathers a step cost 5 % of it;
+    a large model's batches are gathered one by one (at_once bounds the memory)."""
+    x, y = arrays
     if not index_batches:
         return
-    x, y = arrays
-    order = to_device(np.concatenate(index_batches).astype(np.int64), device)
-    start = 0
-    for batch in index_batches:
-        chosen = order[start:start + len(batch)]
-        start += len(batch)
-        yield x.index_select(0, chosen), y.index_select(0, chosen)
+    batch_bytes = max(len(b) for b in index_batches) * (x[0].nbytes + y[0].nbytes) if len(x) else 1
+    group = max(1, min(at_once[0], at_once[1] // max(batch_bytes, 1)))
+    for first in range(0, len(index_batches), group):
+        batches = index_batches[first:first + group]
+        order = to_device(np.concatenate(batches).astype(np.int64), device)
+        xs, ys = x.index_select(0, order), y.index_select(0, order)
+        start = 0
+        for batch in batches:
+            yield xs[start:start + len(batch)], ys[start:start + len(batch)]
+            start += len(batch)
 
 
 def threaded(batches: Iterable[Batch], depth: int) -> Iterable[Batch]:

@@ -86,6 +86,19 @@ def test_custom_model_without_a_program_is_rebuilt_by_its_builder(tmp_path):
     assert np.allclose(load_model(tmp_path)(ds.val.x[:16]), expected, atol=1e-6)
 
 
+def test_batches_gathered_in_groups_are_the_index_batches():
+    from hvdtrain.backends.torch import gathered_on_device
+    rng = np.random.default_rng(0)
+    x, y = torch.from_numpy(rng.normal(size=(50, 3)).astype(np.float32)), torch.arange(50)
+    index_batches = [rng.permutation(50)[:n] for n in (8, 8, 7, 8, 3)]
+    for at_once in ((2, 1 << 20), (32, 1), (32, 1 << 20)):  # 2 batches, 1 (by bytes), all
+        got = list(gathered_on_device((x, y), index_batches, torch.device("cpu"), at_once))
+        assert len(got) == 5
+        for (bx, by), indices in zip(got, index_batches):
+            assert torch.equal(by, torch.from_numpy(indices)) and torch.equal(bx, x[indices])
+    assert list(gathered_on_device((x, y), [], torch.device("cpu"))) == []
+
+
 def test_threaded_reading_keeps_order_and_raises_the_readers_error():
     from hvdtrain.backends.torch import threaded
     from hvdtrain.errors import DataError
