@@ -165,6 +165,78 @@ CHANNELS_LAST_FIXES: tuple[Fix, ...] = (
     ),
 )
 
+# hvd.synchronize() (every DistributedOptimizer step waits in it) spun on the
+# handle: a loop of PollHandle and std::this_thread::yield, one core at 100 %
+# while the allreduce runs. Where ranks share a machine's cores (CPU training),
+# that core is taken from Gloo's transport thread and reduction and from
+# Horovod's background thread. The wait now sleeps on a condition variable that
+# MarkDone (and Reset, which drops every handle) signals.
+_HANDLES = "horovod/torch/handle_manager"
+BLOCKING_WAIT_FIXES: tuple[Fix, ...] = (
+    Fix(
+        path=_HANDLES + ".h",
+        old="#include <atomic>\n",
+        new="#include <atomic>\n#include <condition_variable>\n",
+        why="The waiting thread sleeps on a condition variable.",
+    ),
+    Fix(
+        path=_HANDLES + ".h",
+        old="  bool PollHandle(int handle);\n",
+        new="  bool PollHandle(int handle);\n"
+            "  // Blocks until the handle is done; throws if it does not exist (or is reset).\n"
+            "  void WaitHandle(int handle);\n",
+        why="A blocking wait beside the poll.",
+    ),
+    Fix(
+        path=_HANDLES + ".h",
+        old="  std::mutex mutex_;\n",
+        new="  std::mutex mutex_;\n  std::condition_variable done_;\n",
+        why="Signalled when a handle is marked done or the handles are reset.",
+    ),
+    Fix(
+        path=_HANDLES + ".cc",
+        old="  std::lock_guard<std::mutex> guard(mutex_);\n"
+            "  results_[handle] = std::make_shared<Status>(status);\n}\n",
+        new="  {\n"
+            "    std::lock_guard<std::mutex> guard(mutex_);\n"
+            "    results_[handle] = std::make_shared<Status>(status);\n"
+            "  }\n"
+            "  done_.notify_all();\n}\n\n"
+            "void HandleManager::WaitHandle(int handle) {\n"
+            "  std::unique_lock<std::mutex> lock(mutex_);\n"
+            "  done_.wait(lock, [&] {\n"
+            "    auto found = results_.find(handle);\n"
+            "    if (found == results_.end()) {\n"
+            "      throw std::invalid_argument(\"Handle \" + std::to_string(handle) +\n"
+            "                                  \" was not created or has been cleared.\");\n"
+            "    }\n"
+            "    return found->second != nullptr;\n"
+            "  });\n}\n",
+        why="MarkDone wakes the waiters; WaitHandle sleeps until its handle is done.",
+    ),
+    Fix(
+        path=_HANDLES + ".cc",
+        old="  results_.clear();\n  last_handle_ = 0;\n}\n",
+        new="  results_.clear();\n  last_handle_ = 0;\n  done_.notify_all();\n}\n",
+        why="A reset (elastic) wakes the waiters, whose handles are gone: they raise.",
+    ),
+    Fix(
+        path="horovod/torch/mpi_ops_v2.cc",
+        old="  while (true) {\n"
+            "    if (handle_manager.PollHandle(handle)) break;\n"
+            "    {\n"
+            "      py::gil_scoped_release release_python_gil;\n"
+            "      std::this_thread::yield();\n"
+            "    }\n"
+            "  }\n",
+        new="  {\n"
+            "    py::gil_scoped_release release_python_gil;\n"
+            "    handle_manager.WaitHandle(handle);\n"
+            "  }\n",
+        why="WaitAndClear sleeps until the handle is done instead of spinning a core.",
+    ),
+)
+
 # Horovod's own bugs that hvdtrain's features run into.
 RUNTIME_FIXES: tuple[Fix, ...] = (
     Fix(
@@ -182,7 +254,7 @@ RUNTIME_FIXES: tuple[Fix, ...] = (
             "wrote past the vector's end: SIGSEGV with both variables set, another "
             "variable silently overwritten with one.",
     ),
-) + CHANNELS_LAST_FIXES
+) + CHANNELS_LAST_FIXES + BLOCKING_WAIT_FIXES
 
 # Keras 3 (TensorFlow >= 2.16) variables are not tf.Variable objects: they wrap
 # one (``.value``) and lack its API (``ref()``, ...). Horovod's TensorFlow code

@@ -1,7 +1,10 @@
-"""Horovod's torch ops on channels-last tensors, run inside each of 2 ranks by
-horovodrun (see test_ranks.py). The build's CHANNELS_LAST_FIXES let allreduce
-and broadcast take them (outputs keep the input's layout); the collectives that
-split or join along the first dimension still refuse them."""
+"""The build's fixes to horovod.torch, run inside each of 2 ranks by horovodrun
+(see test_ranks.py). CHANNELS_LAST_FIXES: allreduce and broadcast take
+channels-last tensors (outputs keep the input's layout); the collectives that
+split or join along the first dimension still refuse them. BLOCKING_WAIT_FIXES:
+a rank waiting in synchronize() sleeps instead of spinning a core."""
+import time
+
 import horovod.torch as hvd
 import pytest
 import torch
@@ -88,3 +91,18 @@ def test_distributed_optimizer_trains_a_channels_last_model_as_a_default_layout_
     gathered = hvd.allgather_object([p.contiguous() for p in last], name="cl.weights")
     for a, b in zip(*gathered):
         assert torch.equal(a, b)  # every rank holds the same weights
+
+
+def test_a_rank_waiting_for_its_peer_sleeps_instead_of_spinning():
+    """Rank 1 joins the allreduce 1.5 s late; rank 0 waits in synchronize() for it.
+    Its main thread's CPU time over the wait stays a small part of the wall time
+    (the spinning wait took all of it)."""
+    hvd.allreduce(torch.zeros(1), name="wait.warmup")
+    if hvd.rank() == 1:
+        time.sleep(1.5)
+    wall, cpu = time.perf_counter(), time.thread_time()
+    hvd.allreduce(torch.ones(1), name="wait.late")
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    if hvd.rank() == 0:
+        assert wall > 1.0, wall  # it did wait for rank 1
+        assert cpu < 0.2 * wall, (cpu, wall)
