@@ -140,6 +140,11 @@ def placed(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Mo
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
+def in_order(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A batch of images (4-d) in channels-last order if asked; anything else as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
 def fit(spec: JobSpec, dataset: Dataset, expected_size: int | None = None,
         progress: Callable[[str], None] | None = None) -> dict:
     """Train on this rank; expected_size: the ranks the launcher started, where it knows."""
@@ -211,11 +216,9 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
     # torch.compile: the steps call the compiled module, which shares the model's
     # parameters; checkpoints, buffers and exports keep using the plain model
     forward = torch.compile(model) if spec.train.compile else model
-    memory_format = torch.channels_last if spec.train.channels_last else None
 
     def inputs(x) -> torch.Tensor:
-        x = to_device(x, device)
-        return x.contiguous(memory_format=memory_format) if memory_format and x.ndim == 4 else x
+        return in_order(to_device(x, device), spec.train.channels_last)
 
     def loss_of(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = loss_fn(outputs, y)
@@ -394,7 +397,7 @@ def gathered_on_device(arrays: tuple[torch.Tensor, torch.Tensor], index_batches:
     x, y = arrays
     if not index_batches:
         return
-    batch_bytes = max(len(b) for b in index_batches) * (x[0].nbytes + y[0].nbytes) if len(x) else 1
+    batch_bytes = max(len(b) for b in index_batches) * (x[0].nbytes + y[0].nbytes)
     group = max(1, min(at_once[0], at_once[1] // max(batch_bytes, 1)))
     for first in range(0, len(index_batches), group):
         batches = index_batches[first:first + group]

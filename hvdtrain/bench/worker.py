@@ -173,11 +173,11 @@ def plain_steps(spec, model, optimizer, batches: list, device, placement: str, n
     passes = spec.horovod.backward_passes_per_step
     low = {"bf16": torch.bfloat16}.get(spec.train.precision)
     pin = device.type == "cuda"
+    from ..backends.torch import in_order
     forward = torch.compile(model) if spec.train.compile else model
-    order = torch.channels_last if spec.train.channels_last else torch.contiguous_format
 
     def images(x):
-        return x.contiguous(memory_format=order) if x.ndim == 4 else x
+        return in_order(x, spec.train.channels_last)
     if placement == "resident":
         tensors = [(images(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device)) for x, y in batches]
     else:
