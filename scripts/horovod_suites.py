@@ -1,16 +1,24 @@
 #!/usr/bin/env python3
 """Horovod's own test suites (upstream `test/parallel`) against the installed build.
 
-    scripts/horovod_suites.py [--suites DIR] [--out DIR] [SUITE ...]
+    scripts/horovod_suites.py [--suites-dir DIR] [--out DIR] [SUITE ...]
 
 Each suite runs under `horovodrun -np 2 -H localhost:2 --gloo`, every rank in
-pytest; rank 0's JUnit report gives each test's outcome. Outcomes are compared
-with tests/horovod_known_failures.yaml (test id -> the reason it fails): a
-failure not listed fails the run (exit 1), and a listed test that passes is
-reported, so the list only shrinks. A suite whose ranks die before the report
-is written counts as failed.
+pytest with a JUnit report and an exit code of its own. A suite passes only
+where all of these hold, on every rank:
+- every failure is listed in tests/horovod_known_failures.yaml with its reason,
+  and its message matches the entry's `error` pattern (a listed test that fails
+  for another reason is a new failure);
+- every listed test fails (one that passes, or no longer runs, fails the run:
+  the list only shrinks);
+- the counts of passed and skipped tests are the expected ones (a regression
+  that makes tests skip, or not be collected, is seen);
+- each rank's pytest exits as those outcomes say (0 with no failure, 1 with
+  failures; anything else, or a missing report, is an abort), and horovodrun
+  exits 0 (each rank's shell records pytest's exit and ends with 0, so a
+  non-zero exit means a rank died).
 
-The suites are read where they are, never copied: --suites, else
+The suites are read where they are, never copied: --suites-dir, else
 $HVDTRAIN_HOROVOD_SUITES, else a `shared/upstream/horovod-test` folder beside
 the checkout or one of its parents. They import `mock` and `parameterized`.
 """
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KNOWN = ROOT / "tests" / "horovod_known_failures.yaml"
 SUITES = ("test_torch.py", "test_tensorflow.py", "test_tensorflow2_keras.py", "test_tensorflow_process_sets.py",
           "test_process_sets_static.py", "test_timeline.py")
+RANKS = (0, 1)
 
 
 def find_suites(given: str | None = None) -> Path | None:
@@ -43,54 +53,102 @@ def find_suites(given: str | None = None) -> Path | None:
     return None
 
 
-def known_failures() -> dict[str, str]:
-    return yaml.safe_load(KNOWN.read_text()) or {}
+def expectations(path: Path = KNOWN) -> dict[str, dict]:
+    """suite -> {passed, skipped, failures: {test id: {reason, error}}}, each entry checked."""
+    suites = (yaml.safe_load(path.read_text()) or {}).get("suites", {})
+    for suite, expected in suites.items():
+        for key in ("passed", "skipped"):
+            if not isinstance(expected.get(key), int):
+                raise ValueError(f"{path.name}: {suite}.{key} must be a count")
+        for test, entry in (expected.get("failures") or {}).items():
+            if not (isinstance(entry, dict) and entry.get("reason") and entry.get("error")):
+                raise ValueError(f"{path.name}: {suite}.failures.{test} needs a reason and an error pattern")
+            re.compile(entry["error"])
+    return suites
 
 
-def outcomes(report: Path) -> dict[str, str]:
-    """test id (suite::Class::test) -> passed | failed | skipped, from a JUnit report."""
+def outcomes(report: Path) -> dict[str, tuple[str, str]]:
+    """test id (Class::test) -> (passed | failed | skipped, the failure's message and text)."""
     found = {}
     for case in ET.parse(report).getroot().iter("testcase"):
-        module, _, cls = case.get("classname", "").rpartition(".")
-        test_id = f"{module or cls}.py::{cls}::{case.get('name')}" if module else f"{cls}::{case.get('name')}"
-        kinds = {child.tag for child in case}
-        found[test_id] = "failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "passed"
+        cls = case.get("classname", "").rpartition(".")[2]
+        test_id = f"{cls}::{case.get('name')}"
+        failures = [child for child in case if child.tag in ("failure", "error")]
+        if failures:
+            found[test_id] = ("failed", "\n".join(f"{c.get('message', '')}\n{c.text or ''}" for c in failures))
+        else:
+            found[test_id] = ("skipped" if any(c.tag == "skipped" for c in case) else "passed", "")
     return found
 
 
 def run_suite(suites: Path, suite: str, out: Path, timeout: int = 1800) -> dict:
     horovodrun = shutil.which("horovodrun", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    reports = [out / f"{suite}.rank{r}.xml" for r in (0, 1)]
-    for report in reports:
-        report.unlink(missing_ok=True)
-    # pytest in every rank; each rank writes its own report and log
-    script = (f"exec {sys.executable} -m pytest -q -p no:cacheprovider -rfE {suite} "
-              f"--junitxml={out}/{suite}.rank$HOROVOD_RANK.xml > {out}/{suite}.rank$HOROVOD_RANK.log 2>&1")
+    files = {kind: [out / f"{suite}.rank{r}.{kind}" for r in RANKS] for kind in ("xml", "log", "exit")}
+    for path in sum(files.values(), []):
+        path.unlink(missing_ok=True)
+    # pytest in every rank; each rank writes its own report, log and exit code, and its
+    # shell ends with 0 (horovodrun would end the other rank as soon as one exits non-zero,
+    # before that rank had written its own): horovodrun's non-zero exit means a rank died
+    base = f"{out}/{suite}.rank$HOROVOD_RANK"
+    script = (f"{sys.executable} -m pytest -q -p no:cacheprovider -rfE {suite} --junitxml={base}.xml "
+              f"> {base}.log 2>&1; echo $? > {base}.exit")
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     began = time.monotonic()
     try:
-        proc = subprocess.run([horovodrun, "-np", "2", "-H", "localhost:2", "--gloo", "sh", "-c", script],
+        proc = subprocess.run([horovodrun, "-np", str(len(RANKS)), "-H", f"localhost:{len(RANKS)}", "--gloo",
+                               "sh", "-c", script],
                               cwd=suites / "parallel", env=env, capture_output=True, text=True, timeout=timeout)
         code = proc.returncode
     except subprocess.TimeoutExpired:
         code = "timeout"
-    result = {"suite": suite, "seconds": round(time.monotonic() - began, 1), "exit": code}
-    if not reports[0].is_file():
-        log = out / f"{suite}.rank0.log"
-        tail = log.read_text()[-1500:] if log.is_file() else ""
-        return {**result, "aborted": True, "tests": {}, "log_tail": tail}
-    return {**result, "aborted": False, "tests": outcomes(reports[0])}
+    ranks = []
+    for report, log, exit_file in zip(files["xml"], files["log"], files["exit"]):
+        ranks.append({"exit": int(exit_file.read_text()) if exit_file.is_file() else None,
+                      "tests": outcomes(report) if report.is_file() else None,
+                      "log_tail": log.read_text()[-1500:] if log.is_file() else ""})
+    return {"suite": suite, "seconds": round(time.monotonic() - began, 1), "exit": code, "ranks": ranks}
 
 
-def judge(result: dict, known: dict[str, str]) -> dict:
-    suite = result["suite"]
-    tests = result["tests"]
-    failed = sorted(t for t, o in tests.items() if o == "failed")
-    counts = {o: sum(1 for v in tests.values() if v == o) for o in ("passed", "failed", "skipped")}
-    mine = {t: r for t, r in known.items() if t.startswith(f"{suite}::")}
-    return {**result, "counts": counts, "unexpected": [t for t in failed if t not in mine],
-            "known": [t for t in failed if t in mine], "now_passing": sorted(t for t in mine if tests.get(t) == "passed")}
+def judge(result: dict, expected: dict | None) -> dict:
+    """What is wrong with one suite's run (a list of sentences, empty when it passed)."""
+    suite, problems = result["suite"], []
+    counts = [None if ran["tests"] is None else
+              {o: sum(1 for outcome, _ in ran["tests"].values() if outcome == o)
+               for o in ("passed", "failed", "skipped")} for ran in result["ranks"]]
+    if expected is None:
+        return {**result, "counts": counts, "problems": [f"{suite} has no entry in {KNOWN.name}"]}
+    listed = expected.get("failures") or {}
+    for rank, ran, count in zip(RANKS, result["ranks"], counts):
+        if count is None:
+            problems.append(f"rank {rank} wrote no report (pytest exit {ran['exit']}); its log ends:\n"
+                            + ran["log_tail"])
+            continue
+        tests = ran["tests"]
+        for test, (outcome, message) in sorted(tests.items()):
+            entry = listed.get(test)
+            if outcome == "failed" and entry is None:
+                problems.append(f"rank {rank}: UNEXPECTED FAILURE {test}: {message.strip()[:300]}")
+            elif outcome == "failed" and not re.search(entry["error"], message):
+                problems.append(f"rank {rank}: {test} failed, but not with /{entry['error']}/ "
+                                f"({entry['reason']}): {message.strip()[:300]}")
+        for test in sorted(listed):
+            outcome = tests.get(test, ("not run", ""))[0]
+            if outcome != "failed":
+                problems.append(f"rank {rank}: {test} is listed as failing but {outcome} now: remove it "
+                                f"from {KNOWN.name}")
+        for key in ("passed", "skipped"):
+            if count[key] != expected[key]:
+                which = sorted(t for t, (o, _) in tests.items() if o == key) if key == "skipped" else []
+                problems.append(f"rank {rank}: {count[key]} {key}, expected {expected[key]}"
+                                + (f" (skipped: {', '.join(which)})" if which else ""))
+        wanted_exit = 1 if count["failed"] else 0
+        if ran["exit"] != wanted_exit:
+            problems.append(f"rank {rank}: pytest exited {ran['exit']}, expected {wanted_exit} "
+                            f"with {count['failed']} failures")
+    if result["exit"] != 0:
+        problems.append(f"horovodrun exited {result['exit']}: a rank died (each rank's shell exits 0)")
+    return {**result, "counts": counts, "problems": problems}
 
 
 def main() -> int:
@@ -105,22 +163,18 @@ def main() -> int:
         return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    known, results, bad = known_failures(), [], False
+    expected, results = expectations(), []
     for suite in args.suites:
-        result = judge(run_suite(where, suite, out), known)
+        result = judge(run_suite(where, suite, out), expected.get(suite))
         results.append(result)
-        c = result["counts"]
-        state = "ABORTED" if result["aborted"] else f"{c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped"
-        print(f"{suite}: {state} ({result['seconds']:.0f} s); {len(result['known'])} known failures", flush=True)
-        for test in result["unexpected"]:
-            print(f"  UNEXPECTED FAILURE {test}")
-        for test in result["now_passing"]:
-            print(f"  now passes (remove it from {KNOWN.name}): {test}")
-        if result["aborted"]:
-            print("  the ranks ended before the report was written; rank 0's log ends:\n" + result["log_tail"])
-        bad |= result["aborted"] or bool(result["unexpected"])
+        shown = "; ".join(f"rank {r}: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped"
+                          if c else f"rank {r}: no report" for r, c in zip(RANKS, result["counts"]))
+        print(f"{suite}: {shown} ({result['seconds']:.0f} s, horovodrun exit {result['exit']}): "
+              f"{'FAILED' if result['problems'] else 'as expected'}", flush=True)
+        for problem in result["problems"]:
+            print(f"  {problem}")
     (out / "summary.json").write_text(json.dumps(results, indent=2))
-    return 1 if bad else 0
+    return 1 if any(r["problems"] for r in results) else 0
 
 
 if __name__ == "__main__":
