@@ -12,8 +12,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import horovod_suites  # noqa: E402
 
 EXPECTED = {"passed": 2, "skipped": 1, "failures": {
-    "TorchTests::test_listed": {"reason": "the test's own Keras 2 call", "error": r"AttributeError: .*ref"}}}
-AS_EXPECTED = {"test_a": "passed", "test_b": "passed", "test_skip": "skipped",
+    "TorchTests::test_listed": {"reason": "the test's own Keras 2 call", "error": r"AttributeError: .*ref"}},
+    "races": {"TorchTests::test_timed": {"reason": "the test's own timing", "error": "False is not true"}}}
+AS_EXPECTED = {"test_a": "passed", "test_b": "passed", "test_skip": "skipped", "test_timed": "passed",
                "test_listed": ("failed", "AttributeError: 'Variable' object has no attribute 'ref'")}
 
 
@@ -66,6 +67,13 @@ def test_a_test_that_skips_now_changes_the_count_and_fails(tmp_path):
     problems = run(tmp_path, rank1={**AS_EXPECTED, "test_b": "skipped"})
     assert problems == ["rank 1: 1 passed, expected 2",
                         "rank 1: 2 skipped, expected 1 (skipped: TorchTests::test_b, TorchTests::test_skip)"]
+
+
+def test_a_race_may_pass_or_fail_with_its_error_only(tmp_path):
+    lost = {**AS_EXPECTED, "test_timed": ("failed", "AssertionError: False is not true")}
+    assert run(tmp_path, rank1=lost) == []
+    broken = {**AS_EXPECTED, "test_timed": ("failed", "RuntimeError: Gloo connect timeout")}
+    assert run(tmp_path, rank1=broken)[0].startswith("rank 1: TorchTests::test_timed failed, but not with")
 
 
 def test_a_rank_without_a_report_fails_the_suite(tmp_path):
