@@ -1,16 +1,19 @@
 """Faults provoked for real under gloo on CPU: ranks that disagree, and a rank
 SIGKILLed mid-training under `hvdtrain run` (horovodrun) and under mpirun. Each
 must end the job within 60 s with a message naming the rank; rerunning the same
-command resumes and ends with the weights of an uninterrupted run."""
+command resumes from the last checkpoint before the kill and ends with the
+weights of an uninterrupted run."""
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from hvdtrain.launch.local import horovodrun_path
 from tests.conftest import ROOT
@@ -18,6 +21,7 @@ from tests.output import Lines
 
 pytestmark = pytest.mark.distributed
 MLP = ROOT / "examples" / "digits-mlp-torch.yaml"
+USER_CODE = ROOT / "tests" / "data" / "user_code"
 DEADLINE_S = 60
 
 
@@ -66,26 +70,60 @@ def test_ranks_that_disagree_fail_fast_with_a_diff(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def wait_for_file(path: Path, lines: Lines, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if lines.proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{path.name} not written; the output:\n{lines.finish(30)[-3000:]}")
+        time.sleep(0.05)
+
+
 def test_killed_rank_under_run_ends_the_job_then_rerun_resumes_exactly(tmp_path, figure):
-    args = [sys.executable, "-m", "hvdtrain", "run", MLP, "-np", "2", "train.epochs=12",
+    """Rank 1 is held at step 10 of epoch 5 (probes.held_at_step) and SIGKILLed there: the
+    last checkpoint is epoch 4's, so the rerun resumes after epoch 4 of 12, and ends with the
+    weights of an uninterrupted run."""
+    from hvdtrain.data import load_dataset, steps_per_epoch
+    from hvdtrain.spec import load_spec
+    spec = yaml.safe_load(MLP.read_text())
+    spec["model"] = {"kind": "custom", "builder": "probes:held_at_step"}
+    spec["code"] = [str(USER_CODE)]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    per_epoch = steps_per_epoch(len(load_dataset(load_spec(tmp_path / "spec.yaml").data).train), 2,
+                                spec["train"]["batch_size"])
+    epochs, held_epoch, held_step = 12, 5, 10
+    args = [sys.executable, "-m", "hvdtrain", "run", tmp_path / "spec.yaml", "-np", "2", f"train.epochs={epochs}",
             "checkpoint.every_epochs=1", "checkpoint.keep_last=3"]
     whole = subprocess.run([*args, f"output={tmp_path / 'whole'}"], capture_output=True, text=True,
                            timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     run = [*args, f"output={tmp_path / 'killed'}"]
+    marker = tmp_path / "held"
+    hold = f"1:{(held_epoch - 1) * per_epoch + held_step}:{marker}"
     proc = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    seconds, output = kill_rank_after(proc, "epoch 4/12", rank=1, variable="HOROVOD_RANK")
-    figure(f"hvdtrain run: exited {seconds:.1f}s after SIGKILL of rank 1")
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HVDTRAIN_TEST_HOLD": hold})
+    lines = Lines(proc)
+    wait_for_file(marker, lines, 600)
+    victim = rank_process(psutil.Process(proc.pid), 1, "HOROVOD_RANK")
+    assert victim is not None, lines.text()[-3000:]
+    killed_at = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    output = lines.finish(DEADLINE_S + 30)
+    seconds = time.monotonic() - killed_at
+    figure(f"hvdtrain run: exited {seconds:.1f}s after SIGKILL of rank 1 (held at epoch {held_epoch}, "
+           f"step {held_step})")
     assert proc.returncode != 0 and seconds < DEADLINE_S, output[-3000:]
     assert "training failed: rank 1 was killed by signal 9 (SIGKILL) on localhost" in output
     assert "Traceback" not in output.split("training failed")[-1]
+    assert f"epoch {held_epoch - 1}/{epochs}  train_loss" in output
+    assert f"epoch {held_epoch}/{epochs}  train_loss" not in output
 
     again = subprocess.run(run, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = json.loads(again.stdout.split("resuming from")[1].split("(epoch ")[1].split()[0])
-    assert resumed >= 3  # at most one checkpoint interval is repeated (killed during epoch 5 at the latest)
+    assert resumed == held_epoch - 1  # the epoch the killed run had finished last, of 12
+    assert f"epoch {held_epoch}/{epochs}  train_loss" in again.stdout
+    assert f"epoch {held_epoch - 1}/{epochs}  train_loss" not in again.stdout
     digest = {d: json.loads((tmp_path / d / "summary.json").read_text())["weights_digest"]
               for d in ("whole", "killed")}
     assert digest["killed"] == digest["whole"]

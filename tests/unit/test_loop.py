@@ -193,3 +193,46 @@ def test_labels_on_a_gpu_come_back_to_the_host_for_the_metrics():
     assert host_labels(np.array([3, 4])).tolist() == [3, 4]
     import torch
     assert host_labels(torch.tensor([5, 6])).tolist() == [5, 6]
+
+
+def shares(remaining: np.ndarray, size: int, batch_size: int) -> list[list[np.ndarray]]:
+    """Each global batch of elastic_batches as the ranks train it: rank r takes part r."""
+    return [np.array_split(g, size) for g in loop.elastic_batches(remaining, size, batch_size)]
+
+
+@pytest.mark.parametrize("n, size, batch_size", [(1437, 2, 32), (1437, 1, 32), (64, 2, 32), (65, 2, 32),
+                                                 (129, 4, 32), (100, 3, 7), (5, 4, 2), (3, 2, 32)])
+def test_elastic_batches_give_every_remaining_sample_to_one_rank_once(n, size, batch_size):
+    remaining = np.random.default_rng(n).permutation(n)
+    parts = shares(remaining, size, batch_size)
+    trained = np.concatenate([part for batch in parts for part in batch])
+    assert sorted(trained) == list(range(n)) and len(trained) == n  # each sample exactly once
+    assert all(len(part) > 0 for batch in parts for part in batch)  # no rank gets an empty batch
+    assert all(len(batch) == size for batch in parts)
+    # full global batches of size x batch_size, except the last, which may hold up to size - 1 more
+    sizes = [sum(len(part) for part in batch) for batch in parts]
+    assert all(s == size * batch_size for s in sizes[:-1]) and 0 < sizes[-1] < (size + 1) * batch_size
+    assert np.array_equal(np.concatenate([np.concatenate(batch) for batch in parts]), remaining)  # in order
+
+
+def test_elastic_batches_merge_a_last_chunk_too_small_for_every_rank():
+    batches = loop.elastic_batches(np.arange(2 * 32 + 1), 2, 32)
+    assert [len(b) for b in batches] == [65]  # one sample alone would leave rank 1 without any
+    assert [len(b) for b in loop.elastic_batches(np.arange(2 * 32 + 2), 2, 32)] == [64, 2]
+
+
+def test_workers_leaving_and_joining_within_an_epoch_train_each_sample_once():
+    """2 -> 1 -> 2 -> 3 workers, each change at a commit a few steps into the epoch (steps
+    after the last commit are rolled back with the model): the rest of the permutation,
+    from the committed count on, is shared among the workers now present."""
+    n, batch_size, every = 1437, 32, 5
+    order = np.random.default_rng([0, 3]).permutation(n)
+    processed, trained = 0, []
+    for size, commits in [(2, 2), (1, 4), (2, 3), (3, None)]:
+        batches = shares(order[processed:], size, batch_size)
+        steps = len(batches) if commits is None else commits * every
+        for batch in batches[:steps]:
+            trained.extend(np.concatenate(batch))
+        processed += sum(len(np.concatenate(b)) for b in batches[:steps])  # what the commit records
+    assert processed == n
+    assert sorted(trained) == list(range(n))
