@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 from sklearn.datasets import load_diabetes, load_digits
-from sklearn.metrics import mean_absolute_error, r2_score
+from sklearn.metrics import accuracy_score, mean_absolute_error, precision_recall_fscore_support, r2_score
 
-from hvdtrain.data import random_split
+from hvdtrain.data import random_split, stratified_split
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.distributed
@@ -38,21 +38,32 @@ def predictions(cli, run_dir, x, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_model_trains_identically_and_exports(cli, tmp_path, backend, figure):
+    """...and the classification metrics, summed over the 2 ranks' shards of the validation
+    split by allreduce, are scikit-learn's on the whole split."""
     out = tmp_path / "run"
     result = cli("run", EXAMPLES / f"custom-mlp-{BACKENDS[backend]}.yaml", "-np", "2", f"output={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = summary_of(out)  # written only after every rank's own weights digest matched
-    assert summary["workers"] == 2 and summary["final"]["val_accuracy"] >= 0.95
+    final = summary["final"]
+    assert summary["workers"] == 2 and final["val_accuracy"] >= 0.95
     model = json.loads((out / "model" / "model.json").read_text())
     assert model["model"]["kind"] == "custom"
     artifact = "program.pt2" if backend == "torch" else "model.keras"  # loads without the builder
     assert (out / "model" / artifact).is_file()
     digits = load_digits()
-    predicted = predictions(cli, out, digits.data[:300], tmp_path)
-    accuracy = (np.array(predicted, dtype=int) == digits.target[:300]).mean()
-    assert accuracy >= 0.95
-    figure(f"custom-mlp-{BACKENDS[backend]}: {summary['parameters']:,} parameters, validation accuracy "
-           f"{summary['final']['val_accuracy']:.4f}, exported model predicts {accuracy:.3f} of 300 digits")
+    _, val = stratified_split(digits.target, 0.2, 0)
+    predicted = np.array(predictions(cli, out, digits.data[val], tmp_path), dtype=int)
+    truth = digits.target[val]
+    assert (predicted != truth).sum() > 0  # errors to count, else every metric is 1 whichever rank scored
+    assert final["val_accuracy"] == pytest.approx(accuracy_score(truth, predicted), abs=1e-9)
+    for metric in ("precision", "recall", "f1"):
+        expected = precision_recall_fscore_support(truth, predicted, average="macro", zero_division=0)
+        assert final[f"val_{metric}"] == pytest.approx(expected[("precision", "recall", "f1").index(metric)],
+                                                       abs=1e-9), metric
+    figure(f"custom-mlp-{BACKENDS[backend]}: {summary['parameters']:,} parameters; on 2 ranks validation "
+           f"accuracy {final['val_accuracy']:.4f}, precision {final['val_precision']:.4f}, recall "
+           f"{final['val_recall']:.4f}, F1 {final['val_f1']:.4f}: scikit-learn's on the exported model's "
+           f"{len(val)} predictions")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
