@@ -75,3 +75,19 @@ def test_horovod_torch_fixes_channels_last_and_a_sleeping_wait(tmp_path):
     code, output = run_on_two_ranks(RANKS / "horovod_torch_rank_checks.py", tmp_path)
     assert code == 0, output[-4000:]
     assert output.count("7 passed") == 2, output[-4000:]
+
+
+def test_optimizer_state_broadcasts_for_every_torch_optimizer(tmp_path):
+    code, output = run_on_two_ranks(RANKS / "horovod_optimizer_rank_checks.py", tmp_path)
+    assert code == 0, output[-4000:]
+    import torch
+    optimizers = sum(1 for name in dir(torch.optim) if isinstance(getattr(torch.optim, name), type) and issubclass(
+        getattr(torch.optim, name), torch.optim.Optimizer) and name not in ("Optimizer", "LBFGS", "SparseAdam"))
+    assert optimizers >= 8 and output.count(f"{1 + 3 * optimizers} passed") == 2, output[-4000:]
+
+
+def test_reducescatter_gradients_within_process_sets_for_every_dtype(tmp_path):
+    require_module("tensorflow")
+    code, output = run_on_two_ranks(RANKS / "horovod_process_sets_rank_checks.py", tmp_path)
+    assert code == 0, output[-4000:]
+    assert output.count("18 passed") == 2, output[-4000:]

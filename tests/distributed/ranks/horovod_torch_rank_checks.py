@@ -3,7 +3,9 @@
 channels-last tensors (outputs keep the input's layout); the collectives that
 split or join along the first dimension still refuse them. BLOCKING_WAIT_FIXES:
 a rank waiting in synchronize() sleeps instead of spinning a core."""
+import os
 import time
+from pathlib import Path
 
 import horovod.torch as hvd
 import pytest
@@ -94,15 +96,25 @@ def test_distributed_optimizer_trains_a_channels_last_model_as_a_default_layout_
 
 
 def test_a_rank_waiting_for_its_peer_sleeps_instead_of_spinning():
-    """Rank 1 joins the allreduce 1.5 s late; rank 0 waits in synchronize() for it.
-    Its main thread's CPU time over the wait stays a small part of the wall time
-    (the spinning wait took all of it)."""
+    """Rank 0 starts an allreduce, says so in a file and waits for it in synchronize();
+    rank 1 joins only after it has seen the file and a further second has passed, so
+    rank 0 waits at least that second whatever the machine's load. Rank 0's main thread
+    uses a small part of the wait's wall time (the spinning wait used all of it)."""
+    out = Path(os.environ["HVDTRAIN_TEST_OUT"])
+    waiting = out / "rank0.waiting"
     hvd.allreduce(torch.zeros(1), name="wait.warmup")
-    if hvd.rank() == 1:
-        time.sleep(1.5)
-    wall, cpu = time.perf_counter(), time.thread_time()
-    hvd.allreduce(torch.ones(1), name="wait.late")
-    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
     if hvd.rank() == 0:
-        assert wall > 1.0, wall  # it did wait for rank 1
+        wall, cpu = time.perf_counter(), time.thread_time()
+        handle = hvd.allreduce_async(torch.ones(1), name="wait.late")
+        waiting.write_text("waiting\n")
+        hvd.synchronize(handle)
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        assert wall >= 1.0, wall  # it did wait for rank 1
         assert cpu < 0.2 * wall, (cpu, wall)
+    else:
+        deadline = time.monotonic() + 120
+        while not waiting.is_file() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1.0)  # the wait measured on rank 0: at least this long
+        hvd.allreduce(torch.ones(1), name="wait.late")
+        assert waiting.is_file()
