@@ -17,7 +17,7 @@ from .data import Preprocessing, image_input, load_dataset, read_csv_rows, read_
 from .errors import DataError, UserError
 from .metrics import confusion, regression_scores, regression_sums, scores
 from .predict import image_files, model_dir_of, read_inputs
-from .samples import read_image
+from .data.images import read_image
 from .spec import IMAGE_KINDS, JobSpec, load_spec
 
 BATCH = 1024

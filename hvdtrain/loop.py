@@ -23,14 +23,14 @@ import numpy as np
 from tqdm import tqdm
 
 from . import checkpoint, preempt
-from .data import Dataset, eval_shard, shard_batches, steps_per_epoch
+from .data import Batch, Dataset, Samples, eval_shard, shard_batches, steps_per_epoch
 from .errors import UserError
 from .metrics import (confusion, epoch_metrics, final_metrics, regression_scores,
                       regression_sums, scores)
 from .preflight import check_consistency, preflight
 from .resume import Position, load_latest
 from .report import CURVES, Progress, plot_runs
-from .samples import Batch, Samples
+
 from .spec import JobSpec, OptimizerSpec, dump
 from .steer import Steering, monitored
 

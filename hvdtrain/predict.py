@@ -11,7 +11,7 @@ import numpy as np
 from .backends import get_backend
 from .data import Preprocessing, csv_features, read_csv_rows, read_npz
 from .errors import DataError, UserError
-from .samples import read_image
+from .data.images import read_image
 from .spec import IMAGE_KINDS, IMAGE_SUFFIXES
 
 

@@ -99,3 +99,28 @@ def test_tensorflow_start_up_notices_are_hidden_on_any_cpu():
     result = import_tensorflow_backend(TF_ENABLE_ONEDNN_OPTS="1")
     assert result.returncode == 0, result.stderr
     assert result.stderr == "imported\n"
+
+
+DATA_LAYERS = {"types": 0, "split": 1, "sharding": 1, "npy": 2, "arrays": 3, "images": 3, "custom": 3,
+               "__init__": 4}
+
+
+def test_data_modules_import_only_the_layers_below_them():
+    """hvdtrain/data: types <- split, sharding <- readers <- the table (no circles)."""
+    found = {path.stem for path in (PACKAGE / "data").glob("*.py")}
+    assert found == set(DATA_LAYERS)
+    upward = []
+    for name, layer in DATA_LAYERS.items():
+        for node in ast.walk(ast.parse((PACKAGE / "data" / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                upward += [f"{name} -> {t}" for t in targets if DATA_LAYERS[t.split(".")[0]] >= layer]
+    assert upward == []
+
+
+def test_every_data_source_has_a_reader():
+    import typing
+
+    from hvdtrain.data import READERS
+    from hvdtrain.spec import DataSpec
+    assert set(READERS) == set(typing.get_args(DataSpec.model_fields["source"].annotation))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from hvdtrain import loop
-from hvdtrain.data import Dataset, Preprocessing
+from hvdtrain.data import ArraySamples, Dataset, Preprocessing
 from hvdtrain.resume import Position
-from hvdtrain.samples import ArraySamples
+
 from hvdtrain.spec import validate
 
 

@@ -8,7 +8,10 @@ import pytest
 
 from hvdtrain.data import load_dataset
 from hvdtrain.errors import DataError, UserError
-from hvdtrain.samples import ArraySamples, ImageSamples, MappedSamples, UserSamples
+from hvdtrain.data import ArraySamples
+from hvdtrain.data.custom import UserSamples
+from hvdtrain.data.images import ImageSamples
+from hvdtrain.data.npy import MappedSamples
 from hvdtrain.spec import validate
 from tests.data_sets import image_folder, npy_arrays
 

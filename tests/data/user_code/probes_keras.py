@@ -1,5 +1,4 @@
 """probes.batchnorm_first as a Keras model."""
-import math
 
 import keras
 

@@ -1,0 +1,157 @@
+"""A folder of image files, one folder per class: the files are listed and checked
+here, decoded and resized by the loader a batch at a time."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import DataError
+from ..spec import IMAGE_KINDS, IMAGE_SUFFIXES, DataSpec
+from .split import Targets, natural_key
+from .types import Batch, Dataset, Preprocessing
+
+STATISTICS_SAMPLE = 256  # training images the per-channel mean and std are taken from
+
+
+class ImageSamples:
+    """Image files, decoded and resized when a batch is asked for."""
+
+    def __init__(self, paths: Sequence[Path], y: np.ndarray, preprocessing):
+        self.paths, self.y, self.preprocessing = list(paths), y, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        size = self.preprocessing.image_size
+        pixels = np.stack([read_image(self.paths[i], size) for i in indices])
+        return self.preprocessing.apply(pixels), self.y[indices]
+
+
+def load(spec: DataSpec, image: bool = True, task: str = "classification") -> Dataset:
+    """A root with one folder of images per class, or train/ and val/ folders of such
+    (else a stratified split). Every file is checked here, so no rank trains on a
+    file it cannot read; the pixels are read later, by the loader."""
+    root = Path(spec.path)
+    split_dirs = [root / "train", next((root / n for n in ("val", "validation") if (root / n).is_dir()), None)]
+    if split_dirs[0].is_dir() and split_dirs[1] is not None:
+        if spec.test_fraction:
+            raise DataError(f"{root}: data.test_fraction splits one folder of classes; with train/ and "
+                            "val/ folders, put the test images in test/")
+        train_files, classes = class_files(split_dirs[0])
+        parts = [train_files, class_files(split_dirs[1], classes)[0]]
+        if (root / "test").is_dir():
+            parts.append(class_files(root / "test", classes)[0])
+        paths = [p for files in parts for c in classes for p in files[c]]
+        labels = np.asarray([i for files in parts for i, c in enumerate(classes) for _ in files[c]], dtype=np.int64)
+        ends = np.cumsum([sum(len(v) for v in files.values()) for files in parts])
+        train, val = np.arange(ends[0]), np.arange(ends[0], ends[1])
+        test = np.arange(ends[1], ends[2]) if len(parts) == 3 else np.zeros(0, dtype=np.int64)
+    else:
+        files, classes = class_files(root)
+        paths = [p for c in classes for p in files[c]]
+        labels = np.asarray([i for i, c in enumerate(classes) for _ in files[c]], dtype=np.int64)
+        # Targets sorts class names as class_files does, so its indices are the folders'
+        targets = Targets.split(np.asarray([classes[k] for k in labels]), "classification", spec)
+        train, val, test = targets.train, targets.val, targets.test
+        empty = [classes[k] for k in range(len(classes)) if not (labels[val] == k).any()]
+        if empty:
+            raise DataError(f"{root}: class {empty[0]!r} has too few images for a validation share "
+                            f"(validation_fraction {spec.validation_fraction}); add images or give "
+                            "train/ and val/ folders")
+    check_images(paths)
+    size = list(spec.image_size or image_size(paths[train[0]]))
+    mean, std = channel_statistics([paths[i] for i in train], size, spec)
+    prep = Preprocessing([], classes, [3, *size], [], mean, std, image_size=size)
+    return Dataset(ImageSamples([paths[i] for i in train], labels[train], prep),
+                   ImageSamples([paths[i] for i in val], labels[val], prep), prep,
+                   test=ImageSamples([paths[i] for i in test], labels[test], prep) if len(test) else None)
+
+
+def class_files(folder: Path, classes: list[str] | None = None) -> tuple[dict[str, list[Path]], list[str]]:
+    """The image files of each class folder, sorted; classes: the training split's,
+    which a validation folder must have, each with at least one image."""
+    found = sorted((d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                   key=natural_key)
+    files = {c: sorted(p for p in (folder / c).rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+             for c in found}
+    if classes is None:
+        if len(found) < 2:
+            raise DataError(f"{folder}: needs a folder of images per class, at least 2 classes; "
+                            f"found {len(found)}")
+        classes = found
+    extra = [c for c in found if c not in classes]
+    if extra:
+        raise DataError(f"{folder / extra[0]}: class {extra[0]!r} is not among the training classes")
+    for c in classes:
+        if c not in files:
+            raise DataError(f"{folder}: class {c!r} is missing (no folder {folder / c})")
+        if not files[c]:
+            raise DataError(f"{folder / c}: no {IMAGE_KINDS} images "
+                            f"in class folder {c!r}")
+    return files, classes
+
+
+def check_images(paths: list[Path]) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        problems = [p for p in pool.map(check_image, paths) if p]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+
+
+def channel_statistics(paths: list[Path], size: list[int], spec: DataSpec) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a seeded sample of the training images."""
+    if not spec.standardize:
+        return [0.0] * 3, [1.0] * 3
+    rng = np.random.default_rng(spec.seed)
+    chosen = rng.choice(len(paths), size=min(len(paths), STATISTICS_SAMPLE), replace=False)
+    pixels = np.stack([read_image(paths[i], size) for i in sorted(chosen)])
+    std = pixels.std(axis=(0, 2, 3))
+    return pixels.mean(axis=(0, 2, 3)).tolist(), np.where(std > 1e-6, std, 1.0).tolist()
+
+
+def read_image(path: Path, size: Sequence[int]) -> np.ndarray:
+    """One image file as float32 [3, H, W] in [0, 1], resized to size (H, W)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (size[1], size[0]):
+                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.float32)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"{path}: cannot read as an image ({err})") from None
+    return pixels.transpose(2, 0, 1) / 255.0
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file, from its header."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.size[1], image.size[0]
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read as an image ({err})") from None
+
+
+def check_image(path: Path) -> str | None:
+    """Why an image file cannot be used, or None: its header is read and its data
+    checked (PNG chunks' checksums; a JPEG is decoded) without keeping the pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.format == "PNG":
+                image.verify()
+            else:
+                image.load()
+    except Exception as err:  # PIL raises many kinds for broken files
+        return f"{path}: cannot read as an image ({type(err).__name__}: {err})"
+    return None

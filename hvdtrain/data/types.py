@@ -1,0 +1,124 @@
+"""The data's shared types: a split's samples read a batch of indices at a time,
+the preprocessing saved with a model, and the data set a reader gives the loop.
+
+The loop deals out index batches (the sharding rule, `sharding.shard_batches`);
+a backend's loader (torch `DataLoader`, `tf.data`) turns each into arrays by
+calling `batch(indices)`, in its worker processes or threads. Only
+`ArraySamples` holds its data in memory: the readers' other samples read what a
+batch needs when it is asked for, so a data set larger than memory trains.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import DataError
+
+Batch = tuple[np.ndarray, np.ndarray]
+
+
+class Samples(Protocol):
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        """(inputs as float32 [n, *input_shape], labels) of the samples at indices."""
+
+
+class ArraySamples:
+    """Preprocessed arrays held in memory."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        return self.x[indices], self.y[indices]
+
+
+@dataclass
+class Preprocessing:
+    """What turns raw features into model inputs; saved with the exported model."""
+    feature_names: list[str]
+    classes: list[str]
+    input_shape: list[int]
+    fill: list[float]  # per-feature value for NaN/inf (training-split means)
+    mean: list[float]
+    std: list[float]
+    task: str = "classification"
+    columns: list[str] = field(default_factory=list)  # csv: the source columns, in order
+    categories: dict[str, list[str]] = field(default_factory=dict)  # csv: one-hot columns
+    target_mean: float = 0.0  # regression: the model learns (y - target_mean) / target_std
+    target_std: float = 1.0
+    image_size: list[int] = field(default_factory=list)  # image files: [H, W]; mean, std per channel
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        if self.image_size:
+            mean = np.asarray(self.mean, np.float32)[:, None, None]
+            std = np.asarray(self.std, np.float32)[:, None, None]
+            return (np.asarray(x, dtype=np.float32) - mean) / std
+        x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        if x.shape[1] != len(self.mean):
+            raise DataError(f"expected {len(self.mean)} features per sample, got {x.shape[1]}")
+        bad = ~np.isfinite(x)
+        if bad.any():
+            x = np.where(bad, np.asarray(self.fill)[None, :], x)
+        x = (x - np.asarray(self.mean)) / np.asarray(self.std)
+        return x.astype(np.float32).reshape((len(x), *self.input_shape))
+
+    @property
+    def outputs(self) -> int:
+        """Outputs of the model: one per class, or one value (regression)."""
+        return len(self.classes) if self.task == "classification" else 1
+
+    def targets(self, outputs: np.ndarray) -> np.ndarray:
+        """A regression model's outputs in the targets' own units."""
+        return np.asarray(outputs, dtype=np.float64).reshape(-1) * self.target_std + self.target_mean
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path) -> "Preprocessing":
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclass
+class Dataset:
+    # batches of float32 inputs (n, *input_shape) and int64 class indices, or float32
+    # standardised targets (regression)
+    train: Samples
+    val: Samples
+    preprocessing: Preprocessing
+    dropped_rows: int = 0
+    test: Samples | None = None  # held out (data.test_fraction): the final summary and evaluate only
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.preprocessing.classes)
+
+    @property
+    def outputs(self) -> int:
+        return self.preprocessing.outputs
+
+
+def loader_failure(err: Exception) -> DataError:
+    """A DataError raised in a loader's worker, as its own message: torch re-raises it
+    with the worker's traceback, tf.data within an error of its own."""
+    text = str(err)
+    marker = "DataError: "
+    if marker in text:
+        text = text[text.rindex(marker) + len(marker):].strip().splitlines()[0]
+    return DataError(text)
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """A sample's array: numpy, a torch tensor (detached, on the CPU) or a TF tensor."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+    return np.asarray(value)
