@@ -30,7 +30,6 @@ from .metrics import (confusion, epoch_metrics, final_metrics, regression_scores
 from .preflight import check_consistency, preflight
 from .resume import Position, load_latest
 from .report import CURVES, Progress, plot_runs
-
 from .spec import JobSpec, OptimizerSpec, dump
 from .steer import Steering, monitored
 

@@ -31,7 +31,6 @@ from ..data import Dataset, Preprocessing, Samples, loader_failure  # noqa: E402
 from ..errors import DataError, UserError  # noqa: E402
 from ..loop import (Batch, Comm, Steps, Training, run_elastic, run_epochs, scaled_lr,  # noqa: E402
                     step_seed)
-
 from ..preflight import built_on_every_rank, preflight  # noqa: E402
 from ..resume import resume  # noqa: E402
 from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict  # noqa: E402

@@ -19,7 +19,6 @@ from .. import plugins
 from ..data import ArraySamples, Dataset, Preprocessing, Samples, loader_failure
 from ..errors import DataError, UserError
 from ..loop import Batch, Comm, Steps, Training, run_elastic, run_epochs, scaled_lr, step_seed
-
 from ..preflight import built_on_every_rank, preflight
 from ..resume import resume
 from ..spec import CNNSpec, CustomModelSpec, DataSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict

@@ -9,7 +9,6 @@ import pytest
 from hvdtrain import loop
 from hvdtrain.data import ArraySamples, Dataset, Preprocessing
 from hvdtrain.resume import Position
-
 from hvdtrain.spec import validate
 
 
