@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from . import plugins
 from .backends import get_backend
 from .data import Preprocessing, image_input, load_dataset, read_csv_rows, read_npz
+from .data.transforms import read_image
 from .errors import DataError, UserError
 from .metrics import confusion, regression_scores, regression_sums, scores
 from .predict import image_files, model_dir_of, read_inputs
-from .data.images import read_image
 from .spec import IMAGE_KINDS, JobSpec, load_spec
 
 BATCH = 1024
@@ -38,7 +39,7 @@ def labelled_data(path: Path, prep: Preprocessing, spec: JobSpec) -> tuple[np.nd
         files = [(f, d.name) for d in folders for f in image_files(d)]
         if not files:
             raise DataError(f"{path}: no {IMAGE_KINDS} images in its class folders")
-        pixels = np.stack([read_image(f, prep.image_size) for f, _ in files])
+        pixels = np.stack([read_image(f, prep.image_size, prep.augment) for f, _ in files])
         return prep.apply(pixels), encode([c for _, c in files], prep, path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -100,6 +101,8 @@ def evaluate_run(run_dir: Path, data: Path | None, output: Path | None, log=prin
     model_dir = model_dir_of(run_dir)
     config = json.loads((model_dir / "model.json").read_text())
     prep = Preprocessing.load(model_dir / "preprocessing.json")
+    if ":" in prep.augment:  # the user's transform, from where training found it
+        plugins.add_import_paths(config.get("import_paths", []))
     spec_file = model_dir / "spec.yaml"
     if data is None:
         spec = load_spec(spec_file)
@@ -110,6 +113,7 @@ def evaluate_run(run_dir: Path, data: Path | None, output: Path | None, log=prin
         parts = [dataset.test.batch(np.arange(i, min(i + BATCH, len(dataset.test))))
                  for i in range(0, len(dataset.test), BATCH)]
         x, y = np.concatenate([p[0] for p in parts]), np.concatenate([np.asarray(p[1]) for p in parts])
+        x = prep.apply(x) if prep.image_size else x  # image files come as uint8 pixels
         source = "the run's test split"
     else:
         spec = load_spec(spec_file, check_paths=False)  # the data it trained on need not be here

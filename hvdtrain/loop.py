@@ -53,9 +53,10 @@ class Steps:
     train_epoch: Callable[[int, Iterable[Batch], Callable[[int], float], int, int], tuple[float, int]]
     # (outputs as numpy, summed loss) of one validation batch, with the training loss
     evaluate_batch: Callable[[Any, Any], tuple[np.ndarray, float]]
-    # the backend's input pipeline (torch DataLoader, tf.data): the batches of
-    # samples at each index batch, in order, read ahead by its workers
-    loader: Callable[[Samples, list[np.ndarray]], Iterable[Batch]]
+    # the backend's input pipeline (torch DataLoader, tf.data): loader(samples, index
+    # batches, epoch=None) gives the batches of samples at each index batch, in order,
+    # read ahead by its workers; with a training epoch, images are augmented for it
+    loader: Callable[..., Iterable[Batch]]
     state_bytes: Callable[[], bytes]
     load_state_bytes: Callable[[bytes], None]
     weights_digest: Callable[[], str]
@@ -215,7 +216,7 @@ def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start
     passes = spec.horovod.backward_passes_per_step
     index_batches = shard_batches(n=len(dataset.train), rank=comm.rank, size=comm.size,
                                   batch_size=spec.train.batch_size, seed=spec.train.seed, epoch=epoch)
-    batches = iter(steps.loader(dataset.train, index_batches[start.step:]))
+    batches = iter(steps.loader(dataset.train, index_batches[start.step:], epoch))
     local, done = np.zeros(2), [start.step]
     shown.begin_epoch(epoch, start.step)
 
@@ -372,7 +373,7 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
             done = max(0, per_epoch - len(global_batches))  # steps of this epoch already taken
             for first in range(0, len(global_batches), elastic.commit_every_steps):
                 group = global_batches[first:first + elastic.commit_every_steps]
-                mine = [samples.batch(b) for b in (np.array_split(g, comm.size)[comm.rank] for g in group)]
+                mine = [samples.batch(b, epoch) for b in (np.array_split(g, comm.size)[comm.rank] for g in group)]
                 # dropout seed: per epoch, position in it and rank (reproducible after a reset)
                 loss_sum, seen = steps.train_epoch(epoch * 1_000_003 + state.processed, mine,
                                                    lambda i: lr_at(done + first + i), 0, len(mine))

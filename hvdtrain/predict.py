@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import plugins
 from .backends import get_backend
 from .data import Preprocessing, csv_features, read_csv_rows, read_npz
+from .data.transforms import read_image
 from .errors import DataError, UserError
-from .data.images import read_image
 from .spec import IMAGE_KINDS, IMAGE_SUFFIXES
 
 
@@ -32,7 +33,7 @@ def read_inputs(path: Path, prep: Preprocessing) -> np.ndarray:
     if prep.image_size:
         if not path.exists() or (path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES):
             raise DataError(f"{path}: expected an image file ({', '.join(IMAGE_SUFFIXES)}) or a folder of them")
-        return np.stack([read_image(p, prep.image_size) for p in image_files(path)])
+        return np.stack([read_image(p, prep.image_size, prep.augment) for p in image_files(path)])
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.suffix.lower() == ".npz":
@@ -60,6 +61,8 @@ def predict(run_dir: Path, input_path: Path, output: Path | None) -> list[str]:
     model_dir = model_dir_of(run_dir)
     config = json.loads((model_dir / "model.json").read_text())
     prep = Preprocessing.load(model_dir / "preprocessing.json")
+    if ":" in prep.augment:  # the user's transform, from where training found it
+        plugins.add_import_paths(config.get("import_paths", []))
     model = get_backend(config["backend"]).load_model(model_dir)
     outputs = np.asarray(model(prep.apply(read_inputs(input_path, prep))), dtype=np.float64)
     if prep.task == "regression":

@@ -114,6 +114,13 @@ class DataSpec(Section):
         default=None, min_length=2, max_length=2, description=(
             "image_folder: [H, W] every image is resized to (an integer: square); default: the "
             "size of the first training image"))
+    augment: Literal["standard", "none"] | ImportPath | None = Field(default=None, description=(
+        "image_folder: `standard` (training: a random crop of 8-100 % of the area, aspect 3:4 to "
+        "4:3, resized to image_size, flipped left-right half the time; validation, evaluate and "
+        "predict: resized to image_size / 0.875 and the centre cut out), `none` (every image "
+        "resized to image_size), or your function by import path, called as f(image, size, "
+        "training, rng) with an RGB uint8 array [H, W, 3], (H, W) and a numpy Generator, returning "
+        "[H, W, 3] of that size; default: standard"))
     loader: ImportPath | None = Field(default=None, description=(
         "custom: returns (train, validation): map-style torch Datasets of (x, y) (torch), or "
         "arrays (x, y) / tf.data.Datasets (tensorflow); called with args, plus seed where its "
@@ -181,6 +188,10 @@ class DataSpec(Section):
             self.synthetic = SyntheticSpec()
         if self.workers is None:
             self.workers = 2 if self.source in LAZY_SOURCES or self.memory_mapped else 0
+        if self.augment is not None and self.source != "image_folder":
+            raise ValueError("data.augment applies to image files (source 'image_folder')")
+        if self.augment is None and self.source == "image_folder":
+            self.augment = "standard"
         return self
 
 
@@ -440,6 +451,8 @@ def reference_problems(spec: JobSpec, spec_path: str | Path) -> list[str]:
         named.append(("model.builder", spec.model.builder))
     if spec.data is not None and spec.data.loader:
         named.append(("data.loader", spec.data.loader))
+    if spec.data is not None and spec.data.augment and ":" in spec.data.augment:
+        named.append(("data.augment", spec.data.augment))
     problems = [f"{key}: {problem}" for key, reference in named
                 if (problem := reference_problem(reference, paths))]
     if spec.entry is not None and spec.entry.module and not module_file(spec.entry.module, paths)[0]:

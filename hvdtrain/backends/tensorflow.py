@@ -151,7 +151,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
         comm, lambda: (make_model(spec.model, dataset.preprocessing.input_shape, dataset.outputs),
                        make_loss(spec.loss)), elastic=spec.horovod.elastic is not None)
     # creates the variables of a subclassed model
-    model(dataset.val.batch(np.arange(1))[0], training=False)
+    model(dataset.preprocessing.apply(dataset.val.batch(np.arange(1))[0]), training=False)
     # Horovod: scale the learning rate by the number of workers (the loop sets it
     # at every step from the same rule, with warm-up).
     lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
@@ -196,6 +196,15 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
     op = hvd.Adasum if spec.horovod.adasum else hvd.Average
     # (inputs, labels, a float scalar: the lr or a pass's share of its group)
     label_type = tf.int64 if dataset.preprocessing.task == "classification" else tf.float32
+    prep = dataset.preprocessing
+    affine = [tf.constant(a.reshape(1, -1, 1, 1)) for a in prep.pixel_affine()] if prep.image_size else None
+
+    def inputs(x) -> tf.Tensor:
+        """Model inputs; image files travel as uint8 and are normalised here."""
+        if tf.as_dtype(x.dtype) == tf.uint8:
+            return tf.cast(x, tf.float32) * affine[0] - affine[1]
+        return tf.cast(x, tf.float32)
+
     signature = [tf.TensorSpec([None, *dataset.preprocessing.input_shape], tf.float32),
                  tf.TensorSpec([None], label_type), tf.TensorSpec([], tf.float32)]
 
@@ -262,7 +271,7 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
                 in_group = min(passes, count - i)
             share = tf.constant(1.0 / in_group)
             last = (i + 1) % passes == 0 or i + 1 == count
-            args = (tf.cast(x, tf.float32), tf.cast(y, label_type))
+            args = (inputs(x), tf.cast(y, label_type))
             if passes == 1:
                 loss = step(*args, tf.constant(lr_at(i), tf.float32))
             elif last:
@@ -280,7 +289,7 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
         bytes_to_variables(payload, {"model": model.weights, "optimizer": optimizer.variables})
 
     def evaluate_batch(x, y) -> tuple[np.ndarray, float]:
-        out, loss = evaluate_step(tf.cast(x, tf.float32), tf.cast(y, label_type))
+        out, loss = evaluate_step(inputs(x), tf.cast(y, label_type))
         return np.asarray(out), float(loss) * len(y)
 
     def export(directory: Path) -> None:
@@ -316,26 +325,28 @@ def seed_dropout(generators: list, seed: int) -> None:
         generator.state.assign(np.array([seed, 0], dtype=generator.state.dtype))
 
 
-def make_loader(spec: JobSpec, dataset: Dataset, label_type) -> Callable[[Samples, list[np.ndarray]], Iterable[Batch]]:
+def make_loader(spec: JobSpec, dataset: Dataset, label_type) -> Callable[..., Iterable[Batch]]:
     """The input pipeline: tf.data reads each index batch with `data.workers` reads in
-    parallel (in order) and keeps `data.prefetch` batches ready."""
+    parallel (in order) and keeps `data.prefetch` batches ready; image files as uint8."""
     workers = spec.data.workers if spec.data else 0
-    x_spec = tf.TensorSpec([None, *dataset.preprocessing.input_shape], tf.float32)
+    x_type = tf.uint8 if dataset.preprocessing.image_size else tf.float32
+    x_spec = tf.TensorSpec([None, *dataset.preprocessing.input_shape], x_type)
     label_dtype = label_type.as_numpy_dtype
 
-    def loader(samples: Samples, index_batches: list[np.ndarray]) -> Iterable[Batch]:
+    def loader(samples: Samples, index_batches: list[np.ndarray], epoch: int | None = None) -> Iterable[Batch]:
+        """The batches at index_batches; epoch: a training epoch's (augmented) batches."""
         failures: list[Exception] = []
 
         def read(indices: np.ndarray):
             try:
-                x, y = samples.batch(indices)
+                x, y = samples.batch(indices, epoch)
             except DataError as err:
                 failures.append(err)
                 raise
-            return np.asarray(x, np.float32), np.asarray(y, label_dtype)
+            return np.asarray(x, x_type.as_numpy_dtype), np.asarray(y, label_dtype)
 
         def read_batch(indices):
-            x, y = tf.numpy_function(read, [indices], [tf.float32, label_type], stateful=False)
+            x, y = tf.numpy_function(read, [indices], [x_type, label_type], stateful=False)
             return tf.ensure_shape(x, x_spec.shape), tf.ensure_shape(y, [None])
 
         pipeline = tf.data.Dataset.from_generator(lambda: iter(index_batches),
@@ -405,9 +416,9 @@ def save_model(model: keras.Model, spec: JobSpec, directory: Path) -> None:
     a custom model's own layers must be registered with
     keras.saving.register_keras_serializable, and their module is imported first).
     A custom model Keras cannot save whole is saved as weights, rebuilt by its builder."""
-    config = {"backend": "tensorflow", "task": spec.task, "model": spec.model.model_dump(mode="json")}
-    if isinstance(spec.model, CustomModelSpec):
-        config["import_paths"] = plugins.added_paths()
+    # the directories user code came from: a custom model's, or data.augment's (predict)
+    config = {"backend": "tensorflow", "task": spec.task, "model": spec.model.model_dump(mode="json"),
+              "import_paths": plugins.added_paths()}
     try:
         model.save(directory / MODEL_FILE)
     except Exception as err:

@@ -128,8 +128,11 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
         backward_passes_per_step=spec.horovod.backward_passes_per_step,
         op=hvd.Adasum if spec.horovod.adasum else hvd.Average)
 
-    example = dataset.val.batch(np.arange(min(2, len(dataset.val))))[0]
-    steps = make_steps(spec, model, optimizer, loss_fn, device, comm.rank, example, hvd)
+    prep = dataset.preprocessing
+    example = prep.apply(dataset.val.batch(np.arange(min(2, len(dataset.val))))[0]) if prep.image_size else \
+        dataset.val.batch(np.arange(min(2, len(dataset.val))))[0]
+    steps = make_steps(spec, model, optimizer, loss_fn, device, comm.rank, example, hvd,
+                       prep.pixel_affine() if prep.image_size else None)
     return Training(hvd, comm, model, optimizer, steps, lambda: horovod_comm(hvd, hierarchical))
 
 
@@ -190,8 +193,9 @@ def broadcast_optimizer_state(hvd, optimizer: torch.optim.Optimizer, comm: Comm)
 
 
 def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torch.device, rank: int,
-               example: np.ndarray, hvd) -> Steps:
-    """example: a couple of inputs, to trace a custom model for export."""
+               example: np.ndarray, hvd, pixel_affine: tuple[np.ndarray, np.ndarray] | None = None) -> Steps:
+    """example: a couple of inputs, to trace a custom model for export; pixel_affine:
+    image files' per-channel (scale, shift), which normalise uint8 batches on the device."""
     passes = spec.horovod.backward_passes_per_step
     clip = spec.train.grad_clip_norm
     # The step's random numbers (dropout) come from the CPU's generator and this rank's
@@ -216,8 +220,14 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
     # parameters; checkpoints, buffers and exports keep using the plain model
     forward = torch.compile(model) if spec.train.compile else model
 
+    affine = None if pixel_affine is None else \
+        tuple(torch.from_numpy(a).reshape(1, -1, 1, 1).to(device) for a in pixel_affine)
+
     def inputs(x) -> torch.Tensor:
-        return in_order(to_device(x, device), spec.train.channels_last)
+        x = to_device(x, device)
+        if x.dtype == torch.uint8:  # image files travel as uint8, a quarter of float32's bytes
+            x = torch.addcmul(-affine[1], x.float(), affine[0])
+        return in_order(x, spec.train.channels_last)
 
     def loss_of(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = loss_fn(outputs, y)
@@ -312,9 +322,10 @@ class IndexBatches(torch.utils.data.Sampler):
 
     def __init__(self):
         self.batches: list[np.ndarray] = []
+        self.epoch: int | None = None  # a training epoch's batches; None: evaluation
 
     def __iter__(self):
-        return iter(self.batches)
+        return ((batch, self.epoch) for batch in self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -329,11 +340,12 @@ class BatchReader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, indices: np.ndarray) -> Batch:
-        return self.samples.batch(np.asarray(indices))
+    def __getitem__(self, item: tuple[np.ndarray, int | None]) -> Batch:
+        indices, epoch = item
+        return self.samples.batch(np.asarray(indices), epoch)
 
 
-def make_loader(spec: JobSpec, device: torch.device) -> Callable[[Samples, list[np.ndarray]], Iterable[Batch]]:
+def make_loader(spec: JobSpec, device: torch.device) -> Callable[..., Iterable[Batch]]:
     """The input pipeline: one torch DataLoader per split, whose `data.workers`
     processes (kept from epoch to epoch) read `data.prefetch` batches each ahead,
     into page-locked memory when training on a GPU. On a GPU, arrays held in memory
@@ -346,28 +358,29 @@ def make_loader(spec: JobSpec, device: torch.device) -> Callable[[Samples, list[
     prefetch = spec.data.prefetch if spec.data else DataSpec.model_fields["prefetch"].default
     on_device = spec.data.on_device if spec.data else False
 
-    def host_batches(samples: Samples, index_batches: list[np.ndarray]) -> Iterable[Batch]:
+    def host_batches(samples: Samples, index_batches: list[np.ndarray], epoch: int | None) -> Iterable[Batch]:
         if id(samples) not in loaders:
             loaders[id(samples)] = torch.utils.data.DataLoader(
                 BatchReader(samples), sampler=IndexBatches(), batch_size=None, num_workers=workers,
                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                 prefetch_factor=prefetch if workers else None)
         data_loader = loaders[id(samples)]
-        data_loader.sampler.batches = index_batches
+        data_loader.sampler.batches, data_loader.sampler.epoch = index_batches, epoch
         try:
             yield from data_loader
         except DataError as err:  # raised in a worker: its message, not the worker's traceback
             raise loader_failure(err) from None
 
-    def loader(samples: Samples, index_batches: list[np.ndarray]) -> Iterable[Batch]:
+    def loader(samples: Samples, index_batches: list[np.ndarray], epoch: int | None = None) -> Iterable[Batch]:
+        """The batches at index_batches; epoch: a training epoch's (augmented) batches."""
         if device.type != "cuda":
-            return host_batches(samples, index_batches)
+            return host_batches(samples, index_batches, epoch)
         if id(samples) not in resident:
             resident[id(samples)] = device_arrays(samples, device, on_device)
         arrays = resident[id(samples)]
         if arrays is not None:
             return gathered_on_device(arrays, index_batches, device)
-        return copied_ahead(threaded(host_batches(samples, index_batches), prefetch), device)
+        return copied_ahead(threaded(host_batches(samples, index_batches, epoch), prefetch), device)
     return loader
 
 
@@ -525,9 +538,10 @@ def save_model(model: nn.Module, spec: JobSpec, directory: Path, example: np.nda
     its code came from), and for a custom model also a `torch.export` program
     (program.pt2) that loads without the user's code."""
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, directory / "weights.pt")
-    config = {"backend": "torch", "task": spec.task, "model": spec.model.model_dump(mode="json")}
+    # the directories user code came from: a custom model's, or data.augment's (predict)
+    config = {"backend": "torch", "task": spec.task, "model": spec.model.model_dump(mode="json"),
+              "import_paths": plugins.added_paths()}
     if isinstance(spec.model, CustomModelSpec):
-        config["import_paths"] = plugins.added_paths()
         config["program"] = None if example is None else export_program(model, example, directory / PROGRAM)
     (directory / "model.json").write_text(json.dumps(config))
 

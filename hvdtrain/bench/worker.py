@@ -34,7 +34,9 @@ def batches_for(spec, rank: int, size: int) -> list:
     from ..data import image_input, load_dataset, shard_batches
     dataset = load_dataset(spec.data, image=image_input(spec.model, spec.data), task=spec.task)
     order = shard_batches(len(dataset.train), rank, size, spec.train.batch_size, spec.train.seed, 0)
-    return dataset, [dataset.train.batch(b) for b in order]
+    # the hand-written loops take float inputs: image files' uint8 pixels normalised here
+    prep = dataset.preprocessing
+    return dataset, [(prep.apply(x) if prep.image_size else x, y) for x, y in map(dataset.train.batch, order)]
 
 
 def cycle(batches: list, count: int, start: int) -> list:

@@ -22,7 +22,7 @@ class UserSamples:
     def __len__(self) -> int:
         return len(self.data)
 
-    def batch(self, indices: np.ndarray) -> Batch:
+    def batch(self, indices: np.ndarray, epoch: int | None = None) -> Batch:
         xs, ys = [], []
         for i in indices:
             sample = self.data[int(i)]

@@ -11,24 +11,29 @@ import numpy as np
 from ..errors import DataError
 from ..spec import IMAGE_KINDS, IMAGE_SUFFIXES, DataSpec
 from .split import Targets, natural_key
+from .transforms import read_image, sample_rng
 from .types import Batch, Dataset, Preprocessing
 
 STATISTICS_SAMPLE = 256  # training images the per-channel mean and std are taken from
 
 
 class ImageSamples:
-    """Image files, decoded and resized when a batch is asked for."""
+    """Image files, decoded and transformed (`data.augment`) when a batch is asked for:
+    RGB uint8 [n, 3, H, W], normalised on the device (`Preprocessing.pixel_affine`).
+    A batch of a training epoch draws its random crops and flips from (seed, epoch,
+    each sample's index); without an epoch, the evaluation transform."""
 
-    def __init__(self, paths: Sequence[Path], y: np.ndarray, preprocessing):
-        self.paths, self.y, self.preprocessing = list(paths), y, preprocessing
+    def __init__(self, paths: Sequence[Path], y: np.ndarray, preprocessing, seed: int = 0):
+        self.paths, self.y, self.preprocessing, self.seed = list(paths), y, preprocessing, seed
 
     def __len__(self) -> int:
         return len(self.y)
 
-    def batch(self, indices: np.ndarray) -> Batch:
-        size = self.preprocessing.image_size
-        pixels = np.stack([read_image(self.paths[i], size) for i in indices])
-        return self.preprocessing.apply(pixels), self.y[indices]
+    def batch(self, indices: np.ndarray, epoch: int | None = None) -> Batch:
+        size, augment = self.preprocessing.image_size, self.preprocessing.augment
+        pixels = np.stack([read_image(self.paths[i], size, augment, epoch is not None,
+                                      sample_rng(self.seed, epoch, int(i))) for i in indices])
+        return pixels, self.y[indices]
 
 
 def load(spec: DataSpec, image: bool = True, task: str = "classification") -> Dataset:
@@ -65,10 +70,9 @@ def load(spec: DataSpec, image: bool = True, task: str = "classification") -> Da
     check_images(paths)
     size = list(spec.image_size or image_size(paths[train[0]]))
     mean, std = channel_statistics([paths[i] for i in train], size, spec)
-    prep = Preprocessing([], classes, [3, *size], [], mean, std, image_size=size)
-    return Dataset(ImageSamples([paths[i] for i in train], labels[train], prep),
-                   ImageSamples([paths[i] for i in val], labels[val], prep), prep,
-                   test=ImageSamples([paths[i] for i in test], labels[test], prep) if len(test) else None)
+    prep = Preprocessing([], classes, [3, *size], [], mean, std, image_size=size, augment=spec.augment or "none")
+    split = lambda rows: ImageSamples([paths[i] for i in rows], labels[rows], prep, spec.seed)  # noqa: E731
+    return Dataset(split(train), split(val), prep, test=split(test) if len(test) else None)
 
 
 def class_files(folder: Path, classes: list[str] | None = None) -> tuple[dict[str, list[Path]], list[str]]:
@@ -110,24 +114,9 @@ def channel_statistics(paths: list[Path], size: list[int], spec: DataSpec) -> tu
         return [0.0] * 3, [1.0] * 3
     rng = np.random.default_rng(spec.seed)
     chosen = rng.choice(len(paths), size=min(len(paths), STATISTICS_SAMPLE), replace=False)
-    pixels = np.stack([read_image(paths[i], size) for i in sorted(chosen)])
+    pixels = np.stack([read_image(paths[i], size) for i in sorted(chosen)]) / 255.0
     std = pixels.std(axis=(0, 2, 3))
     return pixels.mean(axis=(0, 2, 3)).tolist(), np.where(std > 1e-6, std, 1.0).tolist()
-
-
-def read_image(path: Path, size: Sequence[int]) -> np.ndarray:
-    """One image file as float32 [3, H, W] in [0, 1], resized to size (H, W)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            pixels = np.asarray(image, dtype=np.float32)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"{path}: cannot read as an image ({err})") from None
-    return pixels.transpose(2, 0, 1) / 255.0
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -38,7 +38,7 @@ class MappedSamples:
             self._array = open_npy(self.path)
         return self._array
 
-    def batch(self, indices: np.ndarray) -> Batch:
+    def batch(self, indices: np.ndarray, epoch: int | None = None) -> Batch:
         array, rows = self.array(), self.rows[indices]
         order = np.argsort(rows, kind="stable")
         raw = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)

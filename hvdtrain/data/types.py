@@ -24,8 +24,10 @@ Batch = tuple[np.ndarray, np.ndarray]
 class Samples(Protocol):
     def __len__(self) -> int: ...
 
-    def batch(self, indices: np.ndarray) -> Batch:
-        """(inputs as float32 [n, *input_shape], labels) of the samples at indices."""
+    def batch(self, indices: np.ndarray, epoch: int | None = None) -> Batch:
+        """(inputs as float32 [n, *input_shape], or images as uint8 [n, 3, H, W], and
+        labels) of the samples at indices; epoch: a training epoch's batch (images draw
+        their augmentation from it), None for evaluation."""
 
 
 class ArraySamples:
@@ -37,7 +39,7 @@ class ArraySamples:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batch(self, indices: np.ndarray) -> Batch:
+    def batch(self, indices: np.ndarray, epoch: int | None = None) -> Batch:
         return self.x[indices], self.y[indices]
 
 
@@ -56,12 +58,13 @@ class Preprocessing:
     target_mean: float = 0.0  # regression: the model learns (y - target_mean) / target_std
     target_std: float = 1.0
     image_size: list[int] = field(default_factory=list)  # image files: [H, W]; mean, std per channel
+    augment: str = "none"  # image files: data.augment (predict and evaluate use its evaluation side)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
+        """Model inputs (float32) of raw samples; images: RGB uint8 [n, 3, H, W]."""
         if self.image_size:
-            mean = np.asarray(self.mean, np.float32)[:, None, None]
-            std = np.asarray(self.std, np.float32)[:, None, None]
-            return (np.asarray(x, dtype=np.float32) - mean) / std
+            scale, shift = self.pixel_affine()
+            return np.asarray(x, dtype=np.float32) * scale[:, None, None] - shift[:, None, None]
         x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
         if x.shape[1] != len(self.mean):
             raise DataError(f"expected {len(self.mean)} features per sample, got {x.shape[1]}")
@@ -70,6 +73,12 @@ class Preprocessing:
             x = np.where(bad, np.asarray(self.fill)[None, :], x)
         x = (x - np.asarray(self.mean)) / np.asarray(self.std)
         return x.astype(np.float32).reshape((len(x), *self.input_shape))
+
+    def pixel_affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """Images: per channel, the (scale, shift) that normalise uint8 pixels (x * scale
+        - shift = (x / 255 - mean) / std); the backends apply it on the device."""
+        std = np.asarray(self.std, np.float32)
+        return (1.0 / (255.0 * std)).astype(np.float32), (np.asarray(self.mean, np.float32) / std)
 
     @property
     def outputs(self) -> int:
@@ -101,6 +110,12 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.preprocessing.classes)
+
+    def pixel_affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """Images: per channel, the (scale, shift) that normalise uint8 pixels (x * scale
+        - shift = (x / 255 - mean) / std); the backends apply it on the device."""
+        std = np.asarray(self.std, np.float32)
+        return (1.0 / (255.0 * std)).astype(np.float32), (np.asarray(self.mean, np.float32) / std)
 
     @property
     def outputs(self) -> int:

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from hvdtrain import checkpoint
 from tests.conftest import ROOT
 from tests.data_sets import image_folder, npy_arrays
 from tests.distributed.test_faults import DEADLINE_S, kill_rank_after
@@ -41,6 +42,31 @@ def test_image_folder_trains_and_predicts_files_and_folders(cli, tmp_path, backe
     assert predicted.stdout.split().count("red") >= 0.9 * 24
     one = cli("predict", out, images / "blue" / "blue-001.png")
     assert one.returncode == 0 and one.stdout.split() == ["blue"], one.stderr
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_augmented_images_resumed_within_an_epoch_end_on_the_uninterrupted_weights(cli, tmp_path, backend):
+    """Random crops and flips (data.augment standard) drawn from (seed, epoch, sample):
+    a run resumed at step 2 of epoch 2 draws what the uninterrupted run drew."""
+    images = image_folder(tmp_path / "colours", per_class=16, size=16)
+    args = ["-np", "2", "data.source=image_folder", f"data.path={images}", "data.image_size=12",
+            "data.workers=2", "train.epochs=2", "train.batch_size=4", "model.channels=[8]", "model.hidden=[16]",
+            "checkpoint.every_steps=2", "checkpoint.keep_last=100"]
+    whole = cli("run", CNN[backend], *args, f"output={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    partial = tmp_path / "partial"
+    first = cli("run", CNN[backend], *args, f"output={partial}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert summary(partial)["weights_digest"] == summary(tmp_path / "whole")["weights_digest"]
+    for path in checkpoint.list_checkpoints(partial / "checkpoints"):
+        match = checkpoint.NAME.match(path.name)
+        if (int(match[1]), int(match[2] or 0)) > (1, 2):  # after 1 epoch and 2 steps
+            path.unlink()
+    (partial / "summary.json").unlink()
+    again = cli("run", CNN[backend], *args, f"output={partial}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "epoch 1 done, and 2 steps of epoch 2" in again.stdout
+    assert summary(partial)["weights_digest"] == summary(tmp_path / "whole")["weights_digest"]
 
 
 def test_image_folder_with_train_and_val_folders_keeps_their_split(cli, tmp_path):

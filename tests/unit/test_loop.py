@@ -37,7 +37,7 @@ def recording_steps(seen_lrs, trained=None):
             trained.extend((epoch, first + i) for i in range(len(batches)))
         return 0.5 * sum(len(y) for _, y in batches), sum(len(y) for _, y in batches)
     return loop.Steps(train_epoch, lambda x, y: (np.zeros((len(x), 2)), 0.7 * len(y)),
-                      lambda samples, index_batches: (samples.batch(b) for b in index_batches),
+                      lambda samples, index_batches, epoch=None: (samples.batch(b, epoch) for b in index_batches),
                       lambda: b"state", lambda b: None,
                       lambda: "digest", lambda directory: None, 6, [("w", (2, 2), "float32")])
 

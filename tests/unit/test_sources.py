@@ -88,15 +88,20 @@ print(peak_rss_mb())
 
 def test_image_folder_split_statistics_and_batches(tmp_path):
     root = image_folder(tmp_path / "img", per_class=10, size=8)
-    ds = load_dataset(data_spec(source="image_folder", path=str(root), image_size=[6, 5]))
+    ds = load_dataset(data_spec(source="image_folder", path=str(root), image_size=[6, 5], augment="none"))
     assert isinstance(ds.train, ImageSamples)
     assert ds.preprocessing.classes == ["blue", "green", "red"] and ds.preprocessing.input_shape == [3, 6, 5]
     assert len(ds.train) + len(ds.val) == 30 and len(ds.val) == 6  # 2 of each class's 10
     assert sorted(np.bincount(ds.val.y)) == [2, 2, 2]
-    x, y = ds.train.batch(np.arange(len(ds.train)))
-    assert x.shape == (24, 3, 6, 5) and x.dtype == np.float32
+    pixels, y = ds.train.batch(np.arange(len(ds.train)))
+    assert pixels.shape == (24, 3, 6, 5) and pixels.dtype == np.uint8  # the backends normalise on the device
+    x = ds.preprocessing.apply(pixels)
+    assert x.dtype == np.float32
     # standardised per channel from the training images
     assert np.abs(x.mean(axis=(0, 2, 3))).max() < 0.1 and np.abs(x.std(axis=(0, 2, 3)) - 1).max() < 0.1
+    scale, shift = ds.preprocessing.pixel_affine()
+    mean, std = np.asarray(ds.preprocessing.mean), np.asarray(ds.preprocessing.std)
+    np.testing.assert_allclose(x, (pixels / 255.0 - mean[:, None, None]) / std[:, None, None], rtol=1e-5, atol=1e-5)
 
 
 def test_image_folder_with_one_class_is_refused(tmp_path):
