@@ -99,8 +99,8 @@ class Preprocessing:
 
 @dataclass
 class Dataset:
-    # batches of float32 inputs (n, *input_shape) and int64 class indices, or float32
-    # standardised targets (regression)
+    # batches of float32 inputs (n, *input_shape), or image files' uint8 pixels, and
+    # int64 class indices, or float32 standardised targets (regression)
     train: Samples
     val: Samples
     preprocessing: Preprocessing
@@ -110,12 +110,6 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.preprocessing.classes)
-
-    def pixel_affine(self) -> tuple[np.ndarray, np.ndarray]:
-        """Images: per channel, the (scale, shift) that normalise uint8 pixels (x * scale
-        - shift = (x / 255 - mean) / std); the backends apply it on the device."""
-        std = np.asarray(self.std, np.float32)
-        return (1.0 / (255.0 * std)).astype(np.float32), (np.asarray(self.mean, np.float32) / std)
 
     @property
     def outputs(self) -> int:
