@@ -9,7 +9,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DataError
-from ..spec import IMAGE_KINDS, IMAGE_SUFFIXES, DataSpec
+from ..spec import IMAGE_KINDS, DataSpec
+from . import folder_index
 from .split import Targets, natural_key
 from .transforms import read_image, sample_rng
 from .types import Batch, Dataset, Preprocessing
@@ -38,25 +39,27 @@ class ImageSamples:
 
 def load(spec: DataSpec, image: bool = True, task: str = "classification") -> Dataset:
     """A root with one folder of images per class, or train/ and val/ folders of such
-    (else a stratified split). Every file is checked here, so no rank trains on a
+    (else a stratified split). The files are listed and checked once, into an index
+    reused while the folder is unchanged (`folder_index`), so no rank trains on a
     file it cannot read; the pixels are read later, by the loader."""
     root = Path(spec.path)
+    listing = folder_index.image_files(root, check_images)
     split_dirs = [root / "train", next((root / n for n in ("val", "validation") if (root / n).is_dir()), None)]
     if split_dirs[0].is_dir() and split_dirs[1] is not None:
         if spec.test_fraction:
             raise DataError(f"{root}: data.test_fraction splits one folder of classes; with train/ and "
                             "val/ folders, put the test images in test/")
-        train_files, classes = class_files(split_dirs[0])
-        parts = [train_files, class_files(split_dirs[1], classes)[0]]
+        train_files, classes = class_files(root, "train", listing)
+        parts = [train_files, class_files(root, split_dirs[1].name, listing, classes)[0]]
         if (root / "test").is_dir():
-            parts.append(class_files(root / "test", classes)[0])
+            parts.append(class_files(root, "test", listing, classes)[0])
         paths = [p for files in parts for c in classes for p in files[c]]
         labels = np.asarray([i for files in parts for i, c in enumerate(classes) for _ in files[c]], dtype=np.int64)
         ends = np.cumsum([sum(len(v) for v in files.values()) for files in parts])
         train, val = np.arange(ends[0]), np.arange(ends[0], ends[1])
         test = np.arange(ends[1], ends[2]) if len(parts) == 3 else np.zeros(0, dtype=np.int64)
     else:
-        files, classes = class_files(root)
+        files, classes = class_files(root, "", listing)
         paths = [p for c in classes for p in files[c]]
         labels = np.asarray([i for i, c in enumerate(classes) for _ in files[c]], dtype=np.int64)
         # Targets sorts class names as class_files does, so its indices are the folders'
@@ -67,7 +70,6 @@ def load(spec: DataSpec, image: bool = True, task: str = "classification") -> Da
             raise DataError(f"{root}: class {empty[0]!r} has too few images for a validation share "
                             f"(validation_fraction {spec.validation_fraction}); add images or give "
                             "train/ and val/ folders")
-    check_images(paths)
     size = list(spec.image_size or image_size(paths[train[0]]))
     mean, std = channel_statistics([paths[i] for i in train], size, spec)
     prep = Preprocessing([], classes, [3, *size], [], mean, std, image_size=size, augment=spec.augment or "none")
@@ -75,14 +77,19 @@ def load(spec: DataSpec, image: bool = True, task: str = "classification") -> Da
     return Dataset(split(train), split(val), prep, test=split(test) if len(test) else None)
 
 
-def class_files(folder: Path, classes: list[str] | None = None) -> tuple[dict[str, list[Path]], list[str]]:
-    """The image files of each class folder, sorted; classes: the training split's,
-    which a validation folder must have, each with at least one image."""
-    found = sorted((d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                   key=natural_key)
-    files = {c: sorted(p for p in (folder / c).rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-             for c in found}
+def class_files(root: Path, part: str, listing: dict[str, list[str]],
+                classes: list[str] | None = None) -> tuple[dict[str, list[Path]], list[str]]:
+    """The image files of each class folder of root/part (at any depth below it),
+    sorted, from the folder's index; classes: the training split's, which a
+    validation folder must have, each with at least one image."""
+    folder = root / part if part else root
+    prefix = f"{part}/" if part else ""
+    below = [d[len(prefix):] for d in listing if d.startswith(prefix) and d != part]
+    found = sorted({d.split("/")[0] for d in below}, key=natural_key)
+    files: dict[str, list[Path]] = {c: [] for c in found}
+    for d in below:
+        files[d.split("/")[0]] += [root / prefix / d / name for name in listing[prefix + d]]
+    files = {c: sorted(paths) for c, paths in files.items()}
     if classes is None:
         if len(found) < 2:
             raise DataError(f"{folder}: needs a folder of images per class, at least 2 classes; "
