@@ -168,6 +168,17 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from .data import folder_index
+    from .data.images import check_images
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a directory")
+    count = folder_index.write_beside(folder, check_images)
+    print(f"indexed and checked {count} image files: {folder / folder_index.BESIDE}")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .report import plot_runs
     output = Path(args.output or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else "curves.png"))
@@ -257,6 +268,9 @@ def parser() -> argparse.ArgumentParser:
                           "column, or a folder of class folders of images; default: the run's test split")
     evaluate.add_argument("-o", "--output", help="directory for evaluation.json and confusion.png "
                                                  "(default RUN_DIR/evaluation)")
+    index = verb("index", cmd_index, "list and check an image folder once, into an index beside it that "
+                 "every rank and node reuses while the folder is unchanged", spec=False)
+    index.add_argument("folder", help="the image_folder's data.path")
     plot = verb("plot", cmd_plot, "loss, metric and lr curves of one or more runs on one figure", spec=False)
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("-o", "--output", help="PNG to write (default RUN_DIR/curves.png for one run, "

@@ -8,7 +8,9 @@ seen with one `stat` per directory (a thousand for ImageNet) instead of a listin
 and a decode of every file. Each file is checked (header, PNG checksums, a JPEG
 decoded) when the index is built; a file changed in place later is named when a
 loader reads it. The index lives in $HVDTRAIN_CACHE/index (default
-~/.cache/hvdtrain/index), keyed by the folder's absolute path.
+~/.cache/hvdtrain/index), keyed by the folder's absolute path; `hvdtrain index
+DIR` writes it beside the data instead (DIR/.hvdtrain-index.json), where every
+node of a cluster's shared filesystem finds it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Callable, Iterator
 from ..spec import IMAGE_SUFFIXES
 
 VERSION = 1
+BESIDE = ".hvdtrain-index.json"  # hidden: not listed as data
 
 
 def cache_path(root: Path) -> Path:
@@ -36,9 +39,9 @@ def image_files(root: Path, check: Callable[[list[Path]], None]) -> dict[str, li
     file when the index is (re)built and raises on a file that cannot be used."""
     root = Path(root)
     path = cache_path(root)
-    index = read(path)
-    if index is not None and fresh(root, index):
-        return index["files"]
+    for found in (read(root / BESIDE), read(path)):
+        if found is not None and fresh(root, found):
+            return found["files"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with locked(path.with_suffix(".lock")):  # the machine's other ranks wait here, then read it
         index = read(path)
@@ -50,6 +53,20 @@ def image_files(root: Path, check: Callable[[list[Path]], None]) -> dict[str, li
         written.write_text(json.dumps(index))
         written.replace(path)
     return index["files"]
+
+
+def write_beside(root: Path, check: Callable[[list[Path]], None]) -> int:
+    """Build and check the index of root and write it into root (`hvdtrain index`); the
+    count of image files. The file is made before the listing and then filled in
+    place, so that its own entry does not make the index stale."""
+    target = Path(root) / BESIDE
+    target.touch()
+    index = build(Path(root))
+    check([Path(root) / d / name for d, names in index["files"].items() for name in names])
+    with open(target, "r+") as handle:
+        handle.truncate()
+        handle.write(json.dumps(index))
+    return sum(len(names) for names in index["files"].values())
 
 
 def build(root: Path) -> dict:

@@ -89,3 +89,17 @@ def test_the_data_set_follows_the_folder(tmp_path):
         write_image(root / "red" / f"red-extra-{i}.png", 0, 12, np.random.default_rng(i))
     after = load_dataset(spec, image=True)
     assert len(after.train) + len(after.val) == len(before.train) + len(before.val) + 5
+
+
+def test_hvdtrain_index_writes_it_beside_the_data_for_every_node(cli, tmp_path, monkeypatch):
+    root = image_folder(tmp_path / "img", per_class=4)
+    result = cli("index", root)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"indexed and checked 12 image files: {root / folder_index.BESIDE}"
+    monkeypatch.setenv("HVDTRAIN_CACHE", str(tmp_path / "a node's own cache"))
+    check = Checked()
+    assert folder_index.image_files(root, check)["blue"][0] == "blue-000.png" and check.files == []  # reused
+    write_image(root / "blue" / "blue-new.png", 2, 12, np.random.default_rng(1))
+    assert "blue-new.png" in folder_index.image_files(root, check)["blue"] and len(check.files) == 13  # stale
+    missing = cli("index", tmp_path / "nowhere")
+    assert missing.returncode == 2 and "nowhere: not a directory" in missing.stderr
