@@ -152,17 +152,20 @@ def fit(spec: JobSpec, dataset: Dataset, expected_size: int | None = None,
     """Train on this rank; expected_size: the ranks the launcher started, where it knows."""
     job = setup(spec, dataset)
     hvd, comm, model, optimizer, steps = job.hvd, job.comm, job.model, job.optimizer, job.steps
-    if spec.horovod.elastic:  # Horovod elastic: resume and broadcast happen in run_elastic
-        return run_elastic(spec, dataset, job.make_comm, steps,
-                           lambda **attributes: elastic_state(hvd, model, optimizer, **attributes),
-                           hvd.elastic.run, progress)
-    preflight(spec, dataset, comm, steps, expected_size)  # same parameters and step counts everywhere
-    start = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
-    # Horovod: broadcast initial (or resumed) model and optimizer state from rank 0.
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    broadcast_optimizer_state(hvd, optimizer, comm)
-    # Horovod: checkpoint on rank 0 only -- inside run_epochs.
-    return run_epochs(spec, dataset, comm, steps, start, progress)
+    try:
+        if spec.horovod.elastic:  # Horovod elastic: resume and broadcast happen in run_elastic
+            return run_elastic(spec, dataset, job.make_comm, steps,
+                               lambda **attributes: elastic_state(hvd, model, optimizer, **attributes),
+                               hvd.elastic.run, progress)
+        preflight(spec, dataset, comm, steps, expected_size)  # same parameters and step counts everywhere
+        start = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
+        # Horovod: broadcast initial (or resumed) model and optimizer state from rank 0.
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        broadcast_optimizer_state(hvd, optimizer, comm)
+        # Horovod: checkpoint on rank 0 only -- inside run_epochs.
+        return run_epochs(spec, dataset, comm, steps, start, progress)
+    finally:
+        steps.loader.close()
 
 
 def elastic_state(hvd, model: nn.Module, optimizer, **attributes):
@@ -381,6 +384,21 @@ def make_loader(spec: JobSpec, device: torch.device) -> Callable[..., Iterable[B
         if arrays is not None:
             return gathered_on_device(arrays, index_batches, device)
         return copied_ahead(threaded(host_batches(samples, index_batches, epoch), prefetch), device)
+
+    def close() -> None:
+        """End the loader processes now. Kept from epoch to epoch, they would otherwise be
+        ended at the interpreter's exit one by one, each join waiting out its timeout:
+        144 s after the final line with 14 workers per split on a GPU machine."""
+        for data_loader in loaders.values():
+            iterator = data_loader._iterator  # torch's: the persistent workers' iterator
+            if iterator is not None:
+                for worker in getattr(iterator, "_workers", []):
+                    worker.terminate()  # they hold nothing to save: training is over
+                iterator._shutdown_workers()
+                data_loader._iterator = None
+        loaders.clear()
+
+    loader.close = close
     return loader
 
 

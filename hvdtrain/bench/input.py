@@ -49,7 +49,8 @@ def write_sources(spec, scratch: Path) -> dict[str, list[str]]:
     np.save(scratch / "npy" / "y.npy", y)
     size = f"data.image_size=[{shape[1]},{shape[2]}]"
     return {"memory": ["data.source=file", f"data.path={scratch / 'memory.npz'}", f"data.image_shape={list(shape)}"],
-            "image_folder": ["data.source=image_folder", f"data.path={folder}", size],
+            # no augmentation: the same work as the other sources, the reading alone compared
+            "image_folder": ["data.source=image_folder", f"data.path={folder}", size, "data.augment=none"],
             "npy": ["data.source=file", f"data.path={scratch / 'npy' / 'x.npy'}"]}
 
 
