@@ -42,8 +42,14 @@ def image_files(root: Path, check: Callable[[list[Path]], None]) -> dict[str, li
     for found in (read(root / BESIDE), read(path)):
         if found is not None and fresh(root, found):
             return found["files"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with locked(path.with_suffix(".lock")):  # the machine's other ranks wait here, then read it
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = locked(path.with_suffix(".lock"))
+    except OSError:  # a cache that cannot be written (a read-only home): list and check uncached
+        index = build(root)
+        check([root / d / name for d, names in index["files"].items() for name in names])
+        return index["files"]
+    with lock:  # the machine's other ranks wait here, then read it
         index = read(path)
         if index is not None and fresh(root, index):
             return index["files"]
@@ -108,11 +114,17 @@ def read(path: Path) -> dict | None:
         return None
 
 
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def locked(path: Path):
+    """An exclusive lock on path (opened now, so that a cache that cannot be written
+    is known before anything is built)."""
+    handle = open(path, "a")
+
+    @contextmanager
+    def holding() -> Iterator[None]:
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    return holding()

@@ -103,3 +103,11 @@ def test_hvdtrain_index_writes_it_beside_the_data_for_every_node(cli, tmp_path, 
     assert "blue-new.png" in folder_index.image_files(root, check)["blue"] and len(check.files) == 13  # stale
     missing = cli("index", tmp_path / "nowhere")
     assert missing.returncode == 2 and "nowhere: not a directory" in missing.stderr
+
+
+def test_a_cache_that_cannot_be_written_lists_and_checks_without_it(tmp_path, monkeypatch):
+    root = image_folder(tmp_path / "img", per_class=3)
+    (tmp_path / "a file").write_text("not a directory")
+    monkeypatch.setenv("HVDTRAIN_CACHE", str(tmp_path / "a file" / "cache"))
+    check = Checked()
+    assert folder_index.image_files(root, check)["red"][0] == "red-000.png" and len(check.files) == 9
