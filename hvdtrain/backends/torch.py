@@ -129,8 +129,8 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
         op=hvd.Adasum if spec.horovod.adasum else hvd.Average)
 
     prep = dataset.preprocessing
-    example = prep.apply(dataset.val.batch(np.arange(min(2, len(dataset.val))))[0]) if prep.image_size else \
-        dataset.val.batch(np.arange(min(2, len(dataset.val))))[0]
+    example = dataset.val.batch(np.arange(min(2, len(dataset.val))))[0]
+    example = prep.apply(example) if prep.image_size else example  # image files come as uint8
     steps = make_steps(spec, model, optimizer, loss_fn, device, comm.rank, example, hvd,
                        prep.pixel_affine() if prep.image_size else None)
     return Training(hvd, comm, model, optimizer, steps, lambda: horovod_comm(hvd, hierarchical))

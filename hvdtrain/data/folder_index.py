@@ -20,8 +20,9 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
 
+from ..horovod_build.build import cache_root
 from ..spec import IMAGE_SUFFIXES
 
 VERSION = 1
@@ -29,8 +30,7 @@ BESIDE = ".hvdtrain-index.json"  # hidden: not listed as data
 
 
 def cache_path(root: Path) -> Path:
-    base = Path(os.environ.get("HVDTRAIN_CACHE", "~/.cache/hvdtrain")).expanduser() / "index"
-    return base / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]}.json"
+    return cache_root() / "index" / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]}.json"
 
 
 def image_files(root: Path, check: Callable[[list[Path]], None]) -> dict[str, list[str]]:
@@ -44,17 +44,14 @@ def image_files(root: Path, check: Callable[[list[Path]], None]) -> dict[str, li
             return found["files"]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = locked(path.with_suffix(".lock"))
+        handle = open(path.with_suffix(".lock"), "a")
     except OSError:  # a cache that cannot be written (a read-only home): list and check uncached
-        index = build(root)
-        check([root / d / name for d, names in index["files"].items() for name in names])
-        return index["files"]
-    with lock:  # the machine's other ranks wait here, then read it
+        return checked_build(root, check)["files"]
+    with handle, exclusive(handle):  # the machine's other ranks wait here, then read it
         index = read(path)
         if index is not None and fresh(root, index):
             return index["files"]
-        index = build(root)
-        check([root / d / name for d, names in index["files"].items() for name in names])
+        index = checked_build(root, check)
         written = path.with_suffix(f".{os.getpid()}.tmp")
         written.write_text(json.dumps(index))
         written.replace(path)
@@ -67,12 +64,18 @@ def write_beside(root: Path, check: Callable[[list[Path]], None]) -> int:
     place, so that its own entry does not make the index stale."""
     target = Path(root) / BESIDE
     target.touch()
-    index = build(Path(root))
-    check([Path(root) / d / name for d, names in index["files"].items() for name in names])
+    index = checked_build(Path(root), check)
     with open(target, "r+") as handle:
         handle.truncate()
         handle.write(json.dumps(index))
     return sum(len(names) for names in index["files"].values())
+
+
+def checked_build(root: Path, check: Callable[[list[Path]], None]) -> dict:
+    """A new index of root, once `check` has taken every file it lists."""
+    index = build(root)
+    check([root / d / name for d, names in index["files"].items() for name in names])
+    return index
 
 
 def build(root: Path) -> dict:
@@ -114,17 +117,11 @@ def read(path: Path) -> dict | None:
         return None
 
 
-def locked(path: Path):
-    """An exclusive lock on path (opened now, so that a cache that cannot be written
-    is known before anything is built)."""
-    handle = open(path, "a")
-
-    @contextmanager
-    def holding() -> Iterator[None]:
-        with handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-    return holding()
+@contextmanager
+def exclusive(handle: IO) -> Iterator[None]:
+    """An exclusive lock on an open file, for the block."""
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
