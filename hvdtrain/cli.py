@@ -174,8 +174,9 @@ def cmd_index(args) -> int:
     folder = Path(args.folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a directory")
-    count = folder_index.write_beside(folder, check_images)
-    print(f"indexed and checked {count} image files: {folder / folder_index.BESIDE}")
+    count = folder_index.write_beside(folder, lambda paths: check_images(paths, decode=args.decode))
+    checked = "decoded" if args.decode else "checked the headers of"
+    print(f"indexed and {checked} {count} image files: {folder / folder_index.BESIDE}")
     return 0
 
 
@@ -271,6 +272,8 @@ def parser() -> argparse.ArgumentParser:
     index = verb("index", cmd_index, "list and check an image folder once, into an index beside it that "
                  "every rank and node reuses while the folder is unchanged", spec=False)
     index.add_argument("folder", help="the image_folder's data.path")
+    index.add_argument("--decode", action="store_true", help="decode every file as well, to find a "
+                       "truncated or corrupt one now rather than when training reads it")
     plot = verb("plot", cmd_plot, "loss, metric and lr curves of one or more runs on one figure", spec=False)
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("-o", "--output", help="PNG to write (default RUN_DIR/curves.png for one run, "

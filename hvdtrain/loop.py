@@ -270,15 +270,18 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
     began = time.perf_counter()
     steps.average_buffers()  # every rank validates and saves the same model
     stats, val_loss = evaluate(dataset, comm, steps, max(spec.train.batch_size, 256))
-    totals = comm.allreduce_sum(np.concatenate([[val_loss], stats]), f"hvdtrain.metrics.{epoch}")
+    totals = comm.allreduce_sum(np.concatenate([[val_loss, dataset.newly_skipped()], stats]),
+                                f"hvdtrain.metrics.{epoch}")
     elapsed = train_seconds + time.perf_counter() - began
     # the largest resident memory any rank has had (its loader processes not counted)
     peak_rss = max(comm.allgather_object(peak_rss_mb(), f"hvdtrain.rss.{epoch}"))
     record = {"epoch": epoch + 1, **extra, "train_loss": train[0] / max(train[1], 1),
               "val_loss": totals[0] / len(dataset.val),
-              **{f"val_{m}": v for m, v in task_scores(dataset, totals[1:]).items()},
+              **{f"val_{m}": v for m, v in task_scores(dataset, totals[2:]).items()},
               "lr": lr, "samples_per_s": train[1] / elapsed, "seconds": elapsed,
               "peak_rss_mb": peak_rss}
+    if spec.data is not None and spec.data.on_bad_file == "skip":
+        record["skipped_files"] = int(totals[1])  # this epoch's reads, training and validation, all ranks
     if not all(math.isfinite(record[m]) for m in ("train_loss", "val_loss")):
         raise UserError(f"epoch {epoch + 1}: loss is not finite; lower optimizer.lr")
     best = steering.update(spec, record) if steering is not None else False

@@ -121,6 +121,11 @@ class DataSpec(Section):
         "resized to image_size), or your function by import path, called as f(image, size, "
         "training, rng) with an RGB uint8 array [H, W, 3], (H, W) and a numpy Generator, returning "
         "[H, W, 3] of that size; default: standard"))
+    on_bad_file: Literal["fail", "skip"] = Field(default="fail", description=(
+        "image_folder: a file that cannot be decoded when a batch reads it (found by then: the "
+        "index reads each file's header, not its pixels) stops the job with exit 2 (`fail`), or "
+        "is replaced by another image of its batch, named once on stderr and counted in "
+        "metrics.jsonl's skipped_files (`skip`); the path, rank and epoch are named either way"))
     loader: ImportPath | None = Field(default=None, description=(
         "custom: returns (train, validation): map-style torch Datasets of (x, y) (torch), or "
         "arrays (x, y) / tf.data.Datasets (tensorflow); called with args, plus seed where its "
@@ -190,6 +195,8 @@ class DataSpec(Section):
             self.workers = 2 if self.source in LAZY_SOURCES or self.memory_mapped else 0
         if self.augment is not None and self.source != "image_folder":
             raise ValueError("data.augment applies to image files (source 'image_folder')")
+        if self.on_bad_file != "fail" and self.source != "image_folder":
+            raise ValueError("data.on_bad_file applies to image files (source 'image_folder')")
         if self.augment is None and self.source == "image_folder":
             self.augment = "standard"
         return self

@@ -14,15 +14,25 @@ def write_image(path: Path, label: int, size: int, rng: np.random.Generator) -> 
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
 
 
-def image_folder(root: Path, per_class: int = 24, size: int = 12, split: bool = False, seed: int = 0) -> Path:
-    """Three classes told apart by colour: red/, green/, blue/ (or train/ and val/ of such)."""
+def image_folder(root: Path, per_class: int = 24, size: int = 12, split: bool = False, seed: int = 0,
+                 suffix: str = ".png") -> Path:
+    """Three classes told apart by colour: red/, green/, blue/ (or train/ and val/ of such),
+    PNG files (suffix .jpg: JPEG)."""
     rng = np.random.default_rng(seed)
     for label, name in enumerate(("red", "green", "blue")):
         for i in range(per_class):
             part = ("val" if i % 4 == 0 else "train") if split else ""
             # sizes vary: every image is resized to data.image_size
-            write_image(root / part / name / f"{name}-{i:03d}.png", label, size + i % 3, rng)
+            write_image(root / part / name / f"{name}-{i:03d}{suffix}", label, size + i % 3, rng)
     return root
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """Cut a JPEG file a little after the start of its pixel data: its header reads, its
+    pixels do not."""
+    data = path.read_bytes()
+    path.write_bytes(data[:data.index(b"\xff\xda") + 40])
+    return path
 
 
 def npy_arrays(directory: Path, n: int = 1200, features: int = 16, classes: int = 3, seed: int = 0):

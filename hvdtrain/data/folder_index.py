@@ -64,7 +64,11 @@ def write_beside(root: Path, check: Callable[[list[Path]], None]) -> int:
     place, so that its own entry does not make the index stale."""
     target = Path(root) / BESIDE
     target.touch()
-    index = checked_build(Path(root), check)
+    try:
+        index = checked_build(Path(root), check)
+    except BaseException:
+        target.unlink()
+        raise
     with open(target, "r+") as handle:
         handle.truncate()
         handle.write(json.dumps(index))

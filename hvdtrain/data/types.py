@@ -106,6 +106,13 @@ class Dataset:
     preprocessing: Preprocessing
     dropped_rows: int = 0
     test: Samples | None = None  # held out (data.test_fraction): the final summary and evaluate only
+    skipped_before: int = field(default=0, repr=False)
+
+    def newly_skipped(self) -> int:
+        """Files skipped (`data.on_bad_file: skip`) by this rank's reads since the last call."""
+        total = sum(s.skipped_count() for s in (self.train, self.val, self.test) if hasattr(s, "skipped_count"))
+        new, self.skipped_before = total - self.skipped_before, total
+        return new
 
     @property
     def num_classes(self) -> int:

@@ -4,6 +4,7 @@ loaders, a run killed within an epoch and resumed from its mid-epoch checkpoint,
 and bad data named with exit 2."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from hvdtrain import checkpoint
 from tests.conftest import ROOT
-from tests.data_sets import image_folder, npy_arrays
+from tests.data_sets import image_folder, npy_arrays, truncated_jpeg
 from tests.distributed.test_faults import DEADLINE_S, kill_rank_after
 from tests.output import Lines
 
@@ -166,6 +167,24 @@ def test_corrupt_image_is_named(cli, tmp_path):
     (images / "blue" / "notes.txt").write_text("not an image: ignored")
     err = bad_run(cli, tmp_path, "data.source=image_folder", f"data.path={images}")
     assert f"{broken}: cannot read as an image" in err
+
+
+def test_a_jpeg_that_does_not_decode_stops_the_job_or_is_skipped_and_counted(cli, tmp_path):
+    images = image_folder(tmp_path / "colours", size=32, suffix=".jpg")
+    broken = truncated_jpeg(images / "green" / "green-005.jpg")  # its header reads: found when read
+    args = ["data.source=image_folder", f"data.path={images}", "data.standardize=false", "train.epochs=2"]
+    failed = cli("run", CNN["torch"], "-np", "2", f"output={tmp_path / 'run'}", *args)
+    err = failed.stderr
+    assert failed.returncode == 2 and "Traceback" not in err, failed.stdout[-2000:] + err[-3000:]
+    assert re.search(f"{broken}: cannot read as an image .*\\(rank [01], epoch 1; data.on_bad_file: skip", err)
+    result = cli("run", CNN["torch"], "-np", "2", f"output={tmp_path / 'skipped'}", *args,
+                 "data.on_bad_file=skip")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # read once an epoch (training or validation), named once by the process that read it
+    records = [json.loads(line) for line in (tmp_path / "skipped" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_files"] for r in records] == [1, 1]
+    assert 1 <= result.stdout.count(f"hvdtrain: skipped {broken}: cannot read as an image") + \
+        result.stderr.count(f"hvdtrain: skipped {broken}") <= 2
 
 
 def test_empty_class_folder_is_named(cli, tmp_path):

@@ -10,7 +10,7 @@ from hvdtrain.data import folder_index, load_dataset
 from hvdtrain.data.images import check_images
 from hvdtrain.errors import DataError
 from hvdtrain.spec import validate
-from tests.data_sets import image_folder, write_image
+from tests.data_sets import image_folder, truncated_jpeg, write_image
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +95,7 @@ def test_hvdtrain_index_writes_it_beside_the_data_for_every_node(cli, tmp_path, 
     root = image_folder(tmp_path / "img", per_class=4)
     result = cli("index", root)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"indexed and checked 12 image files: {root / folder_index.BESIDE}"
+    assert result.stdout.strip() == f"indexed and checked the headers of 12 image files: {root / folder_index.BESIDE}"
     monkeypatch.setenv("HVDTRAIN_CACHE", str(tmp_path / "a node's own cache"))
     check = Checked()
     assert folder_index.image_files(root, check)["blue"][0] == "blue-000.png" and check.files == []  # reused
@@ -103,6 +103,17 @@ def test_hvdtrain_index_writes_it_beside_the_data_for_every_node(cli, tmp_path, 
     assert "blue-new.png" in folder_index.image_files(root, check)["blue"] and len(check.files) == 13  # stale
     missing = cli("index", tmp_path / "nowhere")
     assert missing.returncode == 2 and "nowhere: not a directory" in missing.stderr
+
+
+def test_hvdtrain_index_decode_finds_the_jpeg_whose_header_reads_but_pixels_do_not(cli, tmp_path):
+    root = image_folder(tmp_path / "img", per_class=4, size=64, suffix=".jpg")
+    broken = root / "red" / "red-002.jpg"
+    truncated_jpeg(broken)
+    assert cli("index", root).returncode == 0  # the headers read: training finds it (data.on_bad_file)
+    (root / folder_index.BESIDE).unlink()
+    decoded = cli("index", "--decode", root)
+    assert decoded.returncode == 2 and f"{broken}: cannot read as an image (OSError" in decoded.stderr
+    assert "Traceback" not in decoded.stderr and not (root / folder_index.BESIDE).exists()
 
 
 def test_a_cache_that_cannot_be_written_lists_and_checks_without_it(tmp_path, monkeypatch):

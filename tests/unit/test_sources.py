@@ -13,7 +13,7 @@ from hvdtrain.data.custom import UserSamples
 from hvdtrain.data.images import ImageSamples
 from hvdtrain.data.npy import MappedSamples
 from hvdtrain.spec import validate
-from tests.data_sets import image_folder, npy_arrays
+from tests.data_sets import image_folder, npy_arrays, truncated_jpeg
 
 BASE = {"name": "t", "backend": "torch", "model": {"kind": "mlp"}}
 
@@ -120,6 +120,39 @@ def test_image_folder_class_too_small_for_a_validation_share_is_named(tmp_path):
         p.unlink()
     with pytest.raises(DataError, match="class 'green' has too few images for a validation share"):
         load_dataset(data_spec(source="image_folder", path=str(root)))
+
+
+def test_a_jpeg_that_does_not_decode_stops_the_job_naming_it_rank_and_epoch(tmp_path, monkeypatch):
+    root = image_folder(tmp_path / "img", per_class=10, size=64, suffix=".jpg")
+    broken = truncated_jpeg(root / "green" / "green-003.jpg")
+    monkeypatch.setenv("HOROVOD_RANK", "1")
+    # the header reads: found when a batch reads it (the statistics would read it first)
+    ds = load_dataset(data_spec(source="image_folder", path=str(root), image_size=16, standardize=False))
+    at = next(i for i, p in enumerate(ds.train.paths + ds.val.paths) if p == broken)
+    samples, i = (ds.train, at) if at < len(ds.train) else (ds.val, at - len(ds.train))
+    with pytest.raises(DataError, match=f"{broken}: cannot read as an image .*rank 1, epoch 3; "
+                                        "data.on_bad_file: skip goes on without it"):
+        samples.batch(np.array([i]), epoch=2)
+
+
+def test_a_jpeg_that_does_not_decode_is_skipped_named_once_and_counted(tmp_path, capfd):
+    root = image_folder(tmp_path / "img", per_class=10, size=64, suffix=".jpg")
+    broken = truncated_jpeg(root / "red" / "red-004.jpg")
+    ds = load_dataset(data_spec(source="image_folder", path=str(root), image_size=16, on_bad_file="skip"))
+    samples = ds.train if broken in ds.train.paths else ds.val
+    bad = samples.paths.index(broken)
+    indices = np.array([bad, (bad + 1) % len(samples), (bad + 2) % len(samples)])
+    for epoch in (0, 0, 1):
+        pixels, labels = samples.batch(indices, epoch)
+        # the batch keeps its size: the next file of the batch stands in, with its own label
+        assert pixels.shape == (3, 3, 16, 16)
+        expected, _ = samples.batch(indices[1:2], epoch)
+        np.testing.assert_array_equal(pixels[0], expected[0])
+        np.testing.assert_array_equal(labels, samples.y[[indices[1], indices[1], indices[2]]])
+    assert capfd.readouterr().err.count(f"hvdtrain: skipped {broken}: cannot read as an image") == 1
+    assert ds.newly_skipped() == 3 and ds.newly_skipped() == 0
+    with pytest.raises(DataError, match=f"{broken}: no file of its batch of 1 could be read"):
+        samples.batch(np.array([bad]), 0)
 
 
 def write_loader(tmp_path, body):
