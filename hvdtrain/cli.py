@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import EXIT_FAILED, EXIT_USAGE, TrainingError, UserError
@@ -26,6 +28,7 @@ def cmd_run(args) -> int:
     from .launch.local import Hosts, launch
     from .metrics import final_metrics
     from .spec import load_spec
+    os.environ["HVDTRAIN_LAUNCHED_AT"] = str(time.time())  # the ranks' start-up is timed from here
     if args.quiet or args.verbose:  # an override, so that every rank gets it
         args.overrides = [*args.overrides, f"log.level={'quiet' if args.quiet else 'verbose'}"]
     spec = load_spec(args.spec, args.overrides)  # invalid specs stop here, before any launch
@@ -144,7 +147,8 @@ def cmd_bench(args) -> int:
         if args.overrides:
             raise UserError("--input benches the spec file as it is: give it no key.path=value overrides")
         from .bench.input import bench_input
-        bench_input(Path(args.spec), output, max(ranks), args.rounds or 2, args.epochs, data_sizes)
+        bench_input(Path(args.spec), output, max(ranks), args.rounds or 2, args.epochs, data_sizes,
+                    startup_files=args.startup_files)
         return 0
     sizes = [] if args.sizes == "none" else \
         [parse_size(x) for x in args.sizes.split(",")] if args.sizes else DEFAULT_SIZES
@@ -312,6 +316,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--epochs", type=int, default=3, help="--input: epochs per run (the first is left out)")
     bench.add_argument("--data-sizes", default="2,4", help="--input: GiB of each memory-mapped "
                                                           ".npy for peak RSS; 'none' skips (default 2,4)")
+    bench.add_argument("--startup-files", type=int, default=0, metavar="N", help=(
+        "--input: also time launch to first step on a folder of N small JPEG files (200000 for "
+        "ImageNet's order of files per node), without and with its cached index"))
     bench.add_argument("-o", "--output", help="report directory (default <output>/bench)")
 
     render = verbs.add_parser("render", help="write a cluster job for a spec",

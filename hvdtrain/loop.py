@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import socket
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
+import psutil
 from tqdm import tqdm
 
 from . import checkpoint, preempt
@@ -180,6 +182,7 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start:
     record: dict[str, Any] = {}
     steering = Steering.from_dict(start.steering)
     shown = Progress(spec, comm.rank, comm.size, per_epoch, say)
+    started: list[float] = []  # the seconds from launch to this run's first batch
     try:
         for epoch in range(start.epoch, spec.train.epochs):
             if steering.stopped:  # every rank holds the same records, so all stop here
@@ -188,9 +191,11 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start:
             position = start if epoch == start.epoch else Position(epoch, steering=steering.to_dict())
             lr_at = lr_schedule(spec.optimizer, target_lr, epoch, per_epoch, spec.train.epochs,
                                 steering.lr_factor)
-            train = train_epoch(spec, dataset, comm, steps, position, lr_at, per_epoch, shown, say)
+            train = train_epoch(spec, dataset, comm, steps, position, lr_at, per_epoch, shown, say,
+                                started if epoch == start.epoch else None)
             record = end_epoch(spec, dataset, comm, steps, epoch, train, lr_at(per_epoch - 1),
-                               time.perf_counter() - began, say, steering=steering)
+                               time.perf_counter() - began, say, steering=steering,
+                               startup=started.pop() if started else None)
             shown.end_epoch(record)
     finally:
         shown.close()
@@ -205,13 +210,14 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start:
 
 def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start: Position,
                 lr_at: Callable[[int], float], per_epoch: int, shown: Progress,
-                say: Callable[[str], None]) -> np.ndarray:
+                say: Callable[[str], None], started: list[float] | None = None) -> np.ndarray:
     """One epoch from start.step on, through the backend's loader; with
     checkpoint.every_steps, a checkpoint each that many steps records the position
     (the step, the epoch's loss so far, the steering). A training call also ends
     where rank 0's progress wants the loss (a line, the bar, TensorBoard), so the
     loss is read from the device only then. Returns the epoch's loss sum and
-    sample count over all ranks."""
+    sample count over all ranks. started: a list that takes the seconds from launch
+    to the first batch (`since_launch`) if it is the run's first epoch."""
     epoch, every = start.epoch, spec.checkpoint.every_steps or per_epoch
     passes = spec.horovod.backward_passes_per_step
     index_batches = shard_batches(n=len(dataset.train), rank=comm.rank, size=comm.size,
@@ -224,7 +230,10 @@ def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start
         """Batches up to step `limit`, or fewer: ends after a step (closing a group of
         backward passes) at which rank 0's progress is due."""
         while done[0] < limit:
-            yield next(batches)
+            batch = next(batches)
+            if started is not None and done[0] == start.step:
+                started.append(since_launch())
+            yield batch
             done[0] += 1
             shown.step_done()
             if done[0] < limit and done[0] % passes == 0 and shown.due(done[0]):
@@ -261,12 +270,14 @@ def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start
 
 def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: int,
               train: np.ndarray, lr: float, train_seconds: float, progress: Callable[[str], None],
-              steering: Steering | None = None, **extra: Any) -> dict[str, Any]:
+              steering: Steering | None = None, startup: float | None = None, **extra: Any) -> dict[str, Any]:
     """The end of an epoch on every path: validation over all ranks, the epoch's
     record, the steering's decisions (the same on every rank), and on rank 0 its
     line, metrics.jsonl, the best epoch's weights (with early stopping) and (when
     due, or when stopping) a checkpoint.
-    train: the epoch's training loss sum and sample count, summed over all ranks."""
+    train: the epoch's training loss sum and sample count, summed over all ranks;
+    startup: this rank's seconds from launch to its first batch, in the run's first
+    epoch (the record has the slowest rank's)."""
     began = time.perf_counter()
     steps.average_buffers()  # every rank validates and saves the same model
     stats, val_loss = evaluate(dataset, comm, steps, max(spec.train.batch_size, 256))
@@ -274,12 +285,15 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
                                 f"hvdtrain.metrics.{epoch}")
     elapsed = train_seconds + time.perf_counter() - began
     # the largest resident memory any rank has had (its loader processes not counted)
-    peak_rss = max(comm.allgather_object(peak_rss_mb(), f"hvdtrain.rss.{epoch}"))
+    gathered = comm.allgather_object((peak_rss_mb(), startup), f"hvdtrain.rss.{epoch}")
+    peak_rss = max(rss for rss, _ in gathered)
     record = {"epoch": epoch + 1, **extra, "train_loss": train[0] / max(train[1], 1),
               "val_loss": totals[0] / len(dataset.val),
               **{f"val_{m}": v for m, v in task_scores(dataset, totals[2:]).items()},
               "lr": lr, "samples_per_s": train[1] / elapsed, "seconds": elapsed,
               "peak_rss_mb": peak_rss}
+    if startup is not None:
+        record["startup_s"] = max(seconds for _, seconds in gathered)
     if spec.data is not None and spec.data.on_bad_file == "skip":
         record["skipped_files"] = int(totals[1])  # this epoch's reads, training and validation, all ranks
     if not all(math.isfinite(record[m]) for m in ("train_loss", "val_loss")):
@@ -296,6 +310,16 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
             if spec.log.level == "verbose":
                 progress(f"checkpoint: {checkpoint.checkpoint_path(spec.checkpoint.dir, epoch + 1)}")
     return record
+
+
+def since_launch() -> float:
+    """Seconds since `hvdtrain run` began launching the job (HVDTRAIN_LAUNCHED_AT, which
+    it passes to the ranks), else since this process started (srun, mpirun, Kubernetes)."""
+    launched = os.environ.get("HVDTRAIN_LAUNCHED_AT")
+    try:
+        return time.time() - (float(launched) if launched else psutil.Process().create_time())
+    except ValueError:
+        return time.time() - psutil.Process().create_time()
 
 
 def write_line(line: str) -> None:

@@ -7,7 +7,10 @@ PNG files and read from a memory-mapped .npy file, in alternating rounds;
 samples/s per epoch (validation included), the first epoch (loader start-up)
 left out. Memory: each rank's peak resident memory training an MLP on
 memory-mapped .npy files of the sizes asked for, read by the rank itself
-(data.workers 0).
+(data.workers 0). Start-up (--startup-files N): seconds from launch to the first
+batch (metrics.jsonl's startup_s, the slowest rank's) on a folder of N small JPEG
+files, the first time (the index built) and again (the index reused), with each
+rank's peak resident memory.
 """
 from __future__ import annotations
 
@@ -54,11 +57,12 @@ def write_sources(spec, scratch: Path) -> dict[str, list[str]]:
             "npy": ["data.source=file", f"data.path={scratch / 'npy' / 'x.npy'}"]}
 
 
-def train(spec_path: Path, ranks: int, out: Path, overrides: list[str], what: str) -> list[dict]:
+def train(spec_path: Path, ranks: int, out: Path, overrides: list[str], what: str,
+          extra_env: dict[str, str] | None = None) -> list[dict]:
     """One `hvdtrain run`; its metrics.jsonl records."""
     cmd = [sys.executable, "-m", "hvdtrain", "run", str(spec_path), "-np", str(ranks), f"output={out}",
            *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=3600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env(), **(extra_env or {})}, timeout=3600)
     if proc.returncode != 0:
         raise UserError(f"input benchmark run {what} failed (exit {proc.returncode}):\n"
                         f"{(proc.stdout + proc.stderr)[-2500:]}")
@@ -82,8 +86,41 @@ def write_npy(directory: Path, gib: float, features: int, seed: int = 0) -> int:
     return n
 
 
+def write_small_jpegs(folder: Path, count: int, classes: int = 100, side: int = 64) -> None:
+    """count JPEG files of side x side pixels (quality 90) in `classes` class folders."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (folder / f"class-{c:03d}").mkdir(parents=True, exist_ok=True)
+        base = np.kron(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), np.ones((side // 8, side // 8, 1), np.uint8))
+        for i in range(c, count, classes):
+            noise = rng.integers(0, 30, (side, side, 3), dtype=np.uint8)
+            Image.fromarray(base + noise).save(folder / f"class-{c:03d}" / f"{i:07d}.jpg", quality=90)
+
+
+def bench_startup(spec_path: Path, scratch: Path, ranks: int, files: int, log=print) -> dict[str, Any]:
+    """Launch to first batch on `files` small JPEG files: the index built, then reused."""
+    folder = scratch / "small-jpegs"
+    began = time.perf_counter()
+    write_small_jpegs(folder, files)
+    log(f"wrote {files:,} JPEG files of 64 x 64 in {time.perf_counter() - began:.0f} s")
+    overrides = ["data.source=image_folder", f"data.path={folder}", "data.image_size=16", "train.epochs=1",
+                 "model={kind: cnn, channels: [8], hidden: [16]}",
+                 "train.batch_size=2048", "checkpoint.every_epochs=100000"]
+    result: dict[str, Any] = {"files": files, "image_side": 64, "ranks": ranks}
+    cache = scratch / "cache"  # a cache of its own: the first run builds the index
+    for attempt in ("first", "cached"):
+        records = train(spec_path, ranks, scratch / f"startup-{attempt}", overrides, f"start-up ({attempt})",
+                        extra_env={"HVDTRAIN_CACHE": str(cache)})
+        result[f"{attempt}_startup_s"] = records[0]["startup_s"]
+        result[f"{attempt}_peak_rss_mb_per_rank"] = records[0]["peak_rss_mb"]
+        log(f"  start-up, {attempt} run: {records[0]['startup_s']:.1f} s to the first batch, peak RSS per "
+            f"rank {records[0]['peak_rss_mb']:.0f} MB")
+    return result
+
+
 def bench_input(spec_path: Path, output: Path, ranks: int, rounds: int, epochs: int, sizes_gib: list[float],
-                log=print) -> dict[str, Any]:
+                log=print, startup_files: int = 0) -> dict[str, Any]:
     from ..spec import load_spec
     spec = load_spec(spec_path)
     if spec.entry is not None or spec.data.source != "synthetic" or len(spec.data.synthetic.shape) != 3:
@@ -124,6 +161,7 @@ def bench_input(spec_path: Path, output: Path, ranks: int, rounds: int, epochs: 
                 f"(the data is {gib * 1024 / rss:.1f}x that)")
             for path in directory.iterdir():
                 path.unlink()
+        startup = bench_startup(spec_path, scratch, ranks, startup_files, log) if startup_files else None
     medians = {s: statistics.median(r["samples_per_s"] for r in runs if r["source"] == s) for s in SOURCES}
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "versions": versions(),
               "settings": {"spec": str(spec_path), "ranks": ranks, "rounds": rounds, "epochs": epochs,
@@ -133,7 +171,7 @@ def bench_input(spec_path: Path, output: Path, ranks: int, rounds: int, epochs: 
               "throughput": runs, "median_samples_per_s": medians,
               "figures": {"image_folder_vs_memory": medians["image_folder"] / medians["memory"],
                           "npy_vs_memory": medians["npy"] / medians["memory"]},
-              "memory": memory}
+              "memory": memory, "startup": startup}
     (output / "input.json").write_text(json.dumps(report, indent=2))
     plot(report, output / "input.png")
     log("\n" + "\n".join(f"{s:12s} {medians[s]:9.1f} samples/s  ({medians[s] / medians['memory']:.2f}x in-memory)"

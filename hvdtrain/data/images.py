@@ -154,9 +154,14 @@ def class_files(root: Path, part: str, listing: dict[str, list[str]],
 
 
 def check_images(paths: list[Path], decode: bool = False) -> None:
-    """Every file's header (decode: its pixels too), in threads; the first problem raised."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        problems = [p for p in pool.map(lambda path: check_image(path, decode), paths) if p]
+    """Every file's header, in this thread (35 us a JPEG: threads would only contend
+    for the interpreter), or with decode its pixels too, in threads; the first
+    problem raised."""
+    if decode:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            problems = [p for p in pool.map(lambda path: check_image(path, True), paths) if p]
+    else:
+        problems = [p for p in map(check_image, paths) if p]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
