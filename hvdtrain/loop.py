@@ -221,7 +221,8 @@ def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start
     epoch, every = start.epoch, spec.checkpoint.every_steps or per_epoch
     passes = spec.horovod.backward_passes_per_step
     index_batches = shard_batches(n=len(dataset.train), rank=comm.rank, size=comm.size,
-                                  batch_size=spec.train.batch_size, seed=spec.train.seed, epoch=epoch)
+                                  batch_size=spec.train.batch_size, seed=spec.train.seed, epoch=epoch,
+                                  groups=getattr(dataset.train, "groups", None))
     batches = iter(steps.loader(dataset.train, index_batches[start.step:], epoch))
     local, done = np.zeros(2), [start.step]
     shown.begin_epoch(epoch, start.step)

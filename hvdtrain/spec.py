@@ -94,16 +94,19 @@ class CleanSpec(Section):
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_KINDS = "/".join(s[1:].upper() for s in IMAGE_SUFFIXES)  # PNG/JPG/JPEG, for messages
-LAZY_SOURCES = ("image_folder", "custom")  # read by the loader's workers, batch by batch
+IMAGE_SOURCES = ("image_folder", "webdataset")  # encoded images, decoded by the loader
+LAZY_SOURCES = (*IMAGE_SOURCES, "custom")  # read by the loader's workers, batch by batch
 
 
 class DataSpec(Section):
     source: Literal["digits", "iris", "wine", "breast_cancer", "diabetes", "file", "synthetic",
-                    "image_folder", "custom"]
+                    "image_folder", "webdataset", "custom"]
     path: Path | None = Field(default=None, description=(
         "file: .npz (arrays x, y), .csv, or .npy (x, memory-mapped; labels in y.npy beside it); "
         "image_folder: a directory with one folder of PNG/JPEG files per class, or train/ and val/ "
-        "folders of such"))
+        "folders of such; webdataset: uncompressed tar shards of (image, .cls) samples: a directory "
+        "(train-*.tar and val-*.tar as `hvdtrain shards` writes, else its *.tar), a brace pattern "
+        "(train-{000000..000099}.tar) or a comma list"))
     labels: Path | None = Field(default=None, description=".npy labels for a .npy data.path "
                                                           "(default: y.npy in its directory)")
     label_column: str = Field(default="label", description="csv column holding the label (class or target)")
@@ -166,19 +169,21 @@ class DataSpec(Section):
 
     @model_validator(mode="after")
     def _source_fields(self) -> "DataSpec":
-        if self.source in ("file", "image_folder") and self.path is None:
-            kind = "an .npz, .csv or .npy file" if self.source == "file" else "a directory of class folders"
+        if self.source in ("file", *IMAGE_SOURCES) and self.path is None:
+            kind = {"file": "an .npz, .csv or .npy file", "image_folder": "a directory of class folders",
+                    "webdataset": "tar shards: a directory, a brace pattern or a list"}[self.source]
             raise ValueError(f"source {self.source!r} needs data.path ({kind})")
         if self.source == "file" and self.path.suffix.lower() not in (".npz", ".csv", ".npy"):
             raise ValueError(f"data.path must end in .npz, .csv or .npy, got {str(self.path)!r}")
         if self.categorical and (self.source != "file" or self.path.suffix.lower() != ".csv"):
             raise ValueError("data.categorical names columns of a .csv file (source 'file')")
-        if self.source not in ("file", "image_folder") and self.path is not None:
-            raise ValueError(f"data.path is only read with source 'file' or 'image_folder', not {self.source!r}")
+        if self.source not in ("file", *IMAGE_SOURCES) and self.path is not None:
+            raise ValueError(f"data.path is only read with source 'file', 'image_folder' or 'webdataset', "
+                             f"not {self.source!r}")
         if self.labels is not None and not self.memory_mapped:
             raise ValueError("data.labels names the labels of a .npy data.path")
-        if self.image_size is not None and self.source != "image_folder":
-            raise ValueError("data.image_size applies to source 'image_folder'")
+        if self.image_size is not None and self.source not in IMAGE_SOURCES:
+            raise ValueError("data.image_size applies to image files (source 'image_folder' or 'webdataset')")
         if (self.source == "custom") != (self.loader is not None):
             raise ValueError("source 'custom' needs data.loader (package.module:function), and "
                              "data.loader needs source 'custom'")
@@ -193,11 +198,11 @@ class DataSpec(Section):
             self.synthetic = SyntheticSpec()
         if self.workers is None:
             self.workers = 2 if self.source in LAZY_SOURCES or self.memory_mapped else 0
-        if self.augment is not None and self.source != "image_folder":
-            raise ValueError("data.augment applies to image files (source 'image_folder')")
-        if self.on_bad_file != "fail" and self.source != "image_folder":
-            raise ValueError("data.on_bad_file applies to image files (source 'image_folder')")
-        if self.augment is None and self.source == "image_folder":
+        if self.augment is not None and self.source not in IMAGE_SOURCES:
+            raise ValueError("data.augment applies to image files (source 'image_folder' or 'webdataset')")
+        if self.on_bad_file != "fail" and self.source not in IMAGE_SOURCES:
+            raise ValueError("data.on_bad_file applies to image files (source 'image_folder' or 'webdataset')")
+        if self.augment is None and self.source in IMAGE_SOURCES:
             self.augment = "standard"
         return self
 
@@ -424,15 +429,15 @@ class JobSpec(Section):
         if self.task == "classification" and self.data.source in REGRESSION_DATASETS:
             raise ValueError(f"data.source {self.data.source!r} has numeric targets: set task: regression")
         if isinstance(self.model, CNNSpec):
-            image = self.data.source in ("digits", "image_folder", "custom") or \
+            image = self.data.source in ("digits", *IMAGE_SOURCES, "custom") or \
                 self.data.image_shape is not None or self.data.memory_mapped or (
                     self.data.synthetic is not None and len(self.data.synthetic.shape) == 3)
             if not image:
-                raise ValueError(f"model.kind 'cnn' needs image data: digits, image_folder, "
+                raise ValueError(f"model.kind 'cnn' needs image data: digits, image_folder, webdataset, "
                                  f"data.image_shape, or data.synthetic.shape [C, H, W]; data.source "
                                  f"{self.data.source!r} is tabular")
-        if self.task == "regression" and self.data.source == "image_folder":
-            raise ValueError("data.source 'image_folder' holds classes (one folder each): task classification")
+        if self.task == "regression" and self.data.source in IMAGE_SOURCES:
+            raise ValueError(f"data.source {self.data.source!r} holds classes: task classification")
 
 
 def load_spec(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> JobSpec:
@@ -479,7 +484,9 @@ def path_problems(spec: JobSpec) -> list[str]:
     labels = spec.data.labels if spec.data else None
     if labels is not None and not labels.is_file():
         problems.append(f"data.labels: {str(labels)!r} is not a file")
-    if data is not None:
+    if data is not None and spec.data.source == "webdataset":
+        pass  # a directory, a brace pattern or a list of shards: the reader names a missing one
+    elif data is not None:
         if not data.exists():
             problems.append(f"data.path: {str(data)!r} does not exist")
         elif folder and not data.is_dir():

@@ -1,8 +1,10 @@
 """Data: one reader per kind of source, chosen from `READERS` by `data.source`.
 
 Layers, imports running one way: `types` (samples, preprocessing, data set) <-
-`split` (labels, splits, shapes) and `sharding` (what each rank reads) <- the
-readers (`arrays`, `npy`, `images`, `custom`) <- this table. A reader takes the
+`split` (labels, splits, shapes) and `sharding` (what each rank reads) <- `npy`,
+`transforms` (what an image becomes) and the indexes (`folder_index`,
+`shard_index`) <- `image_samples` (encoded images, decoded a batch at a time) <-
+the readers (`arrays`, `images`, `shards`, `custom`) <- this table. A reader takes the
 spec's data section and gives a `Dataset`; a new source is one module and one
 entry here. numpy only: the backends' loaders turn samples into batches.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..spec import DataSpec
-from . import arrays, custom, images
+from . import arrays, custom, images, shards
 from .arrays import csv_features, read_csv_rows, read_npz, synthetic
 from .sharding import eval_shard, shard_batches, steps_per_epoch
 from .split import image_input, random_split, stratified_split
@@ -24,6 +26,7 @@ READERS: dict[str, Reader] = {
     "synthetic": arrays.load,
     "file": arrays.load,  # .npz and .csv in memory; .npy memory-mapped (data.npy)
     "image_folder": images.load,
+    "webdataset": shards.load,  # tar shards of images, read at each member's offset
     "custom": custom.load,
 }
 

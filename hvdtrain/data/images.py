@@ -2,9 +2,6 @@
 here, decoded and resized by the loader a batch at a time."""
 from __future__ import annotations
 
-import multiprocessing
-import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -14,72 +11,24 @@ import numpy as np
 from ..errors import DataError
 from ..spec import IMAGE_KINDS, DataSpec
 from . import folder_index
+from .image_samples import EncodedImages, channel_statistics, image_size
 from .split import Targets, natural_key
-from .transforms import read_image, sample_rng
-from .types import Batch, Dataset, Preprocessing
-
-STATISTICS_SAMPLE = 256  # training images the per-channel mean and std are taken from
+from .types import Dataset, Preprocessing
 
 
-class ImageSamples:
-    """Image files, decoded and transformed (`data.augment`) when a batch is asked for:
-    RGB uint8 [n, 3, H, W], normalised on the device (`Preprocessing.pixel_affine`).
-    A batch of a training epoch draws its random crops and flips from (seed, epoch,
-    each sample's index); without an epoch, the evaluation transform.
-
-    A file that cannot be decoded stops the job (`data.on_bad_file: fail`), or its
-    place in the batch goes to the next file of the batch that reads (`skip`: the
-    batch keeps its size), named on stderr once per process and counted in `skipped`,
-    which the loader's worker processes share with the training process."""
+class ImageSamples(EncodedImages):
+    """Image files of a folder."""
 
     def __init__(self, paths: Sequence[Path], y: np.ndarray, preprocessing, seed: int = 0,
                  on_bad_file: str = "fail"):
-        self.paths, self.y, self.preprocessing, self.seed = list(paths), y, preprocessing, seed
-        self.on_bad_file = on_bad_file
-        self.skipped = multiprocessing.Value("q", 0)  # reads skipped, in every process
-        self.named: set[int] = set()
+        super().__init__(y, preprocessing, seed, on_bad_file)
+        self.paths = list(paths)
 
-    def __len__(self) -> int:
-        return len(self.y)
+    def encoded(self, i: int) -> Path:
+        return self.paths[i]
 
-    def batch(self, indices: np.ndarray, epoch: int | None = None) -> Batch:
-        size, augment = self.preprocessing.image_size, self.preprocessing.augment
-        pixels, bad = {}, []
-        for i in map(int, indices):
-            try:
-                pixels[i] = read_image(self.paths[i], size, augment, epoch is not None,
-                                       sample_rng(self.seed, epoch, i))
-            except DataError as err:
-                if self.on_bad_file == "fail":
-                    raise DataError(f"{err} ({where(epoch)}; data.on_bad_file: skip goes on without "
-                                    "it)") from None
-                bad.append(i)
-                if i not in self.named:
-                    self.named.add(i)
-                    print(f"hvdtrain: skipped {err} ({where(epoch)})", file=sys.stderr, flush=True)
-        if bad:
-            with self.skipped.get_lock():
-                self.skipped.value += len(bad)
-            good = list(pixels)
-            if not good:
-                raise DataError(f"{self.paths[bad[0]]}: no file of its batch of {len(indices)} could be "
-                                f"read ({where(epoch)}); data.on_bad_file: skip needs one")
-            stand_in = dict(zip(bad, (good[k % len(good)] for k in range(len(bad)))))
-            indices = [stand_in.get(int(i), int(i)) for i in indices]
-        return np.stack([pixels[int(i)] for i in indices]), self.y[np.asarray(indices, dtype=np.int64)]
-
-    def skipped_count(self) -> int:
-        return int(self.skipped.value)
-
-
-def where(epoch: int | None) -> str:
-    """This process's rank (from the launcher's variables, also in a loader's worker
-    process) and the epoch, for a message."""
-    rank = next((os.environ[v] for v in RANK_VARIABLES if v in os.environ), "0")
-    return f"rank {rank}, " + (f"epoch {epoch + 1}" if epoch is not None else "validation")
-
-
-RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+    def name(self, i: int) -> str:
+        return str(self.paths[i])
 
 
 def load(spec: DataSpec, image: bool = True, task: str = "classification") -> Dataset:
@@ -115,8 +64,9 @@ def load(spec: DataSpec, image: bool = True, task: str = "classification") -> Da
             raise DataError(f"{root}: class {empty[0]!r} has too few images for a validation share "
                             f"(validation_fraction {spec.validation_fraction}); add images or give "
                             "train/ and val/ folders")
-    size = list(spec.image_size or image_size(paths[train[0]]))
-    mean, std = channel_statistics([paths[i] for i in train], size, spec)
+    probe = ImageSamples(paths, labels, None)
+    size = list(spec.image_size or image_size(probe, int(train[0])))
+    mean, std = channel_statistics(probe, train, size, spec)
     prep = Preprocessing([], classes, [3, *size], [], mean, std, image_size=size, augment=spec.augment or "none")
     split = lambda rows: ImageSamples([paths[i] for i in rows], labels[rows], prep, spec.seed,
                                       spec.on_bad_file)  # noqa: E731
@@ -165,39 +115,6 @@ def check_images(paths: list[Path], decode: bool = False) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
-
-
-def channel_statistics(paths: list[Path], size: list[int], spec: DataSpec) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of a seeded sample of the training images (those that
-    decode, with `data.on_bad_file: skip`)."""
-    if not spec.standardize:
-        return [0.0] * 3, [1.0] * 3
-    rng = np.random.default_rng(spec.seed)
-    chosen = rng.choice(len(paths), size=min(len(paths), STATISTICS_SAMPLE), replace=False)
-    read = []
-    for i in sorted(chosen):
-        try:
-            read.append(read_image(paths[i], size))
-        except DataError as err:
-            if spec.on_bad_file == "fail":
-                raise DataError(f"{err} (reading the channel statistics; data.on_bad_file: skip goes on "
-                                "without it)") from None
-    if not read:
-        raise DataError(f"{paths[0].parent}: none of {len(chosen)} training images decodes")
-    pixels = np.stack(read) / 255.0
-    std = pixels.std(axis=(0, 2, 3))
-    return pixels.mean(axis=(0, 2, 3)).tolist(), np.where(std > 1e-6, std, 1.0).tolist()
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(H, W) of an image file, from its header."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.size[1], image.size[0]
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot read as an image ({err})") from None
 
 
 def check_image(path: Path, decode: bool = False) -> str | None:

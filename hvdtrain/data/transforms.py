@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 
@@ -60,13 +60,14 @@ def centre_box(width: int, height: int, size: Sequence[int]) -> tuple[float, flo
     return (width - w) / 2, (height - h) / 2, (width + w) / 2, (height + h) / 2
 
 
-def read_image(path: Path, size: Sequence[int], augment: str = "none", training: bool = False,
-               rng: np.random.Generator | None = None) -> np.ndarray:
-    """One image file as RGB uint8 [3, H, W] of size (H, W), through `augment`."""
+def read_image(source: Path | IO[bytes], size: Sequence[int], augment: str = "none", training: bool = False,
+               rng: np.random.Generator | None = None, name: str | None = None) -> np.ndarray:
+    """One encoded image (a file, or its bytes) as RGB uint8 [3, H, W] of size (H, W),
+    through `augment`; name: what to call it in an error (default: the path)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             if ":" in augment:
                 return users(augment, np.asarray(image.convert("RGB")), size, training, rng)
             width, height = image.size
@@ -79,7 +80,7 @@ def read_image(path: Path, size: Sequence[int], augment: str = "none", training:
                 if image.size != (size[1], size[0]) or box != (0, 0, *image.size) else image
             pixels = np.asarray(resized, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"{path}: cannot read as an image ({err})") from None
+        raise DataError(f"{name or source}: cannot read as an image ({err})") from None
     if augment == "standard" and training and rng.random() < 0.5:
         pixels = pixels[:, ::-1]
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))

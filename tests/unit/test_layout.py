@@ -102,11 +102,13 @@ def test_tensorflow_start_up_notices_are_hidden_on_any_cpu():
 
 
 DATA_LAYERS = {"types": 0, "split": 1, "sharding": 1, "npy": 2, "transforms": 2, "folder_index": 2,
-               "arrays": 3, "images": 3, "custom": 3, "__init__": 4}
+               "shard_index": 2, "image_samples": 3, "arrays": 4, "images": 4, "shards": 4, "custom": 4,
+               "__init__": 5}
 
 
 def test_data_modules_import_only_the_layers_below_them():
-    """hvdtrain/data: types <- split, sharding <- npy, transforms, folder_index <- readers <- the table."""
+    """hvdtrain/data: types <- split, sharding <- npy, transforms, indexes <- image_samples <- readers
+    <- the table."""
     found = {path.stem for path in (PACKAGE / "data").glob("*.py")}
     assert found == set(DATA_LAYERS)
     upward = []

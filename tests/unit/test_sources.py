@@ -151,7 +151,7 @@ def test_a_jpeg_that_does_not_decode_is_skipped_named_once_and_counted(tmp_path,
         np.testing.assert_array_equal(labels, samples.y[[indices[1], indices[1], indices[2]]])
     assert capfd.readouterr().err.count(f"hvdtrain: skipped {broken}: cannot read as an image") == 1
     assert ds.newly_skipped() == 3 and ds.newly_skipped() == 0
-    with pytest.raises(DataError, match=f"{broken}: no file of its batch of 1 could be read"):
+    with pytest.raises(DataError, match=f"{broken}: no sample of its batch of 1 could be read"):
         samples.batch(np.array([bad]), 0)
 
 
@@ -203,7 +203,7 @@ def test_custom_loader_problems_are_named(tmp_path, body, message):
     ({"data": {"source": "custom"}}, "source 'custom' needs data.loader"),
     ({"data": {"source": "iris", "loader": "a.b:c"}}, "data.loader needs source 'custom'"),
     ({"data": {"source": "image_folder"}}, "needs data.path"),
-    ({"data": {"source": "iris", "image_size": 8}}, "image_size applies to source 'image_folder'"),
+    ({"data": {"source": "iris", "image_size": 8}}, "image_size applies to image files \\(source 'image_folder' or 'webdataset'\\)"),
     ({"data": {"source": "iris", "labels": "y.npy"}}, "data.labels names the labels of a .npy"),
     ({"data": {"source": "iris"}, "checkpoint": {"every_steps": 3}, "horovod": {"backward_passes_per_step": 2}},
      "every_steps \\(3\\) must be a multiple of horovod.backward_passes_per_step \\(2\\)"),

@@ -1,0 +1,116 @@
+"""Samples that are encoded images (files of a folder, members of tar shards),
+decoded and transformed (`data.augment`) when a batch is asked for."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from ..errors import DataError
+from ..spec import DataSpec
+from .transforms import read_image, sample_rng
+from .types import Batch
+
+STATISTICS_SAMPLE = 256  # training images the per-channel mean and std are taken from
+RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+
+
+class EncodedImages:
+    """RGB uint8 [n, 3, H, W] batches, normalised on the device
+    (`Preprocessing.pixel_affine`). A batch of a training epoch draws its random
+    crops and flips from (seed, epoch, each sample's index); without an epoch, the
+    evaluation transform. A reader's subclass says where sample i's bytes are
+    (`encoded`) and what to call it in a message (`name`).
+
+    A sample that cannot be decoded stops the job (`data.on_bad_file: fail`), or its
+    place in the batch goes to the next sample of the batch that reads (`skip`: the
+    batch keeps its size), named on stderr once per process and counted in `skipped`,
+    which the loader's worker processes share with the training process."""
+
+    def __init__(self, y: np.ndarray, preprocessing, seed: int = 0, on_bad_file: str = "fail"):
+        self.y, self.preprocessing, self.seed, self.on_bad_file = y, preprocessing, seed, on_bad_file
+        self.skipped = multiprocessing.Value("q", 0)  # reads skipped, in every process
+        self.named: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def encoded(self, i: int) -> Path | IO[bytes]:
+        raise NotImplementedError
+
+    def name(self, i: int) -> str:
+        raise NotImplementedError
+
+    def batch(self, indices: np.ndarray, epoch: int | None = None) -> Batch:
+        size, augment = self.preprocessing.image_size, self.preprocessing.augment
+        pixels, bad = {}, []
+        for i in map(int, indices):
+            try:
+                pixels[i] = read_image(self.encoded(i), size, augment, epoch is not None,
+                                       sample_rng(self.seed, epoch, i), name=self.name(i))
+            except DataError as err:
+                if self.on_bad_file == "fail":
+                    raise DataError(f"{err} ({where(epoch)}; data.on_bad_file: skip goes on without "
+                                    "it)") from None
+                bad.append(i)
+                if i not in self.named:
+                    self.named.add(i)
+                    print(f"hvdtrain: skipped {err} ({where(epoch)})", file=sys.stderr, flush=True)
+        if bad:
+            with self.skipped.get_lock():
+                self.skipped.value += len(bad)
+            good = list(pixels)
+            if not good:
+                raise DataError(f"{self.name(bad[0])}: no sample of its batch of {len(indices)} could be "
+                                f"read ({where(epoch)}); data.on_bad_file: skip needs one")
+            stand_in = dict(zip(bad, (good[k % len(good)] for k in range(len(bad)))))
+            indices = [stand_in.get(int(i), int(i)) for i in indices]
+        return np.stack([pixels[int(i)] for i in indices]), self.y[np.asarray(indices, dtype=np.int64)]
+
+    def skipped_count(self) -> int:
+        return int(self.skipped.value)
+
+
+def where(epoch: int | None) -> str:
+    """This process's rank (from the launcher's variables, also in a loader's worker
+    process) and the epoch, for a message."""
+    rank = next((os.environ[v] for v in RANK_VARIABLES if v in os.environ), "0")
+    return f"rank {rank}, " + (f"epoch {epoch + 1}" if epoch is not None else "validation")
+
+
+def channel_statistics(samples: EncodedImages, train: np.ndarray, size: list[int],
+                       spec: DataSpec) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a seeded sample of the training images (those that
+    decode, with `data.on_bad_file: skip`)."""
+    if not spec.standardize:
+        return [0.0] * 3, [1.0] * 3
+    chosen = np.random.default_rng(spec.seed).choice(train, size=min(len(train), STATISTICS_SAMPLE),
+                                                     replace=False)
+    read = []
+    for i in sorted(int(c) for c in chosen):
+        try:
+            read.append(read_image(samples.encoded(i), size, name=samples.name(i)))
+        except DataError as err:
+            if spec.on_bad_file == "fail":
+                raise DataError(f"{err} (reading the channel statistics; data.on_bad_file: skip goes on "
+                                "without it)") from None
+    if not read:
+        raise DataError(f"{spec.path}: none of {len(chosen)} training images decodes")
+    pixels = np.stack(read) / 255.0
+    std = pixels.std(axis=(0, 2, 3))
+    return pixels.mean(axis=(0, 2, 3)).tolist(), np.where(std > 1e-6, std, 1.0).tolist()
+
+
+def image_size(samples: EncodedImages, i: int) -> tuple[int, int]:
+    """(H, W) of sample i, from its header."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(samples.encoded(i)) as image:
+            return image.size[1], image.size[0]
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"{samples.name(i)}: cannot read as an image ({err})") from None
