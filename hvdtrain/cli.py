@@ -184,6 +184,20 @@ def cmd_index(args) -> int:
     return 0
 
 
+def cmd_shards(args) -> int:
+    from .data.write_shards import write_shards
+    folder, out = Path(args.folder), Path(args.out)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a directory")
+    if args.per_shard < 1:
+        raise UserError(f"--per-shard {args.per_shard}: must be 1 or more")
+    counts = write_shards(folder, out, args.per_shard, args.seed)
+    shards = sorted(p.name for p in out.glob("*.tar"))
+    print(f"wrote {len(shards)} shards ({', '.join(f'{n} {part}' for part, n in counts.items())} samples): "
+          f"{out}/{shards[0]} .. {shards[-1]}; train with data.source: webdataset, data.path: {out}")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .report import plot_runs
     output = Path(args.output or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else "curves.png"))
@@ -278,6 +292,12 @@ def parser() -> argparse.ArgumentParser:
     index.add_argument("folder", help="the image_folder's data.path")
     index.add_argument("--decode", action="store_true", help="decode every file as well, to find a "
                        "truncated or corrupt one now rather than when training reads it")
+    shards = verb("shards", cmd_shards, "write an image folder as WebDataset tar shards (train-*.tar, "
+                  "val-*.tar, classes.txt) for data.source webdataset", spec=False)
+    shards.add_argument("folder", help="an image_folder's data.path")
+    shards.add_argument("out", help="the directory to write the shards into (new or empty)")
+    shards.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    shards.add_argument("--seed", type=int, default=0, help="the order of the samples in the shards")
     plot = verb("plot", cmd_plot, "loss, metric and lr curves of one or more runs on one figure", spec=False)
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("-o", "--output", help="PNG to write (default RUN_DIR/curves.png for one run, "

@@ -51,8 +51,6 @@ class ShardSamples(EncodedImages):
 
 def shard_paths(path: str) -> tuple[list[Path], list[Path]]:
     """(training shards, validation shards or []) that data.path names."""
-    from braceexpand import braceexpand
-
     folder = Path(path)
     if folder.is_dir():
         train = sorted(folder.glob("train-*.tar"))
@@ -62,6 +60,11 @@ def shard_paths(path: str) -> tuple[list[Path], list[Path]]:
         if not shards:
             raise DataError(f"{folder}: no .tar shards in the directory")
         return shards, []
+    try:
+        from braceexpand import braceexpand  # webdataset's own dependency
+    except ImportError:
+        raise DataError("data.path: a brace pattern or list of shards needs the webdataset package (pip "
+                        "install 'hvdtrain[webdataset]'), or give the shards' directory") from None
     shards = [Path(p) for part in str(path).split(",") for p in braceexpand(part.strip())]
     missing = [p for p in shards if not p.is_file()]
     if missing:

@@ -58,12 +58,18 @@ def test_image_folder_trains_and_predicts_files_and_folders(cli, tmp_path, backe
     assert one.returncode == 0 and one.stdout.split() == ["blue"], one.stderr
 
 
-@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
-def test_augmented_images_resumed_within_an_epoch_end_on_the_uninterrupted_weights(cli, tmp_path, backend):
+@pytest.mark.parametrize("backend, source", [("torch", "image_folder"), ("tensorflow", "image_folder"),
+                                             ("torch", "webdataset")])
+def test_augmented_images_resumed_within_an_epoch_end_on_the_uninterrupted_weights(cli, tmp_path, backend, source):
     """Random crops and flips (data.augment standard) drawn from (seed, epoch, sample):
-    a run resumed at step 2 of epoch 2 draws what the uninterrupted run drew."""
-    images = image_folder(tmp_path / "colours", per_class=16, size=16)
-    args = ["-np", "2", "data.source=image_folder", f"data.path={images}", "data.image_size=12",
+    a run resumed at step 2 of epoch 2 draws what the uninterrupted run drew, from an
+    image folder or from the tar shards `hvdtrain shards` writes of it."""
+    images = image_folder(tmp_path / "colours", per_class=16, size=16, suffix=".jpg")
+    if source == "webdataset":
+        written = cli("shards", images, tmp_path / "shards", "--per-shard", "10")
+        assert written.returncode == 0, written.stderr
+        images = tmp_path / "shards"
+    args = ["-np", "2", f"data.source={source}", f"data.path={images}", "data.image_size=12",
             "data.workers=2", "train.epochs=2", "train.batch_size=4", "model.channels=[8]", "model.hidden=[16]",
             "checkpoint.every_steps=2", "checkpoint.keep_last=100"]
     whole = cli("run", CNN[backend], *args, f"output={tmp_path / 'whole'}")
