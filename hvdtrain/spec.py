@@ -129,6 +129,11 @@ class DataSpec(Section):
         "index reads each file's header, not its pixels) stops the job with exit 2 (`fail`), or "
         "is replaced by another image of its batch, named once on stderr and counted in "
         "metrics.jsonl's skipped_files (`skip`); the path, rank and epoch are named either way"))
+    decode: Literal["auto", "cpu", "gpu"] = Field(default="auto", description=(
+        "image files, torch: where JPEG files are decoded: `cpu` (the loader's processes, "
+        "libjpeg-turbo through Pillow), `gpu` (nvJPEG through torchvision; the crop, resize and flip "
+        "on the GPU too; other formats on the CPU), `auto` (gpu on a GPU where torchvision is "
+        "installed and data.augment is not your function, else cpu)"))
     loader: ImportPath | None = Field(default=None, description=(
         "custom: returns (train, validation): map-style torch Datasets of (x, y) (torch), or "
         "arrays (x, y) / tf.data.Datasets (tensorflow); called with args, plus seed where its "
@@ -202,6 +207,8 @@ class DataSpec(Section):
             raise ValueError("data.augment applies to image files (source 'image_folder' or 'webdataset')")
         if self.on_bad_file != "fail" and self.source not in IMAGE_SOURCES:
             raise ValueError("data.on_bad_file applies to image files (source 'image_folder' or 'webdataset')")
+        if self.decode != "auto" and self.source not in IMAGE_SOURCES:
+            raise ValueError("data.decode applies to image files (source 'image_folder' or 'webdataset')")
         if self.augment is None and self.source in IMAGE_SOURCES:
             self.augment = "standard"
         return self
@@ -436,6 +443,9 @@ class JobSpec(Section):
                 raise ValueError(f"model.kind 'cnn' needs image data: digits, image_folder, webdataset, "
                                  f"data.image_shape, or data.synthetic.shape [C, H, W]; data.source "
                                  f"{self.data.source!r} is tabular")
+        if self.backend == "tensorflow" and self.data.decode == "gpu":
+            raise ValueError("data.decode: gpu decodes with torchvision (backend torch); the tensorflow "
+                             "backend decodes on the CPU: set data.decode: cpu or auto")
         if self.task == "regression" and self.data.source in IMAGE_SOURCES:
             raise ValueError(f"data.source {self.data.source!r} holds classes: task classification")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import io
 import json
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..errors import DataError, UserError
 from ..loop import Batch, Comm, Steps, Training, run_elastic, run_epochs, scaled_lr, step_seed
 from ..preflight import built_on_every_rank, preflight
 from ..resume import resume
-from ..spec import CNNSpec, CustomModelSpec, DataSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict
+from ..spec import IMAGE_SOURCES, CNNSpec, CustomModelSpec, DataSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 # (outputs, targets) -> the batch's mean loss. Regression models have one output per sample.
@@ -337,14 +338,16 @@ class IndexBatches(torch.utils.data.Sampler):
 class BatchReader(torch.utils.data.Dataset):
     """A DataLoader's data set that reads a whole batch per index (an index batch)."""
 
-    def __init__(self, samples: Samples):
-        self.samples = samples
+    def __init__(self, samples: Samples, encoded: bool = False):
+        self.samples, self.encoded = samples, encoded  # encoded: JPEGs left for the GPU to decode
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, item: tuple[np.ndarray, int | None]) -> Batch:
         indices, epoch = item
+        if self.encoded:
+            return self.samples.encoded_batch(np.asarray(indices), epoch)
         return self.samples.batch(np.asarray(indices), epoch)
 
 
@@ -360,11 +363,12 @@ def make_loader(spec: JobSpec, device: torch.device) -> Callable[..., Iterable[B
     workers = spec.data.workers if spec.data else 0
     prefetch = spec.data.prefetch if spec.data else DataSpec.model_fields["prefetch"].default
     on_device = spec.data.on_device if spec.data else False
+    on_gpu = decode_on_gpu(spec, device)
 
     def host_batches(samples: Samples, index_batches: list[np.ndarray], epoch: int | None) -> Iterable[Batch]:
         if id(samples) not in loaders:
             loaders[id(samples)] = torch.utils.data.DataLoader(
-                BatchReader(samples), sampler=IndexBatches(), batch_size=None, num_workers=workers,
+                BatchReader(samples, on_gpu), sampler=IndexBatches(), batch_size=None, num_workers=workers,
                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                 prefetch_factor=prefetch if workers else None)
         data_loader = loaders[id(samples)]
@@ -383,6 +387,9 @@ def make_loader(spec: JobSpec, device: torch.device) -> Callable[..., Iterable[B
         arrays = resident[id(samples)]
         if arrays is not None:
             return gathered_on_device(arrays, index_batches, device)
+        if on_gpu:
+            decoded = gpu_decoded(host_batches(samples, index_batches, epoch), samples, epoch, device)
+            return (handed_over(*batch) for batch in threaded(decoded, prefetch))
         return copied_ahead(threaded(host_batches(samples, index_batches, epoch), prefetch), device)
 
     def close() -> None:
@@ -437,6 +444,61 @@ def gathered_on_device(arrays: tuple[torch.Tensor, torch.Tensor], index_batches:
         for batch in batches:
             yield xs[start:start + len(batch)], ys[start:start + len(batch)]
             start += len(batch)
+
+
+def decode_on_gpu(spec: JobSpec, device: torch.device) -> bool:
+    """Whether JPEG files are decoded on the GPU (nvJPEG, through torchvision), as
+    data.decode says: `gpu` where it can be (else a clear refusal), `auto` on a GPU
+    where torchvision is installed."""
+    data = spec.data
+    if data is None or data.source not in IMAGE_SOURCES or data.decode == "cpu":
+        return False
+    users = ":" in (data.augment or "")
+    usable = device.type == "cuda" and importlib.util.find_spec("torchvision") is not None and not users
+    if data.decode == "gpu" and not usable:
+        why = "this rank has no GPU" if device.type != "cuda" else \
+            "data.augment is your function (numpy, on the CPU)" if users else "torchvision is not installed"
+        raise UserError(f"data.decode: gpu decodes JPEG files with torchvision on the GPU, and {why}; "
+                        "set data.decode: cpu (or auto)")
+    return usable
+
+
+def gpu_decoded(batches: Iterable, samples: Samples, epoch: int | None, device: torch.device) -> Iterable:
+    """Batches of JPEG bytes (`EncodedImages.encoded_batch`) decoded by nvJPEG on a side
+    stream, cropped, resized (bilinear, antialiased, as PIL resizes) and flipped there:
+    (uint8 [n, 3, H, W], labels) on the GPU with the event that marks them ready. A batch
+    nvJPEG cannot decode is decoded on the CPU, where data.on_bad_file applies."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    stream = torch.cuda.Stream(device)
+    size = samples.preprocessing.image_size
+    for parts, y in batches:
+        with torch.cuda.stream(stream):
+            try:
+                images = decode_jpeg(list(parts["jpeg"]), mode=ImageReadMode.RGB, device=device) \
+                    if len(parts["jpeg"]) else []
+            except RuntimeError:
+                x, y = samples.batch(parts["indices"].numpy(), epoch)
+                yield (to_device(x, device), to_device(y, device)), stream.record_event()
+                continue
+            x = torch.empty((len(parts["indices"]), 3, *size), dtype=torch.uint8, device=device)
+            for image, box, flip, at in zip(images, parts["box"].tolist(), parts["flip"].tolist(),
+                                            parts["at"].tolist()):
+                x[at] = placed(image, box, flip, size)
+            if len(parts["pixels_at"]):
+                x[parts["pixels_at"].to(device)] = parts["pixels"].to(device, non_blocking=True)
+            yield (x, to_device(y, device)), stream.record_event()
+
+
+def placed(image: torch.Tensor, box: list[float], flip: bool, size: list[int]) -> torch.Tensor:
+    """The box of a decoded image [3, h, w], resized to size and flipped if asked."""
+    left, top = int(box[0]), int(box[1])
+    right, bottom = max(left + 1, round(box[2])), max(top + 1, round(box[3]))
+    crop = image[:, top:bottom, left:right]
+    if tuple(crop.shape[1:]) != tuple(size):
+        crop = torch.nn.functional.interpolate(crop[None].float(), size=tuple(size), mode="bilinear",
+                                               antialias=True, align_corners=False)[0]
+        crop = crop.round_().clamp_(0, 255).to(torch.uint8)
+    return crop.flip(-1) if flip else crop
 
 
 def threaded(batches: Iterable[Batch], depth: int) -> Iterable[Batch]:

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..spec import DataSpec
-from .transforms import read_image, sample_rng
+from .transforms import jpeg_placement, read_image, sample_rng
 from .types import Batch
 
 STATISTICS_SAMPLE = 256  # training images the per-channel mean and std are taken from
@@ -70,6 +70,40 @@ class EncodedImages:
             stand_in = dict(zip(bad, (good[k % len(good)] for k in range(len(bad)))))
             indices = [stand_in.get(int(i), int(i)) for i in indices]
         return np.stack([pixels[int(i)] for i in indices]), self.y[np.asarray(indices, dtype=np.int64)]
+
+    def encoded_batch(self, indices: np.ndarray, epoch: int | None = None) -> tuple[dict, np.ndarray]:
+        """The batch at indices for decoding on the GPU: each JPEG's bytes with its crop box
+        and flip (`jpeg`, `box`, `flip`, its place in the batch `at`), drawn as `batch`
+        draws them; a file of another format, or one whose header does not read, decoded
+        here (`pixels` at `pixels_at`, as `batch` decodes it: data.on_bad_file applies).
+        The labels; `indices` for decoding the batch here when the GPU cannot."""
+        size, augment = self.preprocessing.image_size, self.preprocessing.augment
+        jpegs, boxes, flips, at, others = [], [], [], [], []
+        for position, i in enumerate(map(int, indices)):
+            try:
+                found = jpeg_placement(self.encoded(i), size, augment, epoch is not None,
+                                       sample_rng(self.seed, epoch, i), self.name(i))
+            except DataError:  # the whole batch decoded here, where data.on_bad_file applies
+                jpegs, boxes, flips, at, others = [], [], [], [], list(range(len(indices)))
+                break
+            if found is None:
+                others.append(position)
+                continue
+            jpegs.append(np.frombuffer(found[0], dtype=np.uint8))
+            boxes.append(found[1])
+            flips.append(found[2])
+            at.append(position)
+        parts = {"jpeg": jpegs, "box": np.asarray(boxes, np.float32).reshape(-1, 4),
+                 "flip": np.asarray(flips, bool), "at": np.asarray(at, np.int64),
+                 "pixels_at": np.asarray(others, np.int64), "indices": np.asarray(indices, np.int64)}
+        y = self.y[np.asarray(indices, dtype=np.int64)]
+        if others:
+            pixels, others_y = self.batch(np.asarray(indices)[others], epoch)
+            parts["pixels"], y = pixels, y.copy()
+            y[others] = others_y  # a skipped file's stand-in has its own label
+        else:
+            parts["pixels"] = np.zeros((0, 3, *size), np.uint8)
+        return parts, y
 
     def skipped_count(self) -> int:
         return int(self.skipped.value)

@@ -60,6 +60,18 @@ def centre_box(width: int, height: int, size: Sequence[int]) -> tuple[float, flo
     return (width - w) / 2, (height - h) / 2, (width + w) / 2, (height + h) / 2
 
 
+def placement(width: int, height: int, size: Sequence[int], augment: str, training: bool,
+              rng: np.random.Generator | None) -> tuple[tuple[float, ...], bool]:
+    """(the box of the image that becomes the sample, in its pixels; whether it is then
+    flipped left-right), drawn from rng in one order wherever the image is decoded."""
+    if augment != "standard":
+        return (0, 0, width, height), False
+    if not training:
+        return centre_box(width, height, size), False
+    box = random_box(width, height, rng)
+    return box, bool(rng.random() < 0.5)
+
+
 def read_image(source: Path | IO[bytes], size: Sequence[int], augment: str = "none", training: bool = False,
                rng: np.random.Generator | None = None, name: str | None = None) -> np.ndarray:
     """One encoded image (a file, or its bytes) as RGB uint8 [3, H, W] of size (H, W),
@@ -71,9 +83,7 @@ def read_image(source: Path | IO[bytes], size: Sequence[int], augment: str = "no
             if ":" in augment:
                 return users(augment, np.asarray(image.convert("RGB")), size, training, rng)
             width, height = image.size
-            box = (0, 0, width, height)
-            if augment == "standard":
-                box = random_box(width, height, rng) if training else centre_box(width, height, size)
+            box, flip = placement(width, height, size, augment, training, rng)
             image = decoded(image, box, size)
             box = scaled(box, image.size, (width, height))
             resized = image.resize((size[1], size[0]), Image.Resampling.BILINEAR, box=box) \
@@ -81,9 +91,29 @@ def read_image(source: Path | IO[bytes], size: Sequence[int], augment: str = "no
             pixels = np.asarray(resized, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DataError(f"{name or source}: cannot read as an image ({err})") from None
-    if augment == "standard" and training and rng.random() < 0.5:
+    if flip:
         pixels = pixels[:, ::-1]
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def jpeg_placement(source: Path | IO[bytes], size: Sequence[int], augment: str, training: bool,
+                   rng: np.random.Generator | None, name: str) -> tuple[bytes, tuple[float, ...], bool] | None:
+    """For a JPEG decoded on the GPU: (its bytes, its box, its flip), drawn as read_image
+    draws them, from its header alone; None for another format (decoded by read_image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(source) as image:
+            if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                return None
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"{name}: cannot read as an image ({err})") from None
+    box, flip = placement(width, height, size, augment, training, rng)
+    if hasattr(source, "seek"):
+        source.seek(0)
+        return source.read(), box, flip
+    return Path(source).read_bytes(), box, flip
 
 
 def decoded(image, box: tuple[float, ...], size: Sequence[int]):

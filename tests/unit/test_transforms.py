@@ -7,7 +7,7 @@ from PIL import Image
 from hvdtrain import plugins
 from hvdtrain.data import load_dataset
 from hvdtrain.data.transforms import centre_box, random_box, read_image, sample_rng
-from hvdtrain.errors import DataError, SpecError
+from hvdtrain.errors import DataError, SpecError, UserError
 from hvdtrain.spec import validate
 from tests.conftest import ROOT
 from tests.data_sets import image_folder
@@ -116,3 +116,54 @@ def test_augment_is_for_image_files_and_a_missing_transform_is_named(tmp_path):
     from hvdtrain.spec import load_spec
     with pytest.raises(SpecError, match="data.augment: "):
         load_spec(spec)
+
+
+def test_batches_for_the_gpu_carry_the_draws_the_cpu_path_makes(tmp_path):
+    """data.decode gpu: the loader's processes send each JPEG's bytes with the box and
+    flip that decoding on the CPU would draw; cropped, resized and flipped as the GPU
+    does it (here by torch on the CPU), a sample is the picture the CPU path gives."""
+    import torch
+
+    from hvdtrain.backends.torch import placed
+    root = tmp_path / "pictures"
+    for k, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            picture(root / name / f"{i}.jpg", width=96 + 8 * i, height=80, quality=95)
+    picture(root / "a" / "odd.png", width=64, height=64)  # not a JPEG: decoded on the CPU
+    spec = validate({**BASE, "data": {"source": "image_folder", "path": str(root), "image_size": 32,
+                                      "standardize": False}}).data
+    samples = load_dataset(spec, image=True).train
+    rows = np.arange(len(samples))
+    for epoch in (None, 0, 3):
+        parts, labels = samples.encoded_batch(rows, epoch)
+        expected, expected_labels = samples.batch(rows, epoch)
+        np.testing.assert_array_equal(labels, expected_labels)
+        png = [i for i in rows if samples.paths[i].suffix == ".png"]
+        assert parts["pixels_at"].tolist() == png and len(parts["jpeg"]) == len(rows) - len(png)
+        np.testing.assert_array_equal(parts["pixels"], expected[png])
+        flips = 0
+        for data, box, flip, at in zip(parts["jpeg"], parts["box"], parts["flip"], parts["at"]):
+            assert data.tobytes() == samples.paths[at].read_bytes()
+            decoded = torch.from_numpy(np.asarray(Image.open(samples.paths[at]).convert("RGB")).transpose(2, 0, 1).copy())
+            pixels = placed(decoded, box.tolist(), bool(flip), [32, 32]).numpy().astype(int)
+            # the same crop and flip (a flip or another box would differ by tens of levels)
+            assert np.abs(pixels - expected[at]).mean() < 4, (epoch, at)
+            flips += bool(flip)
+        assert flips == 0 if epoch is None else 0 < flips < len(parts["at"])
+
+
+def test_decoding_on_the_gpu_needs_one_and_torch(tmp_path):
+    import torch
+
+    from hvdtrain.backends.torch import decode_on_gpu
+    root = image_folder(tmp_path / "img", per_class=4)
+    raw = {**BASE, "data": {"source": "image_folder", "path": str(root), "decode": "gpu"}}
+    with pytest.raises(UserError, match="data.decode: gpu decodes JPEG files with torchvision on the GPU, "
+                                        "and this rank has no GPU"):
+        decode_on_gpu(validate(raw), torch.device("cpu"))
+    assert not decode_on_gpu(validate({**raw, "data": {**raw["data"], "decode": "auto"}}), torch.device("cpu"))
+    with pytest.raises(SpecError, match="the tensorflow backend decodes on the CPU"):
+        validate({**raw, "backend": "tensorflow"})
+    with pytest.raises(SpecError, match="data.decode applies to image files"):
+        validate({**BASE, "data": {"source": "digits", "decode": "cpu"}})
