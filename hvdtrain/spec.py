@@ -132,8 +132,8 @@ class DataSpec(Section):
     decode: Literal["auto", "cpu", "gpu"] = Field(default="auto", description=(
         "image files, torch: where JPEG files are decoded: `cpu` (the loader's processes, "
         "libjpeg-turbo through Pillow), `gpu` (nvJPEG through torchvision; the crop, resize and flip "
-        "on the GPU too; other formats on the CPU), `auto` (gpu on a GPU where torchvision is "
-        "installed and data.augment is not your function, else cpu)"))
+        "on the GPU too; other formats on the CPU), `auto` (cpu, until a GPU report shows the gpu "
+        "path faster)"))
     loader: ImportPath | None = Field(default=None, description=(
         "custom: returns (train, validation): map-style torch Datasets of (x, y) (torch), or "
         "arrays (x, y) / tf.data.Datasets (tensorflow); called with args, plus seed where its "

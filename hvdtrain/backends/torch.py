@@ -447,20 +447,19 @@ def gathered_on_device(arrays: tuple[torch.Tensor, torch.Tensor], index_batches:
 
 
 def decode_on_gpu(spec: JobSpec, device: torch.device) -> bool:
-    """Whether JPEG files are decoded on the GPU (nvJPEG, through torchvision), as
-    data.decode says: `gpu` where it can be (else a clear refusal), `auto` on a GPU
-    where torchvision is installed."""
+    """Whether JPEG files are decoded on the GPU (nvJPEG, through torchvision): where
+    data.decode is `gpu` and it can be (else a clear refusal). `auto` decodes on the
+    CPU until a committed GPU report shows the GPU path faster."""
     data = spec.data
-    if data is None or data.source not in IMAGE_SOURCES or data.decode == "cpu":
+    if data is None or data.source not in IMAGE_SOURCES or data.decode != "gpu":
         return False
     users = ":" in (data.augment or "")
-    usable = device.type == "cuda" and importlib.util.find_spec("torchvision") is not None and not users
-    if data.decode == "gpu" and not usable:
+    if device.type != "cuda" or users or importlib.util.find_spec("torchvision") is None:
         why = "this rank has no GPU" if device.type != "cuda" else \
             "data.augment is your function (numpy, on the CPU)" if users else "torchvision is not installed"
         raise UserError(f"data.decode: gpu decodes JPEG files with torchvision on the GPU, and {why}; "
                         "set data.decode: cpu (or auto)")
-    return usable
+    return True
 
 
 def gpu_decoded(batches: Iterable, samples: Samples, epoch: int | None, device: torch.device) -> Iterable:
