@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EXIT_FAILED, EXIT_USAGE, TrainingError, UserError
+from .errors import EXIT_FAILED, EXIT_PEER, EXIT_USAGE, TrainingError, UserError
 
 
 def cmd_validate(args) -> int:
@@ -434,7 +434,14 @@ def main(argv: list[str] | None = None) -> None:
             raise
         # Another rank failed first; its own error is the one to read.
         print("hvdtrain: stopped because another rank failed", file=sys.stderr)
-        code = EXIT_FAILED
+        code = EXIT_PEER
     except KeyboardInterrupt:
         code = 130
+    if code and getattr(args, "func", None) is cmd_train:
+        # A rank that failed ends now, with its status: tearing down (the loader's processes,
+        # Horovod's threads) could outlast the launcher's patience, which then kills it and
+        # reports another rank's status instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 # Exit codes shared by every verb.
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_PEER = 3  # a rank that stopped because another rank failed: the launcher names the other
 
 
 class UserError(Exception):

@@ -482,13 +482,13 @@ def gpu_decoded(batches: Iterable, samples: Samples, epoch: int | None, device: 
             x = torch.empty((len(parts["indices"]), 3, *size), dtype=torch.uint8, device=device)
             for image, box, flip, at in zip(images, parts["box"].tolist(), parts["flip"].tolist(),
                                             parts["at"].tolist()):
-                x[at] = placed(image, box, flip, size)
+                x[at] = cropped(image, box, flip, size)
             if len(parts["pixels_at"]):
                 x[parts["pixels_at"].to(device)] = parts["pixels"].to(device, non_blocking=True)
             yield (x, to_device(y, device)), stream.record_event()
 
 
-def placed(image: torch.Tensor, box: list[float], flip: bool, size: list[int]) -> torch.Tensor:
+def cropped(image: torch.Tensor, box: list[float], flip: bool, size: list[int]) -> torch.Tensor:
     """The box of a decoded image [3, h, w], resized to size and flipped if asked."""
     left, top = int(box[0]), int(box[1])
     right, bottom = max(left + 1, round(box[2])), max(top + 1, round(box[3]))

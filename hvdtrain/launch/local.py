@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import rank_command
-from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
+from ..errors import EXIT_FAILED, EXIT_PEER, EXIT_USAGE, UserError
 from ..spec import ElasticSpec, JobSpec
 
 
@@ -175,8 +175,9 @@ FAILED_PROCESS = re.compile(r"Process (\d+) exit with status code (-?\d+)")
 
 
 def first_failure(launcher_lines: list[str]) -> tuple[int | None, int | None]:
-    for line in launcher_lines:
-        match = FAILED_PROCESS.search(line)
-        if match and match.group(2) != "0":
-            return int(match.group(1)), int(match.group(2))
-    return None, None
+    """(rank, status) of the first rank that failed, passing over ranks that only stopped
+    because another failed (EXIT_PEER) while one that failed itself is listed."""
+    failures = [(int(m.group(1)), int(m.group(2))) for m in map(FAILED_PROCESS.search, launcher_lines)
+                if m and m.group(2) != "0"]
+    own = [f for f in failures if f[1] != EXIT_PEER]
+    return (own or failures or [(None, None)])[0]

@@ -126,3 +126,13 @@ def test_every_data_source_has_a_reader():
     from hvdtrain.data import READERS
     from hvdtrain.spec import DataSpec
     assert set(READERS) == set(typing.get_args(DataSpec.model_fields["source"].annotation))
+
+
+def test_no_module_defines_a_name_twice():
+    """A second top-level def of a name silently replaces the first for every caller."""
+    twice = []
+    for path in PACKAGE.rglob("*.py"):
+        names = [node.name for node in ast.parse(path.read_text()).body
+                 if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))]
+        twice += [f"{path.relative_to(PACKAGE)}: {name}" for name in sorted(set(names)) if names.count(name) > 1]
+    assert twice == []

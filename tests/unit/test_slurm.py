@@ -160,3 +160,14 @@ def test_other_launchers_and_the_batch_script_are_left_alone():
         before = dict(env)
         assert srun.prepare_rank(env, START_TIMEOUT) is None
         assert env == before
+
+
+def test_the_launcher_names_the_rank_that_failed_not_the_one_it_stopped():
+    from hvdtrain.errors import EXIT_PEER
+    from hvdtrain.launch.local import first_failure
+    lines = ["[2026-12-04 21:00:01.000000]: Process 0 exit with status code 3.\n",
+             "[2026-12-04 21:00:01.100000]: Process 1 exit with status code 2.\n"]
+    assert EXIT_PEER == 3 and first_failure(lines) == (1, 2)
+    assert first_failure(lines[:1]) == (0, 3)  # none failed on its own: the one that stopped
+    assert first_failure(["Process 1 exit with status code -9\n", lines[1]]) == (1, -9)
+    assert first_failure(["nothing here\n"]) == (None, None)

@@ -124,7 +124,7 @@ def test_batches_for_the_gpu_carry_the_draws_the_cpu_path_makes(tmp_path):
     does it (here by torch on the CPU), a sample is the picture the CPU path gives."""
     import torch
 
-    from hvdtrain.backends.torch import placed
+    from hvdtrain.backends.torch import cropped
     root = tmp_path / "pictures"
     for k, name in enumerate(("a", "b")):
         (root / name).mkdir(parents=True)
@@ -146,7 +146,7 @@ def test_batches_for_the_gpu_carry_the_draws_the_cpu_path_makes(tmp_path):
         for data, box, flip, at in zip(parts["jpeg"], parts["box"], parts["flip"], parts["at"]):
             assert data.tobytes() == samples.paths[at].read_bytes()
             decoded = torch.from_numpy(np.asarray(Image.open(samples.paths[at]).convert("RGB")).transpose(2, 0, 1).copy())
-            pixels = placed(decoded, box.tolist(), bool(flip), [32, 32]).numpy().astype(int)
+            pixels = cropped(decoded, box.tolist(), bool(flip), [32, 32]).numpy().astype(int)
             # the same crop and flip (a flip or another box would differ by tens of levels)
             assert np.abs(pixels - expected[at]).mean() < 4, (epoch, at)
             flips += bool(flip)
