@@ -26,7 +26,7 @@ def cmd_run(args) -> int:
 
     from .backends import require_framework
     from .launch.local import Hosts, launch
-    from .metrics import final_metrics
+    from .train.metrics import final_metrics
     from .spec import load_spec
     os.environ["HVDTRAIN_LAUNCHED_AT"] = str(time.time())  # the ranks' start-up is timed from here
     if args.quiet or args.verbose:  # an override, so that every rank gets it
@@ -160,13 +160,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict
+    from .results.predict import predict
     predict(Path(args.run_dir), Path(args.input), Path(args.output) if args.output else None)
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_run
+    from .results.evaluation import evaluate_run
     evaluate_run(Path(args.run_dir), Path(args.data) if args.data else None,
                  Path(args.output) if args.output else None)
     return 0
@@ -199,7 +199,7 @@ def cmd_shards(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .report import plot_runs
+    from .train.curves import plot_runs
     output = Path(args.output or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else "curves.png"))
     print(f"wrote {plot_runs([Path(d) for d in args.run_dirs], output)}")
     return 0

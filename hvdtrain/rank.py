@@ -8,7 +8,7 @@ import os
 import runpy
 import sys
 
-from . import preempt
+from .train import preempt
 from .spec import EntrySpec, HorovodSpec, load_spec
 
 
@@ -47,7 +47,7 @@ def main(spec_path: str, overrides: list[str]) -> int:
     from .data import image_input, load_dataset
     from .launch.srun import prepare_rank
     from .plugins import add_import_paths, import_paths
-    from .report import require_tensorboard
+    from .train.progress import require_tensorboard
 
     spec = load_spec(spec_path, overrides)
     preempt.install()  # before anything slow: a stop asked for early is not lost

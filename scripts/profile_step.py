@@ -35,7 +35,7 @@ def main() -> None:
     from hvdtrain.backends import get_backend
     from hvdtrain.bench.worker import cycle, train_horovod
     from hvdtrain.data import image_input, load_dataset, shard_batches
-    from hvdtrain.loop import scaled_lr
+    from hvdtrain.train.lr import scaled_lr
     from hvdtrain.spec import load_spec
 
     spec = load_spec(args.spec)

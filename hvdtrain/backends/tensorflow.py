@@ -27,12 +27,14 @@ with start_up_notices_hidden():
 
 from . import import_horovod  # noqa: E402
 from .. import plugins  # noqa: E402
-from ..data import Dataset, Preprocessing, Samples, loader_failure  # noqa: E402
+from ..data import Batch, Dataset, Preprocessing, Samples, loader_failure  # noqa: E402
 from ..errors import DataError, UserError  # noqa: E402
-from ..loop import (Batch, Comm, Steps, Training, run_elastic, run_epochs, scaled_lr,  # noqa: E402
-                    step_seed)
-from ..preflight import built_on_every_rank, preflight  # noqa: E402
-from ..resume import resume  # noqa: E402
+from ..train.contract import Steps, Training, horovod_comm, step_seed  # noqa: E402
+from ..train.elastic import run_elastic  # noqa: E402
+from ..train.loop import run_epochs  # noqa: E402
+from ..train.lr import scaled_lr  # noqa: E402
+from ..train.preflight import built_on_every_rank, preflight  # noqa: E402
+from ..train.resume import resume  # noqa: E402
 from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict  # noqa: E402
 
 MODEL_FILE = "model.keras"
@@ -138,7 +140,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     # Horovod: pin the device to the local rank (one GPU per process, or CPU threads).
     on_gpu = configure_tensorflow(spec, hvd.local_rank())
     hierarchical = on_gpu and hvd.nccl_built()
-    comm = horovod_comm(hvd, hierarchical)
+    comm = horovod_comm(hvd, tf.constant, hierarchical)
 
     keras.utils.set_random_seed(spec.train.seed)
     if spec.train.precision == "fp16":
@@ -162,7 +164,8 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
 
     # Horovod: the gradient tape is wrapped so gradients are allreduced (in make_steps).
     steps = make_steps(spec, model, optimizer, loss_fn, hvd, comm.rank, dataset)
-    return Training(hvd, comm, model, optimizer, steps, lambda: horovod_comm(hvd, hierarchical))
+    return Training(hvd=hvd, comm=comm, model=model, optimizer=optimizer, steps=steps,
+                    make_comm=lambda: horovod_comm(hvd, tf.constant, hierarchical))
 
 
 def fit(spec: JobSpec, dataset: Dataset, expected_size: int | None = None,
@@ -304,11 +307,12 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
             for variable, value in zip(buffers, averaged):
                 variable.assign(value)
 
-    return Steps(train_epoch, evaluate_batch, make_loader(spec, dataset, label_type), state_bytes,
-                 load_state_bytes,
-                 lambda: weights_digest(model), export,
-                 sum(int(np.prod(v.shape)) for v in model.trainable_variables),
-                 [(v.path, tuple(v.shape), str(v.dtype)) for v in model.weights], average_buffers)
+    return Steps(train_epoch=train_epoch, evaluate_batch=evaluate_batch,
+                 loader=make_loader(spec, dataset, label_type), state_bytes=state_bytes,
+                 load_state_bytes=load_state_bytes, weights_digest=lambda: weights_digest(model),
+                 export=export, parameters=sum(int(np.prod(v.shape)) for v in model.trainable_variables),
+                 signature=[(v.path, tuple(v.shape), str(v.dtype)) for v in model.weights],
+                 average_buffers=average_buffers)
 
 
 def seed_generators(model: keras.Model) -> list:
@@ -399,16 +403,6 @@ def weights_digest(model: keras.Model) -> str:
         digest.update(str(tuple(variable.shape)).encode())
         digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
     return digest.hexdigest()
-
-
-def horovod_comm(hvd, hierarchical: bool = False) -> Comm:
-    def allreduce_sum(values: np.ndarray, name: str) -> np.ndarray:
-        tensor = tf.constant(np.asarray(values, dtype=np.float64))
-        return hvd.allreduce(tensor, op=hvd.Sum, name=name).numpy()
-
-    return Comm(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), allreduce_sum,
-                lambda obj, name: hvd.broadcast_object(obj, root_rank=0, name=name),
-                lambda obj, name: hvd.allgather_object(obj, name=name), hierarchical)
 
 
 def save_model(model: keras.Model, spec: JobSpec, directory: Path) -> None:

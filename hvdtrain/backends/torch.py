@@ -17,11 +17,14 @@ from torch import nn
 
 from . import import_horovod
 from .. import plugins
-from ..data import ArraySamples, Dataset, Preprocessing, Samples, loader_failure
+from ..data import ArraySamples, Batch, Dataset, Preprocessing, Samples, loader_failure
 from ..errors import DataError, UserError
-from ..loop import Batch, Comm, Steps, Training, run_elastic, run_epochs, scaled_lr, step_seed
-from ..preflight import built_on_every_rank, preflight
-from ..resume import resume
+from ..train.contract import Comm, Steps, Training, horovod_comm, step_seed
+from ..train.elastic import run_elastic
+from ..train.loop import run_epochs
+from ..train.lr import scaled_lr
+from ..train.preflight import built_on_every_rank, preflight
+from ..train.resume import resume
 from ..spec import IMAGE_SOURCES, CNNSpec, CustomModelSpec, DataSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -110,7 +113,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     if use_cuda:  # cuDNN picks the fastest convolution for each input shape (a few: batches differ by one)
         torch.backends.cudnn.benchmark = True
     hierarchical = use_cuda and hvd.nccl_built()
-    comm = horovod_comm(hvd, hierarchical)
+    comm = horovod_comm(hvd, torch.from_numpy, hierarchical)
 
     torch.manual_seed(spec.train.seed)
     # User code may fail on one rank only: every rank learns of it before any other collective.
@@ -134,7 +137,8 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     example = prep.apply(example) if prep.image_size else example  # image files come as uint8
     steps = make_steps(spec, model, optimizer, loss_fn, device, comm.rank, example, hvd,
                        prep.pixel_affine() if prep.image_size else None)
-    return Training(hvd, comm, model, optimizer, steps, lambda: horovod_comm(hvd, hierarchical))
+    return Training(hvd=hvd, comm=comm, model=model, optimizer=optimizer, steps=steps,
+                    make_comm=lambda: horovod_comm(hvd, torch.from_numpy, hierarchical))
 
 
 def placed(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -313,11 +317,12 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
                 for buffer, value in zip(buffers, averaged):
                     buffer.copy_(value)
 
-    return Steps(train_epoch, evaluate_batch, make_loader(spec, device), state_bytes, load_state_bytes,
-                 lambda: weights_digest(model), export,
-                 sum(p.numel() for p in model.parameters() if p.requires_grad),
-                 [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()],
-                 average_buffers)
+    return Steps(train_epoch=train_epoch, evaluate_batch=evaluate_batch, loader=make_loader(spec, device),
+                 state_bytes=state_bytes, load_state_bytes=load_state_bytes,
+                 weights_digest=lambda: weights_digest(model), export=export,
+                 parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                 signature=[(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()],
+                 average_buffers=average_buffers)
 
 
 class IndexBatches(torch.utils.data.Sampler):
@@ -599,16 +604,6 @@ def weights_digest(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def horovod_comm(hvd, hierarchical: bool = False) -> Comm:
-    def allreduce_sum(values: np.ndarray, name: str) -> np.ndarray:
-        tensor = torch.from_numpy(np.asarray(values, dtype=np.float64))
-        return hvd.allreduce(tensor, op=hvd.Sum, name=name).numpy()
-
-    return Comm(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), allreduce_sum,
-                lambda obj, name: hvd.broadcast_object(obj, root_rank=0, name=name),
-                lambda obj, name: hvd.allgather_object(obj, name=name), hierarchical)
 
 
 def save_model(model: nn.Module, spec: JobSpec, directory: Path, example: np.ndarray | None = None) -> None:

@@ -74,7 +74,7 @@ def train_hvdtrain(spec, backend_name: str):
     """hvdtrain's own loop: the backend's setup and its train_epoch."""
     from ..backends import get_backend
     from ..data import image_input, load_dataset, shard_batches
-    from ..loop import scaled_lr
+    from ..train.lr import scaled_lr
     backend = get_backend(backend_name)
     dataset = load_dataset(spec.data, image=image_input(spec.model, spec.data), task=spec.task)
     job = backend.setup(spec, dataset)
@@ -124,7 +124,7 @@ def hand_lr(spec, size: int) -> float:
     """The learning rate hvdtrain would use (scaled_lr), for the hand-written loops."""
     from types import SimpleNamespace
 
-    from ..loop import scaled_lr
+    from ..train.lr import scaled_lr
     return scaled_lr(spec.optimizer, spec.horovod.adasum,
                      SimpleNamespace(size=size, local_size=size, hierarchical=False))
 

@@ -21,7 +21,7 @@ from . import rank_command, template
 from ..errors import UserError
 from ..spec import JobSpec
 from .srun import MODES
-from .. import preempt
+from ..train import preempt
 
 TEMPLATE = "hvdtrain.sbatch"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from hvdtrain import checkpoint
+from hvdtrain.train import checkpoint
 from hvdtrain.data import load_dataset, shard_batches
 from hvdtrain.spec import load_spec
 from tests.conftest import ROOT, require_module

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from hvdtrain import checkpoint
+from hvdtrain.train import checkpoint
 from tests.conftest import ROOT
 from tests.data_sets import image_folder, npy_arrays, truncated_jpeg
 from tests.distributed.test_faults import DEADLINE_S, kill_rank_after

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from hvdtrain import checkpoint
+from hvdtrain.train import checkpoint
 from tests.conftest import ROOT, hvdtrain
 
 pytestmark = pytest.mark.distributed

@@ -104,7 +104,7 @@ def test_early_stopping_ends_both_ranks_at_one_epoch_and_exports_the_best(cli, t
         import io
 
         import torch
-        from hvdtrain.checkpoint import load_best
+        from hvdtrain.train.checkpoint import load_best
         kept = torch.load(io.BytesIO(load_best(out / "checkpoints").payload), weights_only=True)["model"]
         exported = torch.load(out / "model" / "weights.pt", weights_only=True)
         assert all(torch.equal(kept[k], exported[k]) for k in kept)

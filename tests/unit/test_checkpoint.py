@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from hvdtrain import checkpoint
+from hvdtrain.train import checkpoint
 
 
 def test_round_trip_keeps_payload_and_metadata(tmp_path):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -118,6 +119,69 @@ def test_data_modules_import_only_the_layers_below_them():
                 targets = [node.module] if node.module else [a.name for a in node.names]
                 upward += [f"{name} -> {t}" for t in targets if DATA_LAYERS[t.split(".")[0]] >= layer]
     assert upward == []
+
+
+TRAIN_LAYERS = {"contract": 0, "checkpoint": 0, "preempt": 0, "metrics": 0, "lr": 1, "steer": 1,
+                "progress": 1, "curves": 1, "preflight": 2, "resume": 2, "validation": 2, "epoch_end": 3,
+                "run_dir": 4, "loop": 5, "elastic": 6, "__init__": 7}
+
+
+def test_train_modules_import_only_the_layers_below_them():
+    """hvdtrain/train: the contract at the bottom, the loop and elastic training at the top."""
+    found = {path.stem for path in (PACKAGE / "train").glob("*.py")}
+    assert found == set(TRAIN_LAYERS)
+    upward = []
+    for name, layer in TRAIN_LAYERS.items():
+        for node in ast.walk(ast.parse((PACKAGE / "train" / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                upward += [f"{name} -> {t}" for t in targets if TRAIN_LAYERS[t.split(".")[0]] >= layer]
+    assert upward == []
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every module of hvdtrain and the modules of hvdtrain it imports, at the top or
+    inside a function (a lazy import is a dependency all the same). `from . import x`
+    of a submodule x depends on x, not on the package."""
+    def name_of(path: Path) -> str:
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    modules = {name_of(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(here[:len(here) - node.level + 1] + [node.module] if node.level and node.module
+                                else here[:len(here) - node.level + 1] if node.level else [node.module])
+                subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules]
+                found.update(subs + ([base] if len(subs) < len(node.names) else []))
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or around a loop."""
+    reach = {m: set() for m in graph}
+    for start in graph:
+        pending = list(graph[start])
+        while pending:
+            m = pending.pop()
+            if m not in reach[start]:
+                reach[start].add(m)
+                pending.extend(graph[m])
+    groups = {frozenset([m] + [o for o in reach[m] if m in reach[o]]) for m in graph if m in reach[m]}
+    return sorted(sorted(g) for g in groups)
+
+
+def test_no_import_cycles_inside_the_package():
+    graph = import_graph()
+    assert graph["hvdtrain.train.loop"] >= {"hvdtrain.train.contract", "hvdtrain.data"}  # the graph is read
+    assert cycles(graph) == []
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # and found
 
 
 def test_every_data_source_has_a_reader():

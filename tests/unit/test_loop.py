@@ -6,15 +6,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from hvdtrain import loop
+from hvdtrain.train import elastic as elastic_path, loop
 from hvdtrain.data import ArraySamples, Dataset, Preprocessing
-from hvdtrain.resume import Position
+from hvdtrain.train.contract import Comm, Position, Steps
+from hvdtrain.train.lr import lr_schedule
 from hvdtrain.spec import validate
 
 
 def fake_comm(size, local_size, hierarchical):
     """Rank 0 of `size` ranks whose peers hold the same values."""
-    return loop.Comm(rank=0, size=size, local_rank=0, local_size=local_size,
+    return Comm(rank=0, size=size, local_rank=0, local_size=local_size,
                      allreduce_sum=lambda values, name: np.asarray(values, dtype=np.float64),
                      broadcast_object=lambda obj, name: obj,
                      allgather_object=lambda obj, name: [obj] * size, hierarchical=hierarchical)
@@ -36,10 +37,11 @@ def recording_steps(seen_lrs, trained=None):
         if trained is not None:
             trained.extend((epoch, first + i) for i in range(len(batches)))
         return 0.5 * sum(len(y) for _, y in batches), sum(len(y) for _, y in batches)
-    return loop.Steps(train_epoch, lambda x, y: (np.zeros((len(x), 2)), 0.7 * len(y)),
-                      lambda samples, index_batches, epoch=None: (samples.batch(b, epoch) for b in index_batches),
-                      lambda: b"state", lambda b: None,
-                      lambda: "digest", lambda directory: None, 6, [("w", (2, 2), "float32")])
+    return Steps(train_epoch=train_epoch, evaluate_batch=lambda x, y: (np.zeros((len(x), 2)), 0.7 * len(y)),
+                 loader=lambda samples, index_batches, epoch=None: (samples.batch(b, epoch) for b in index_batches),
+                 state_bytes=lambda: b"state", load_state_bytes=lambda b: None,
+                 weights_digest=lambda: "digest", export=lambda directory: None, parameters=6,
+                 signature=[("w", (2, 2), "float32")])
 
 
 def spec_for(tmp_path, adasum, elastic):
@@ -57,7 +59,7 @@ def run_path(spec, comm, steps):
         return loop.run_epochs(spec, tiny_dataset(), comm, steps, Position(0), quiet)
     state = SimpleNamespace(commit=lambda: None)
     make_state = lambda **attributes: (vars(state).update(attributes), state)[1]  # noqa: E731
-    return loop.run_elastic(spec, tiny_dataset(), lambda: comm, steps, make_state, lambda f: f, quiet)
+    return elastic_path.run_elastic(spec, tiny_dataset(), lambda: comm, steps, make_state, lambda f: f, quiet)
 
 
 @pytest.mark.parametrize("adasum, hierarchical, expected", [
@@ -90,8 +92,8 @@ def test_checkpoints_within_an_epoch_record_the_position_a_resumed_run_goes_on_f
     """64 samples, 2 ranks, batch 4: 8 steps an epoch; every_steps 3 checkpoints
     after steps 3 and 6 of each epoch (and the epoch's end); resuming from the
     one after step 6 of epoch 2 trains steps 6 and 7 of it, then epoch 3."""
-    from hvdtrain import checkpoint
-    from hvdtrain.resume import load_latest
+    from hvdtrain.train import checkpoint
+    from hvdtrain.train.resume import load_latest
     raw = {"name": "mid", "backend": "torch", "model": {"kind": "mlp"}, "data": {"source": "iris"},
            "train": {"epochs": 3, "batch_size": 4}, "checkpoint": {"every_steps": 3, "keep_last": 100},
            "output": str(tmp_path / "run")}
@@ -127,7 +129,7 @@ def steering_spec(**train):
 
 
 def test_steering_stops_at_a_target_or_after_patience_and_decays_on_plateaus():
-    from hvdtrain.steer import Steering
+    from hvdtrain.train.steer import Steering
     target = Steering()
     spec = steering_spec(target={"metric": "val_accuracy", "value": 0.9})
     for epoch, acc in enumerate([0.5, 0.8, 0.91], start=1):
@@ -155,16 +157,16 @@ def test_steering_stops_at_a_target_or_after_patience_and_decays_on_plateaus():
 def test_lr_schedules_after_warm_up(schedule, expected):
     spec = validate({"name": "s", "backend": "torch", "model": {"kind": "mlp"}, "data": {"source": "iris"},
                      "optimizer": {"lr": 0.1, "schedule": schedule, "decay_every_epochs": 2, "decay": 0.1}})
-    got = [loop.lr_schedule(spec.optimizer, 0.4, epoch, 10, epochs=4)(0) / 0.4 for epoch in range(4)]
+    got = [lr_schedule(spec.optimizer, 0.4, epoch, 10, epochs=4)(0) / 0.4 for epoch in range(4)]
     assert got == pytest.approx(expected)
     warm = spec.model_copy(update={"optimizer": spec.optimizer.model_copy(update={"warmup_epochs": 1.0})})
-    assert loop.lr_schedule(warm.optimizer, 0.4, 0, 10, epochs=4)(5) == pytest.approx(0.25)  # halfway up
+    assert lr_schedule(warm.optimizer, 0.4, 0, 10, epochs=4)(5) == pytest.approx(0.25)  # halfway up
 
 
 def test_a_stop_asked_for_ends_training_after_a_complete_group_of_passes(tmp_path, monkeypatch):
     """Slurm's warning noted before training: with checks every 3 steps and groups of 2
     backward passes, the ranks stop after step 6 (not 3, inside a group), checkpointed there."""
-    from hvdtrain import checkpoint, preempt
+    from hvdtrain.train import checkpoint, preempt
     monkeypatch.setenv("HVDTRAIN_STOP_SIGNAL", "USR1")
     monkeypatch.setattr(preempt, "_asked", [10])
     spec = validate({"name": "stop", "backend": "torch", "model": {"kind": "mlp"}, "data": {"source": "iris"},
@@ -181,7 +183,7 @@ def test_a_stop_asked_for_ends_training_after_a_complete_group_of_passes(tmp_pat
 
 
 def test_labels_on_a_gpu_come_back_to_the_host_for_the_metrics():
-    from hvdtrain.loop import host_labels
+    from hvdtrain.train.validation import host_labels
 
     class OnGpu:  # what a CUDA tensor offers: is_cuda and cpu()
         is_cuda = True
@@ -196,7 +198,7 @@ def test_labels_on_a_gpu_come_back_to_the_host_for_the_metrics():
 
 def shares(remaining: np.ndarray, size: int, batch_size: int) -> list[list[np.ndarray]]:
     """Each global batch of elastic_batches as the ranks train it: rank r takes part r."""
-    return [np.array_split(g, size) for g in loop.elastic_batches(remaining, size, batch_size)]
+    return [np.array_split(g, size) for g in elastic_path.elastic_batches(remaining, size, batch_size)]
 
 
 @pytest.mark.parametrize("n, size, batch_size", [(1437, 2, 32), (1437, 1, 32), (64, 2, 32), (65, 2, 32),
@@ -215,9 +217,9 @@ def test_elastic_batches_give_every_remaining_sample_to_one_rank_once(n, size, b
 
 
 def test_elastic_batches_merge_a_last_chunk_too_small_for_every_rank():
-    batches = loop.elastic_batches(np.arange(2 * 32 + 1), 2, 32)
+    batches = elastic_path.elastic_batches(np.arange(2 * 32 + 1), 2, 32)
     assert [len(b) for b in batches] == [65]  # one sample alone would leave rank 1 without any
-    assert [len(b) for b in loop.elastic_batches(np.arange(2 * 32 + 2), 2, 32)] == [64, 2]
+    assert [len(b) for b in elastic_path.elastic_batches(np.arange(2 * 32 + 2), 2, 32)] == [64, 2]
 
 
 def test_workers_leaving_and_joining_within_an_epoch_train_each_sample_once():

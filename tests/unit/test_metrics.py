@@ -2,7 +2,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from hvdtrain.metrics import confusion, scores
+from hvdtrain.train.metrics import confusion, scores
 
 
 @settings(max_examples=300, deadline=None)

@@ -71,7 +71,7 @@ def test_reading_every_row_of_a_mapped_file_keeps_resident_memory_far_below_its_
     script = f"""
 import numpy as np
 from hvdtrain.data import load_dataset
-from hvdtrain.loop import peak_rss_mb
+from hvdtrain.train.epoch_end import peak_rss_mb
 from hvdtrain.spec import validate
 spec = validate({{"name": "t", "backend": "torch", "model": {{"kind": "mlp"}},
                   "data": {{"source": "file", "path": "{tmp_path / 'x.npy'}"}}}})

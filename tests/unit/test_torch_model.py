@@ -8,7 +8,7 @@ import torch
 from hvdtrain.backends import get_backend
 from hvdtrain.backends.torch import build_model, load_model, save_model
 from hvdtrain.data import load_dataset
-from hvdtrain.loop import lr_schedule
+from hvdtrain.train.lr import lr_schedule
 from hvdtrain.spec import DataSpec, validate
 
 
@@ -59,7 +59,7 @@ def test_unknown_backend_module_is_a_clear_error():
 def test_import_hvdtrain_loads_no_framework():
     import subprocess
     import sys
-    code = ("import sys, hvdtrain, hvdtrain.cli, hvdtrain.spec, hvdtrain.loop, hvdtrain.data; "
+    code = ("import sys, hvdtrain, hvdtrain.cli, hvdtrain.spec, hvdtrain.train.loop, hvdtrain.data; "
             "print(sorted(m for m in ('torch', 'tensorflow', 'horovod') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -69,15 +69,19 @@ def test_ranks_with_different_weights_stop_with_the_digest_message():
     from types import SimpleNamespace
 
     from hvdtrain.errors import TrainingError
-    from hvdtrain.preflight import check_consistency
+    from hvdtrain.train.contract import horovod_comm
+    from hvdtrain.train.preflight import check_consistency
     if BACKEND == "tensorflow":
         import keras
+        import tensorflow as tf
+        tensor = tf.constant
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
         if hvd.rank() == 1:
             model.trainable_weights[0].assign_add(model.trainable_weights[0] * 0 + 1e-3)
     else:
         import torch
+        tensor = torch.from_numpy
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 2)
         if hvd.rank() == 1:
@@ -86,4 +90,4 @@ def test_ranks_with_different_weights_stop_with_the_digest_message():
     steps = SimpleNamespace(weights_digest=lambda: backend.weights_digest(model))
     with pytest.raises(TrainingError, match=r"ranks ended with different weights: ranks \[0\]: \w{12}; "
                                             r"ranks \[1\]: \w{12}"):
-        check_consistency(backend.horovod_comm(hvd), steps)
+        check_consistency(horovod_comm(hvd, tensor), steps)

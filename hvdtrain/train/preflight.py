@@ -3,14 +3,12 @@ counts and world size) and after the last (same weights). A disagreement stops
 every rank with a diff naming the ranks, instead of a stall and a hang."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from .data import Dataset, steps_per_epoch
-from .errors import TrainingError, UserError
-from .spec import JobSpec
-
-if TYPE_CHECKING:
-    from .loop import Comm, Steps
+from ..data import Dataset, steps_per_epoch
+from ..errors import TrainingError, UserError
+from ..spec import JobSpec
+from .contract import Comm, Steps
 
 
 def preflight(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps,

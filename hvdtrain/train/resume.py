@@ -2,33 +2,12 @@
 the backend's broadcast of initial state carries it to the other ranks."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
-
+from ..errors import UserError
+from ..spec import JobSpec
 from . import checkpoint
-from .errors import UserError
-from .spec import JobSpec
-
-if TYPE_CHECKING:
-    from .loop import Comm, Steps
-
-
-@dataclass
-class Position:
-    """Where a run starts: after `epoch` epochs and `step` steps of the next, with
-    that epoch's training loss sum and sample count so far (over all ranks)."""
-    epoch: int
-    step: int = 0
-    loss_sum: float = 0.0
-    seen: float = 0.0
-    steering: dict | None = None  # the Steering's state after `epoch` epochs
-
-    @property
-    def sums(self) -> np.ndarray:
-        return np.array([self.loss_sum, self.seen])
+from .contract import Comm, Position, Steps
 
 
 def resume(spec: JobSpec, comm: Comm, steps: Steps) -> Position:

@@ -12,14 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from . import plugins
-from .backends import get_backend
-from .data import Preprocessing, image_input, load_dataset, read_csv_rows, read_npz
-from .data.transforms import read_image
-from .errors import DataError, UserError
-from .metrics import confusion, regression_scores, regression_sums, scores
+from .. import plugins
+from ..backends import get_backend
+from ..data import Preprocessing, image_input, load_dataset, read_csv_rows, read_npz
+from ..data.transforms import read_image
+from ..errors import DataError, UserError
+from ..spec import IMAGE_KINDS, JobSpec, load_spec
+from ..train.metrics import confusion, regression_scores, regression_sums, scores
 from .predict import image_files, model_dir_of, read_inputs
-from .spec import IMAGE_KINDS, JobSpec, load_spec
 
 BATCH = 1024
 

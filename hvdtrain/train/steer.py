@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .spec import METRICS, JobSpec
+from ..spec import METRICS, JobSpec
 
 
 @dataclass

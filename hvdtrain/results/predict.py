@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import plugins
-from .backends import get_backend
-from .data import Preprocessing, csv_features, read_csv_rows, read_npz
-from .data.transforms import read_image
-from .errors import DataError, UserError
-from .spec import IMAGE_KINDS, IMAGE_SUFFIXES
+from .. import plugins
+from ..backends import get_backend
+from ..data import Preprocessing, csv_features, read_csv_rows, read_npz
+from ..data.transforms import read_image
+from ..errors import DataError, UserError
+from ..spec import IMAGE_KINDS, IMAGE_SUFFIXES
 
 
 def image_files(path: Path) -> list[Path]:

@@ -1,0 +1,41 @@
+"""The learning-rate rule, once for every path (static, elastic after each reset,
+bench): Horovod's scaling by the number of workers, warm-up, the schedules."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from ..spec import OptimizerSpec
+from .contract import Comm
+
+
+def scaled_lr(optimizer: OptimizerSpec, adasum: bool, comm: Comm) -> float:
+    """Horovod's rule: lr x workers. Adasum adapts to the number of workers
+    itself, so it is scaled by the local size only where the GPU hierarchical
+    allreduce sums within a node first (Horovod's examples do the same).
+    Every path (static, elastic after each reset, bench) takes the lr from here."""
+    if optimizer.lr_scaling == "none":
+        return optimizer.lr
+    if adasum:
+        return optimizer.lr * (comm.local_size if comm.hierarchical else 1)
+    return optimizer.lr * comm.size
+
+
+def lr_schedule(optimizer: OptimizerSpec, target_lr: float, epoch: int, steps: int, epochs: int = 1,
+                factor: float = 1.0) -> Callable[[int], float]:
+    """lr for each step of an epoch: linear warm-up from the base lr to target_lr,
+    then the schedule: constant; cosine (to 0 at the end of the last epoch);
+    step (x decay every decay_every_epochs); plateau (x factor, the steering's)."""
+    base, warmup = optimizer.lr, optimizer.warmup_epochs
+
+    def at(step: int) -> float:
+        progress = epoch + step / steps
+        if warmup > 0 and progress < warmup:
+            return base + (target_lr - base) * progress / warmup
+        if optimizer.schedule == "cosine":
+            done = min(1.0, (progress - warmup) / max(epochs - warmup, 1e-9))
+            return target_lr * 0.5 * (1.0 + math.cos(math.pi * done))
+        if optimizer.schedule == "step":
+            return target_lr * optimizer.decay ** (epoch // optimizer.decay_every_epochs)
+        return target_lr * factor
+    return at

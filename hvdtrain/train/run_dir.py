@@ -1,0 +1,67 @@
+"""The run directory: prepared when a run starts (its spec, the metrics the
+checkpoint covers) and filled when it ends (the exported model, summary.json,
+curves.png)."""
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from ..data import Dataset
+from ..spec import JobSpec, dump
+from . import checkpoint, preempt
+from .contract import Comm, Steps, alone
+from .curves import CURVES, plot_runs
+from .steer import Steering, monitored
+from .validation import evaluate, task_scores
+
+
+def prepare_run_dir(spec: JobSpec, start_epoch: int) -> None:
+    """Write the resolved spec; keep only metrics of epochs the checkpoint covers."""
+    out = Path(spec.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / preempt.MARKER).unlink(missing_ok=True)  # this run goes on from the stop
+    (out / "spec.yaml").write_text(dump(spec))
+    log = out / "metrics.jsonl"
+    if log.exists():
+        kept = [ln for ln in log.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("epoch", 0) <= start_epoch]
+        log.write_text("".join(ln + "\n" for ln in kept))
+
+
+def finish(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, record: dict,
+           digest: str, steering: Steering | None = None) -> dict[str, Any]:
+    """Rank 0 exports the model (with early stopping, the best epoch's) with its
+    preprocessing, writes summary.json (why training stopped, the best epoch) and
+    draws curves.png."""
+    if not record:  # resumed after the last epoch: report the last checkpoint's metrics
+        last = checkpoint.latest_valid(spec.checkpoint.dir) if comm.rank == 0 else None
+        record = comm.broadcast_object(last.meta.get("metrics", {}) if last else {}, "hvdtrain.final")
+    hosts = comm.allgather_object(socket.gethostname(), "hvdtrain.hosts")
+    summary = {"name": spec.name, "backend": spec.backend, "workers": comm.size, "hosts": hosts,
+               "epochs": spec.train.epochs, "parameters": steps.parameters, "final": record,
+               "weights_digest": digest}
+    if steering is not None:
+        metric, _ = monitored(spec)
+        summary["stopped"] = steering.stopped or f"all {spec.train.epochs} epochs done"
+        summary["best"] = {"epoch": steering.best_epoch, "metric": metric, "value": steering.best_value}
+    if comm.rank == 0:
+        summary["exported_epoch"] = record.get("epoch")
+        best = checkpoint.load_best(spec.checkpoint.dir) if spec.train.early_stopping is not None else None
+        if best is not None:  # the weights of the best epoch, not the last
+            steps.load_state_bytes(best.payload)
+            summary["exported_epoch"] = best.epoch
+        if dataset.test is not None:  # the exported model on the held-out split, rank 0 alone
+            stats, loss = evaluate(dataset, alone(), steps, max(spec.train.batch_size, 256), dataset.test)
+            summary["test"] = {"samples": len(dataset.test), "loss": loss / len(dataset.test),
+                               **task_scores(dataset, stats)}
+        model_dir = Path(spec.output) / "model"
+        model_dir.mkdir(parents=True, exist_ok=True)
+        steps.export(model_dir)
+        dataset.preprocessing.save(model_dir / "preprocessing.json")
+        (model_dir / "spec.yaml").write_text(dump(spec))
+        (Path(spec.output) / "summary.json").write_text(json.dumps(summary, indent=2))
+        if (Path(spec.output) / "metrics.jsonl").is_file():
+            plot_runs([Path(spec.output)], Path(spec.output) / CURVES)
+    return summary
