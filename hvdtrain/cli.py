@@ -1,10 +1,10 @@
-"""The `hvdtrain` command: one small function per verb."""
+"""The `hvdtrain` command: one small function per verb; the launchers' verbs come
+from their table (`hvdtrain.launch.LAUNCHERS`)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 from .errors import EXIT_FAILED, EXIT_PEER, EXIT_USAGE, TrainingError, UserError
@@ -21,115 +21,9 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
-    import json
-
-    from .backends import require_framework
-    from .launch.local import Hosts, launch
-    from .train.metrics import final_metrics
-    from .spec import load_spec
-    os.environ["HVDTRAIN_LAUNCHED_AT"] = str(time.time())  # the ranks' start-up is timed from here
-    if args.quiet or args.verbose:  # an override, so that every rank gets it
-        args.overrides = [*args.overrides, f"log.level={'quiet' if args.quiet else 'verbose'}"]
-    spec = load_spec(args.spec, args.overrides)  # invalid specs stop here, before any launch
-    require_framework(spec.backend)
-    if args.hosts and args.hostfile:
-        raise UserError("give -H or --hostfile, not both")
-    hosts = Hosts(args.hosts, Path(args.hostfile) if args.hostfile else None, args.mpi, args.ssh_port,
-                  Path(args.ssh_identity_file) if args.ssh_identity_file else None, args.network_interfaces)
-    ranks = args.np or hosts.slots() or spec.resources.workers
-    code = launch(spec, args.spec, args.overrides, ranks, hosts)
-    if code == 0 and spec.entry is not None:
-        print(f"{spec.name}: {spec.entry.script or spec.entry.module} finished on {ranks} ranks")
-    summary = Path(spec.output) / "summary.json"
-    if code == 0 and spec.entry is None and summary.exists():
-        final = json.loads(summary.read_text())["final"]
-        print(f"{spec.name}: {final_metrics(spec.task, final)} after {final['epoch']} epochs; "
-              f"run dir {spec.output}")
-    return code
-
-
 def cmd_train(args) -> int:
     from .rank import main as train_rank
     return train_rank(args.spec, args.overrides)
-
-
-def slurm_script(args) -> tuple[str, object]:
-    from .launch.slurm import render
-    from .spec import load_spec
-    spec = load_spec(args.spec, args.overrides)
-    return render(spec, Path(args.spec), args.overrides, nodes=args.nodes,
-                  tasks_per_node=args.tasks_per_node, gpus_per_node=args.gpus_per_node,
-                  cpus_per_task=args.cpus_per_task, time_limit=args.time,
-                  partition=args.partition, mode=args.mode, account=args.account, qos=args.qos,
-                  mem=args.mem, constraint=args.constraint, exclusive=args.exclusive,
-                  sbatch_args=args.sbatch_arg, container_image=args.container_image,
-                  container_mounts=args.container_mounts), spec
-
-
-def emit(text: str, output: str | None) -> int:
-    """A rendered file to OUTPUT, or to stdout."""
-    if output:
-        Path(output).write_text(text)
-        print(f"wrote {output}", file=sys.stderr)
-    else:
-        print(text, end="")
-    return 0
-
-
-def cmd_render_slurm(args) -> int:
-    return emit(slurm_script(args)[0], args.output)
-
-
-def cmd_submit_slurm(args) -> int:
-    from .launch.slurm import submit
-    text, spec = slurm_script(args)
-    script = Path(args.output or Path(spec.output) / "hvdtrain.sbatch")
-    script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text(text)
-    return submit(script, args.wait, Path(spec.output), spec.name)
-
-
-def cmd_status(args) -> int:
-    from .launch.slurm import status
-    print(status(Path(args.run_dir)))
-    return 0
-
-
-def cmd_logs(args) -> int:
-    from .launch.slurm import follow
-    follow(Path(args.run_dir), args.follow)
-    return 0
-
-
-def elastic_range(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    low, sep, high = text.partition(":")
-    if not (sep and low.isdigit() and high.isdigit()):
-        raise UserError(f"--elastic {text!r}: expected MIN_RANKS:MAX_WORKERS, e.g. 2:8")
-    return int(low), int(high)
-
-
-def cmd_render_trainjob(args) -> int:
-    from .launch.trainjob import render
-    return emit(render(Path(args.spec), args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                       image=args.image, namespace=args.namespace, procs_per_node=args.procs_per_node,
-                       memory=args.memory, with_runtime=args.runtime, shm=args.shm), args.output)
-
-
-def cmd_render_runtime(args) -> int:
-    from .launch.trainjob import render_runtime
-    return emit(render_runtime(args.image, shm=args.shm), args.output)
-
-
-def cmd_render_k8s(args) -> int:
-    from .launch.k8s import render
-    text = render(Path(args.spec), args.overrides, workers=args.workers,
-                  gpus_per_worker=args.gpus_per_worker, image=args.image, namespace=args.namespace,
-                  slots_per_worker=args.slots_per_worker, memory=args.memory, shm=args.shm,
-                  elastic=elastic_range(args.elastic))
-    return emit(text, args.output)
 
 
 def cmd_bench(args) -> int:
@@ -232,22 +126,17 @@ def cmd_build_horovod(args) -> int:
     return 0
 
 
-def kubernetes_options(sub: argparse.ArgumentParser, pod: str, kind: str) -> None:
-    """What the MPIJob and the TrainJob both take: the spec, overrides, image, namespace,
-    GPUs, memory and /dev/shm per pod, and the output file."""
-    sub.add_argument("spec", help="job spec (YAML)")
-    sub.add_argument("overrides", nargs="*", metavar="key.path=value",
-                     help="override spec values (baked into the ConfigMap)")
-    sub.add_argument(f"--gpus-per-{pod}", type=int, help="default: resources.gpus_per_worker")
-    sub.add_argument("--image", required=True, help="image with hvdtrain (k8s/Dockerfile)")
-    sub.add_argument("--namespace", help=f"namespace of the ConfigMap and {kind}")
-    sub.add_argument("--memory", default="4Gi", help=f"memory per {pod} (default 4Gi)")
-    sub.add_argument("--shm", default="1Gi", help=f"/dev/shm size per {pod} (default 1Gi)")
-    sub.add_argument("-o", "--output", help="write the manifests here")
+ABOUT = """Horovod training jobs from one YAML spec: the same job on this machine
+(hvdtrain run), on other hosts through ssh, on Slurm (hvdtrain submit slurm) and on
+Kubernetes (hvdtrain render k8s | trainjob), with PyTorch or TensorFlow. Start with
+`hvdtrain validate SPEC`, then `hvdtrain run SPEC -np 2`; the examples/ specs are
+headed by the command that runs them."""
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="hvdtrain", description=__doc__)
+    from .launch import LAUNCHERS
+    top = argparse.ArgumentParser(prog="hvdtrain", description=ABOUT,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = top.add_subparsers(dest="verb", required=True)
 
     def verb(name, func, help_text, spec=True):
@@ -259,20 +148,21 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    run = verb("run", cmd_run, "train through horovodrun: N ranks here, or on the -H hosts (Gloo, or --mpi)")
-    run.add_argument("-np", type=int, metavar="N", help="ranks (default: resources.workers)")
-    run.add_argument("-H", "--hosts", metavar="HOST:SLOTS,...",
-                     help="run the ranks on these hosts through ssh, as horovodrun does (default: "
-                          "localhost); -np defaults to the slots in all")
-    run.add_argument("--hostfile", help="hosts from a file, one 'HOST slots=N' per line")
-    run.add_argument("--mpi", action="store_true", help="Open MPI's mpirun instead of Gloo")
-    run.add_argument("--ssh-port", type=int, help="ssh port of the hosts")
-    run.add_argument("--ssh-identity-file", help="ssh key for the hosts")
-    run.add_argument("--network-interfaces", metavar="NIC,...", help="interfaces for the ranks' traffic")
-    loudness = run.add_mutually_exclusive_group()
-    loudness.add_argument("-q", "--quiet", action="store_true", help="only the final line (log.level=quiet)")
-    loudness.add_argument("-v", "--verbose", action="store_true", help="also data and checkpoint details "
-                                                                        "(log.level=verbose)")
+    groups = {"render": "write a cluster job for a spec", "submit": "render a cluster job and submit it"}
+    targets: dict[str, argparse._SubParsersAction] = {}
+    for launcher in LAUNCHERS.values():  # each launcher's own verbs (hvdtrain/launch/)
+        for command in launcher.verbs:
+            if len(command.path) == 1:
+                sub = verbs.add_parser(command.path[0], help=command.help, description=command.help)
+            else:
+                group, name = command.path
+                if group not in targets:
+                    targets[group] = verbs.add_parser(group, help=groups[group], description=groups[group]) \
+                        .add_subparsers(dest="target", required=True)
+                sub = targets[group].add_parser(name, help=command.help, description=command.help)
+            command.arguments(sub)
+            sub.set_defaults(func=command.call)
+
     verb("train", cmd_train, "per-rank entry point (run by horovodrun, srun, mpirun)")
     verb("validate", cmd_validate, "check a spec and print it resolved")
     predict = verb("predict", cmd_predict, "predict with an exported model", spec=False)
@@ -302,12 +192,6 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("-o", "--output", help="PNG to write (default RUN_DIR/curves.png for one run, "
                                              "else ./curves.png)")
-    status = verb("status", cmd_status, "the Slurm job a run was submitted as: state, restarts, last epoch",
-                  spec=False)
-    status.add_argument("run_dir")
-    logs = verb("logs", cmd_logs, "the log of the Slurm job a run was submitted as", spec=False)
-    logs.add_argument("run_dir")
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
     verb("doctor", cmd_doctor, "show what is installed and what is missing", spec=False)
     build = verb("build-horovod", cmd_build_horovod,
                  "build (or take from cache) and install Horovod for this environment", spec=False)
@@ -341,72 +225,6 @@ def parser() -> argparse.ArgumentParser:
         "ImageNet's order of files per node), without and with its cached index"))
     bench.add_argument("-o", "--output", help="report directory (default <output>/bench)")
 
-    render = verbs.add_parser("render", help="write a cluster job for a spec",
-                              description="write a cluster job for a spec").add_subparsers(
-        dest="target", required=True)
-    submit = verbs.add_parser("submit", help="render a cluster job and submit it",
-                              description="render a cluster job and submit it").add_subparsers(
-        dest="target", required=True)
-    for targets, func, help_text in ((render, cmd_render_slurm, "an sbatch script (stdout or -o FILE)"),
-                                     (submit, cmd_submit_slurm, "sbatch the script (written to -o "
-                                      "FILE, default <output>/hvdtrain.sbatch)")):
-        slurm = targets.add_parser("slurm", help=help_text, description=help_text)
-        slurm.add_argument("spec", help="job spec (YAML)")
-        slurm.add_argument("overrides", nargs="*", metavar="key.path=value",
-                           help="override spec values, also passed to every rank")
-        slurm.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-        slurm.add_argument("--tasks-per-node", type=int,
-                           help="ranks per node (default: GPUs per node, else resources.workers / nodes)")
-        slurm.add_argument("--gpus-per-node", type=int,
-                           help="GPUs per node (default: resources.gpus_per_worker x tasks per node)")
-        slurm.add_argument("--cpus-per-task", type=int, help="default: resources.cpus_per_worker")
-        slurm.add_argument("--time", default="01:00:00", help="time limit (default 01:00:00)")
-        slurm.add_argument("--partition", help="partition (default: the cluster's default)")
-        slurm.add_argument("--account", help="account to charge")
-        slurm.add_argument("--qos", help="quality of service")
-        slurm.add_argument("--mem", help="memory per node, e.g. 64G")
-        slurm.add_argument("--constraint", help="node features, e.g. a100")
-        slurm.add_argument("--exclusive", action="store_true", help="whole nodes")
-        slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
-                           help="any other sbatch option, e.g. --sbatch-arg=--mail-type=END (repeatable)")
-        slurm.add_argument("--container-image", help="run the ranks in this container (Pyxis/enroot)")
-        slurm.add_argument("--container-mounts", help="srun --container-mounts, e.g. /data:/data")
-        slurm.add_argument("--mode", choices=["gloo", "mpi"], default="gloo",
-                           help="gloo: ranks from SLURM_* and a rendezvous server (default); "
-                                "mpi: srun --mpi=pmix")
-        slurm.add_argument("-o", "--output", help="write the script here")
-        if func is cmd_submit_slurm:
-            slurm.add_argument("--wait", action="store_true",
-                               help="wait for the job to end; exit with its status")
-        slurm.set_defaults(func=func)
-
-    k8s = render.add_parser("k8s", help="a Kubeflow MPIJob (v2beta1) and its spec ConfigMap",
-                            description="a Kubeflow MPIJob (v2beta1) and its spec ConfigMap, as "
-                                        "multi-document YAML for kubectl apply -f -")
-    kubernetes_options(k8s, "worker", "MPIJob")
-    k8s.add_argument("--workers", type=int, required=True, help="worker pods")
-    k8s.add_argument("--slots-per-worker", type=int, help="ranks per worker (default: GPUs, or 1)")
-    k8s.add_argument("--elastic", metavar="MIN_RANKS:MAX_WORKERS",
-                     help="elastic job: horovodrun with the operator's discover_hosts.sh; "
-                          "Worker replicas = MAX_WORKERS")
-    k8s.set_defaults(func=cmd_render_k8s)
-
-    job = render.add_parser("trainjob", help="a Kubeflow Trainer v2 TrainJob and its spec ConfigMap",
-                            description="a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1) on "
-                                        "the Horovod ClusterTrainingRuntime, and its spec ConfigMap")
-    kubernetes_options(job, "node", "TrainJob")
-    job.add_argument("--nodes", type=int, required=True, help="training nodes (pods), the launcher's included")
-    job.add_argument("--procs-per-node", type=int, help="ranks per node (default: GPUs, or 1)")
-    job.add_argument("--runtime", action="store_true", help="also the Horovod ClusterTrainingRuntime")
-    job.set_defaults(func=cmd_render_trainjob)
-
-    runtime = render.add_parser("runtime", help="the Horovod ClusterTrainingRuntime for Kubeflow Trainer v2",
-                                description="the Horovod ClusterTrainingRuntime that TrainJobs from "
-                                            "`render trainjob` run on; apply once per cluster")
-    runtime.add_argument("--image", required=True, help="image with hvdtrain (k8s/Dockerfile)")
-    runtime.add_argument("--shm", default="1Gi", help="/dev/shm size per node (default 1Gi)")
-    runtime.add_argument("-o", "--output", help="write the manifest here")
-    runtime.set_defaults(func=cmd_render_runtime)
     return top
 
 
@@ -418,9 +236,6 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides += extra
     elif extra:
         top.error(f"unrecognized arguments: {' '.join(extra)}")
-    if getattr(args, "np", None) is not None and args.np < 1:
-        print("hvdtrain: -np must be at least 1", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
     try:
         code = args.func(args)
     except UserError as err:

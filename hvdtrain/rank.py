@@ -45,14 +45,15 @@ def apply_horovod_environment(knobs: HorovodSpec) -> None:
 def main(spec_path: str, overrides: list[str]) -> int:
     from .backends import get_backend
     from .data import image_input, load_dataset
-    from .launch.srun import prepare_rank
+    from .launch import prepare_rank
     from .plugins import add_import_paths, import_paths
     from .train.progress import require_tensorboard
 
     spec = load_spec(spec_path, overrides)
     preempt.install()  # before anything slow: a stop asked for early is not lost
     apply_horovod_environment(spec.horovod)
-    # Under srun: Horovod's rank and size from Slurm's variables (nothing elsewhere).
+    # What the launcher that started this rank sets up first (under srun: Horovod's rank
+    # and size from Slurm's variables); the size it started, where Horovod learns it elsewhere.
     expected_size = prepare_rank(os.environ, spec.horovod.start_timeout_seconds)
     add_import_paths(import_paths(spec_path, spec.code))
     if spec.entry is not None:

@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 
-from . import rank_command, template
 from ..errors import UserError
 from ..spec import JobSpec, dump, load_spec
+from .common import Launcher, Verb, emit, rank_command, spec_arguments, template
 
 TEMPLATE = "mpijob.yaml"
 SPEC_DIR, SPEC_KEY, OUTPUT_DIR = "/etc/hvdtrain", "spec.yaml", "/output"
@@ -161,3 +161,45 @@ def with_np(args: list[str], ranks: int) -> list[str]:
     args = list(args)
     args[args.index("-np") + 1] = str(ranks)
     return args
+
+
+def pod_arguments(parser, pod: str, kind: str) -> None:
+    """What the MPIJob and the TrainJob both take: the spec, overrides, image, namespace,
+    GPUs, memory and /dev/shm per pod, and the output file."""
+    spec_arguments(parser, "override spec values (baked into the ConfigMap)")
+    parser.add_argument(f"--gpus-per-{pod}", type=int, help="default: resources.gpus_per_worker")
+    parser.add_argument("--image", required=True, help="image with hvdtrain (k8s/Dockerfile)")
+    parser.add_argument("--namespace", help=f"namespace of the ConfigMap and {kind}")
+    parser.add_argument("--memory", default="4Gi", help=f"memory per {pod} (default 4Gi)")
+    parser.add_argument("--shm", default="1Gi", help=f"/dev/shm size per {pod} (default 1Gi)")
+    parser.add_argument("-o", "--output", help="write the manifests here")
+
+
+def mpijob_arguments(parser) -> None:
+    pod_arguments(parser, "worker", "MPIJob")
+    parser.add_argument("--workers", type=int, required=True, help="worker pods")
+    parser.add_argument("--slots-per-worker", type=int, help="ranks per worker (default: GPUs, or 1)")
+    parser.add_argument("--elastic", metavar="MIN_RANKS:MAX_WORKERS",
+                        help="elastic job: horovodrun with the operator's discover_hosts.sh; "
+                             "Worker replicas = MAX_WORKERS")
+
+
+def elastic_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    low, sep, high = text.partition(":")
+    if not (sep and low.isdigit() and high.isdigit()):
+        raise UserError(f"--elastic {text!r}: expected MIN_RANKS:MAX_WORKERS, e.g. 2:8")
+    return int(low), int(high)
+
+
+def render_mpijob(args) -> int:
+    return emit(render(Path(args.spec), args.overrides, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                       image=args.image, namespace=args.namespace, slots_per_worker=args.slots_per_worker,
+                       memory=args.memory, shm=args.shm, elastic=elastic_range(args.elastic)), args.output)
+
+
+LAUNCHER = Launcher(name="k8s", verbs=(
+    Verb(path=("render", "k8s"), help="a Kubeflow MPIJob (v2beta1) and its spec ConfigMap, as multi-document "
+         "YAML for kubectl apply -f -", arguments=mpijob_arguments, call=render_mpijob),
+))

@@ -12,9 +12,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import rank_command
 from ..errors import EXIT_FAILED, EXIT_PEER, EXIT_USAGE, UserError
 from ..spec import ElasticSpec, JobSpec
+from .common import Launcher, Verb, rank_command
 
 
 def horovodrun_path() -> str:
@@ -181,3 +181,58 @@ def first_failure(launcher_lines: list[str]) -> tuple[int | None, int | None]:
                 if m and m.group(2) != "0"]
     own = [f for f in failures if f[1] != EXIT_PEER]
     return (own or failures or [(None, None)])[0]
+
+
+def run_arguments(parser) -> None:
+    from .common import spec_arguments
+    spec_arguments(parser)
+    parser.add_argument("-np", type=int, metavar="N", help="ranks (default: resources.workers)")
+    parser.add_argument("-H", "--hosts", metavar="HOST:SLOTS,...",
+                        help="run the ranks on these hosts through ssh, as horovodrun does (default: "
+                             "localhost); -np defaults to the slots in all")
+    parser.add_argument("--hostfile", help="hosts from a file, one 'HOST slots=N' per line")
+    parser.add_argument("--mpi", action="store_true", help="Open MPI's mpirun instead of Gloo")
+    parser.add_argument("--ssh-port", type=int, help="ssh port of the hosts")
+    parser.add_argument("--ssh-identity-file", help="ssh key for the hosts")
+    parser.add_argument("--network-interfaces", metavar="NIC,...", help="interfaces for the ranks' traffic")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="only the final line (log.level=quiet)")
+    loudness.add_argument("-v", "--verbose", action="store_true", help="also data and checkpoint details "
+                                                                        "(log.level=verbose)")
+
+
+def run(args) -> int:
+    """`hvdtrain run`: check the spec, start the ranks, say how the run ended."""
+    import json
+    import time
+
+    from ..backends import require_framework
+    from ..spec import load_spec
+    from ..train.metrics import final_metrics
+    os.environ["HVDTRAIN_LAUNCHED_AT"] = str(time.time())  # the ranks' start-up is timed from here
+    if args.np is not None and args.np < 1:
+        raise UserError("-np must be at least 1")
+    if args.quiet or args.verbose:  # an override, so that every rank gets it
+        args.overrides = [*args.overrides, f"log.level={'quiet' if args.quiet else 'verbose'}"]
+    spec = load_spec(args.spec, args.overrides)  # invalid specs stop here, before any launch
+    require_framework(spec.backend)
+    if args.hosts and args.hostfile:
+        raise UserError("give -H or --hostfile, not both")
+    hosts = Hosts(args.hosts, Path(args.hostfile) if args.hostfile else None, args.mpi, args.ssh_port,
+                  Path(args.ssh_identity_file) if args.ssh_identity_file else None, args.network_interfaces)
+    ranks = args.np or hosts.slots() or spec.resources.workers
+    code = launch(spec, args.spec, args.overrides, ranks, hosts)
+    if code == 0 and spec.entry is not None:
+        print(f"{spec.name}: {spec.entry.script or spec.entry.module} finished on {ranks} ranks")
+    summary = Path(spec.output) / "summary.json"
+    if code == 0 and spec.entry is None and summary.exists():
+        final = json.loads(summary.read_text())["final"]
+        print(f"{spec.name}: {final_metrics(spec.task, final)} after {final['epoch']} epochs; "
+              f"run dir {spec.output}")
+    return code
+
+
+LAUNCHER = Launcher(name="local", verbs=(
+    Verb(path=("run",), help="train through horovodrun: N ranks here, or on the -H hosts (Gloo, or --mpi)",
+         arguments=run_arguments, call=run),
+))

@@ -17,11 +17,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from . import rank_command, template
 from ..errors import UserError
 from ..spec import JobSpec
-from .srun import MODES
 from ..train import preempt
+from .common import Launcher, Verb, emit, rank_command, template
+from .srun import MODES, prepare_rank
 
 TEMPLATE = "hvdtrain.sbatch"
 
@@ -175,3 +175,77 @@ def follow(run_dir: Path, forever: bool, out=None, poll: float = 1.0) -> None:
         if not forever or job_fields(record["job"]).get("JobState", "COMPLETED") in DONE:
             break
         time.sleep(poll)
+
+
+def script_arguments(parser, submitting: bool = False) -> None:
+    from .common import spec_arguments
+    spec_arguments(parser, "override spec values, also passed to every rank")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    parser.add_argument("--tasks-per-node", type=int,
+                        help="ranks per node (default: GPUs per node, else resources.workers / nodes)")
+    parser.add_argument("--gpus-per-node", type=int,
+                        help="GPUs per node (default: resources.gpus_per_worker x tasks per node)")
+    parser.add_argument("--cpus-per-task", type=int, help="default: resources.cpus_per_worker")
+    parser.add_argument("--time", default="01:00:00", help="time limit (default 01:00:00)")
+    parser.add_argument("--partition", help="partition (default: the cluster's default)")
+    parser.add_argument("--account", help="account to charge")
+    parser.add_argument("--qos", help="quality of service")
+    parser.add_argument("--mem", help="memory per node, e.g. 64G")
+    parser.add_argument("--constraint", help="node features, e.g. a100")
+    parser.add_argument("--exclusive", action="store_true", help="whole nodes")
+    parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                        help="any other sbatch option, e.g. --sbatch-arg=--mail-type=END (repeatable)")
+    parser.add_argument("--container-image", help="run the ranks in this container (Pyxis/enroot)")
+    parser.add_argument("--container-mounts", help="srun --container-mounts, e.g. /data:/data")
+    parser.add_argument("--mode", choices=list(MODES), default="gloo",
+                        help="gloo: ranks from SLURM_* and a rendezvous server (default); "
+                             "mpi: srun --mpi=pmix")
+    parser.add_argument("-o", "--output", help="write the script here")
+    if submitting:
+        parser.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its status")
+
+
+def script_of(args) -> tuple[str, JobSpec]:
+    from ..spec import load_spec
+    spec = load_spec(args.spec, args.overrides)
+    return render(spec, Path(args.spec), args.overrides, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
+                  gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, time_limit=args.time,
+                  partition=args.partition, mode=args.mode, account=args.account, qos=args.qos,
+                  mem=args.mem, constraint=args.constraint, exclusive=args.exclusive,
+                  sbatch_args=args.sbatch_arg, container_image=args.container_image,
+                  container_mounts=args.container_mounts), spec
+
+
+def submit_script(args) -> int:
+    text, spec = script_of(args)
+    script = Path(args.output or Path(spec.output) / "hvdtrain.sbatch")
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(text)
+    return submit(script, args.wait, Path(spec.output), spec.name)
+
+
+def print_status(args) -> int:
+    print(status(Path(args.run_dir)))
+    return 0
+
+
+def print_logs(args) -> int:
+    follow(Path(args.run_dir), args.follow)
+    return 0
+
+
+def logs_arguments(parser) -> None:
+    parser.add_argument("run_dir")
+    parser.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+
+
+LAUNCHER = Launcher(name="slurm", prepare_rank=prepare_rank, verbs=(
+    Verb(path=("render", "slurm"), help="an sbatch script (stdout or -o FILE)",
+         arguments=script_arguments, call=lambda args: emit(script_of(args)[0], args.output)),
+    Verb(path=("submit", "slurm"), help="sbatch the script (written to -o FILE, default <output>/hvdtrain.sbatch)",
+         arguments=lambda parser: script_arguments(parser, submitting=True), call=submit_script),
+    Verb(path=("status",), help="the Slurm job a run was submitted as: state, restarts, last epoch",
+         arguments=lambda parser: parser.add_argument("run_dir"), call=print_status),
+    Verb(path=("logs",), help="the log of the Slurm job a run was submitted as",
+         arguments=logs_arguments, call=print_logs),
+))

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import yaml
 
-from . import rank_command, template
 from ..errors import UserError
 from ..spec import load_spec
+from .common import Launcher, Verb, emit, rank_command, template
 from .k8s import (OUTPUT_DIR, QUANTITY, SPEC_DIR, SPEC_KEY, ManifestDumper, check_image, check_namespace,
-                  fill_configmap, k8s_name, ranks_per_pod, with_np)
+                  fill_configmap, k8s_name, pod_arguments, ranks_per_pod, with_np)
 
 TEMPLATE, RUNTIME_TEMPLATE = "trainjob.yaml", "horovod-runtime.yaml"
 
@@ -76,3 +76,32 @@ def render(spec_path: Path, overrides: list[str], *, nodes: int, gpus_per_node: 
             doc["metadata"]["namespace"] = namespace
     text = yaml.dump_all(docs, Dumper=ManifestDumper, sort_keys=False, width=100)
     return (render_runtime(image, shm=shm) + "---\n" + text) if with_runtime else text
+
+
+def trainjob_arguments(parser) -> None:
+    pod_arguments(parser, "node", "TrainJob")
+    parser.add_argument("--nodes", type=int, required=True, help="training nodes (pods), the launcher's included")
+    parser.add_argument("--procs-per-node", type=int, help="ranks per node (default: GPUs, or 1)")
+    parser.add_argument("--runtime", action="store_true", help="also the Horovod ClusterTrainingRuntime")
+
+
+def runtime_arguments(parser) -> None:
+    parser.add_argument("--image", required=True, help="image with hvdtrain (k8s/Dockerfile)")
+    parser.add_argument("--shm", default="1Gi", help="/dev/shm size per node (default 1Gi)")
+    parser.add_argument("-o", "--output", help="write the manifest here")
+
+
+def render_trainjob(args) -> int:
+    return emit(render(Path(args.spec), args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                       image=args.image, namespace=args.namespace, procs_per_node=args.procs_per_node,
+                       memory=args.memory, with_runtime=args.runtime, shm=args.shm), args.output)
+
+
+LAUNCHER = Launcher(name="trainjob", verbs=(
+    Verb(path=("render", "trainjob"), help="a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1) on "
+         "the Horovod ClusterTrainingRuntime, and its spec ConfigMap", arguments=trainjob_arguments,
+         call=render_trainjob),
+    Verb(path=("render", "runtime"), help="the Horovod ClusterTrainingRuntime that TrainJobs from `render "
+         "trainjob` run on; apply once per cluster", arguments=runtime_arguments,
+         call=lambda args: emit(render_runtime(args.image, shm=args.shm), args.output)),
+))

@@ -200,3 +200,25 @@ def test_no_module_defines_a_name_twice():
                  if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))]
         twice += [f"{path.relative_to(PACKAGE)}: {name}" for name in sorted(set(names)) if names.count(name) > 1]
     assert twice == []
+
+
+def test_cli_and_the_rank_entry_name_no_launcher_and_every_launcher_verb_is_a_command():
+    """Launchers come from one table: cli.py and rank.py import `hvdtrain.launch` alone."""
+    from hvdtrain.cli import parser
+    from hvdtrain.launch import LAUNCHERS
+    graph = import_graph()
+    for module in ("hvdtrain.cli", "hvdtrain.rank"):
+        assert [m for m in graph[module] if m.startswith("hvdtrain.launch.")] == [], module
+    top = parser()
+    for launcher in LAUNCHERS.values():
+        for verb in launcher.verbs:
+            args = top.parse_args([*verb.path, *REQUIRED[verb.path]])
+            assert args.func is verb.call, verb.path
+    assert {v.path for launcher in LAUNCHERS.values() for v in launcher.verbs} >= {
+        ("run",), ("render", "slurm"), ("submit", "slurm"), ("render", "k8s"), ("render", "trainjob")}
+
+
+REQUIRED = {("run",): ["s.yaml"], ("render", "slurm"): ["s.yaml"], ("submit", "slurm"): ["s.yaml"],
+            ("status",): ["runs/x"], ("logs",): ["runs/x"], ("render", "k8s"): ["s.yaml", "--image", "i",
+            "--workers", "1"], ("render", "trainjob"): ["s.yaml", "--image", "i", "--nodes", "1"],
+            ("render", "runtime"): ["--image", "i"]}
