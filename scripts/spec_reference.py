@@ -21,7 +21,7 @@ from hvdtrain.spec import JobSpec  # noqa: E402
 HEAD = """# The job spec
 
 A job is one YAML file: the sections below, each field with its type, default and
-meaning, generated from `hvdtrain/spec.py` (`python scripts/spec_reference.py >
+meaning, generated from `hvdtrain/spec/` (`python scripts/spec_reference.py >
 docs/spec.md`). `hvdtrain validate SPEC` lists every problem of a spec with its
 key path, or prints the spec resolved; `key.path=value` overrides on any verb are
 typed and checked the same way. Unknown keys are refused with the nearest valid

@@ -87,7 +87,7 @@ def test_custom_model_without_a_program_is_rebuilt_by_its_builder(tmp_path):
 
 
 def test_batches_gathered_in_groups_are_the_index_batches():
-    from hvdtrain.backends.torch import gathered_on_device
+    from hvdtrain.backends.torch_input import gathered_on_device
     rng = np.random.default_rng(0)
     x, y = torch.from_numpy(rng.normal(size=(50, 3)).astype(np.float32)), torch.arange(50)
     index_batches = [rng.permutation(50)[:n] for n in (8, 8, 7, 8, 3)]
@@ -100,7 +100,7 @@ def test_batches_gathered_in_groups_are_the_index_batches():
 
 
 def test_threaded_reading_keeps_order_and_raises_the_readers_error():
-    from hvdtrain.backends.torch import threaded
+    from hvdtrain.backends.torch_input import threaded
     from hvdtrain.errors import DataError
     assert list(threaded(iter(range(50)), depth=3)) == list(range(50))
 
@@ -117,7 +117,7 @@ def test_threaded_reading_stops_when_the_consumer_stops():
     import threading
     import time
 
-    from hvdtrain.backends.torch import threaded
+    from hvdtrain.backends.torch_input import threaded
     read = []
 
     def endless():

@@ -124,7 +124,7 @@ def test_batches_for_the_gpu_carry_the_draws_the_cpu_path_makes(tmp_path):
     does it (here by torch on the CPU), a sample is the picture the CPU path gives."""
     import torch
 
-    from hvdtrain.backends.torch import cropped
+    from hvdtrain.backends.torch_input import cropped
     root = tmp_path / "pictures"
     for k, name in enumerate(("a", "b")):
         (root / name).mkdir(parents=True)
@@ -156,7 +156,7 @@ def test_batches_for_the_gpu_carry_the_draws_the_cpu_path_makes(tmp_path):
 def test_decoding_on_the_gpu_needs_one_and_torch(tmp_path):
     import torch
 
-    from hvdtrain.backends.torch import decode_on_gpu
+    from hvdtrain.backends.torch_input import decode_on_gpu
     root = image_folder(tmp_path / "img", per_class=4)
     raw = {**BASE, "data": {"source": "image_folder", "path": str(root), "decode": "gpu"}}
     with pytest.raises(UserError, match="data.decode: gpu decodes JPEG files with torchvision on the GPU, "
