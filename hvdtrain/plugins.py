@@ -152,6 +152,21 @@ def load(reference: str, key: str) -> Callable[..., Any]:
     return target
 
 
+def checked(factory: Callable[..., Any], positional: tuple, keywords: dict[str, Any], kind: type, key: str,
+            reference: str) -> Any:
+    """factory(*positional, **keywords), which must give a `kind`; any failure a UserError
+    naming key (an optimizer class and the options given it in the spec)."""
+    try:
+        made = factory(*positional, **keywords)
+    except Exception as err:
+        given = ", ".join(f"{k}={v!r}" for k, v in keywords.items())
+        raise UserError(f"{key}: {reference}({given}) raised {type(err).__name__}: {err}") from None
+    if not isinstance(made, kind):
+        raise UserError(f"{key}: {reference} gave a {type(made).__name__}, not a "
+                        f"{kind.__module__}.{kind.__name__}")
+    return made
+
+
 def call(function: Callable[..., Any], args: dict[str, Any], offered: dict[str, Any],
          key: str, reference: str) -> Any:
     """Call with the spec's args, plus each offered value whose name the

@@ -108,7 +108,11 @@ def make_loss(loss: str):
 
 def make_optimizer(opt: OptimizerSpec, lr: float) -> keras.optimizers.Optimizer:
     """Weight decay is not given to Keras (whose decay is decoupled): it is added
-    to the gradients in the train step, as torch's SGD and Adam do."""
+    to the gradients in the train step, as torch's SGD and Adam do. An optimizer by
+    import path is called as cls(learning_rate=lr, **args)."""
+    if ":" in opt.name:
+        return plugins.checked(plugins.load(opt.name, "optimizer.name"), (), {"learning_rate": lr, **opt.args},
+                               keras.optimizers.Optimizer, "optimizer.name", opt.name)
     if opt.name == "adam":
         return keras.optimizers.Adam(learning_rate=lr)
     return keras.optimizers.SGD(learning_rate=lr, momentum=opt.momentum)

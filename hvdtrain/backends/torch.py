@@ -86,6 +86,11 @@ def make_loss(loss: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_optimizer(opt: OptimizerSpec, params, lr: float) -> torch.optim.Optimizer:
+    """The optimizer section's: sgd, adam, or a class by import path called as
+    cls(params, lr=lr, **args)."""
+    if ":" in opt.name:
+        return plugins.checked(plugins.load(opt.name, "optimizer.name"), (params,), {"lr": lr, **opt.args},
+                               torch.optim.Optimizer, "optimizer.name", opt.name)
     if opt.name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=opt.weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)

@@ -206,10 +206,28 @@ class DataSpec(Section):
 
 
 class OptimizerSpec(Section):
-    name: Literal["sgd", "adam"] = "sgd"
+    name: Literal["sgd", "adam"] | ImportPath = Field(default="sgd", description=(
+        "sgd, adam, or an optimizer class by import path (torch.optim:AdamW, "
+        "keras.optimizers:AdamW, or your own), called with the parameters (torch) and the "
+        "learning rate, plus args"))
+    args: dict[str, Any] = Field(default_factory=dict, description=(
+        "an optimizer by import path: its other keyword arguments (betas, weight_decay, ...)"))
     lr: float = Field(default=0.01, gt=0.0, le=10.0, description="learning rate for one worker")
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="sgd only")
-    weight_decay: float = Field(default=0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, lt=1.0, description=(
+        "sgd and adam: L2 penalty added to the gradients (an optimizer by import path takes its "
+        "own in args)"))
+
+    @model_validator(mode="after")
+    def _builtin_or_import_path(self) -> "OptimizerSpec":
+        own = ":" in self.name
+        if self.args and not own:
+            raise ValueError(f"args are for an optimizer named by import path, not {self.name!r}")
+        builtin_only = sorted({"momentum", "weight_decay"} & self.model_fields_set)
+        if own and builtin_only:
+            raise ValueError(f"{builtin_only[0]} is for sgd and adam; give {self.name} its options in "
+                             "optimizer.args")
+        return self
     lr_scaling: Literal["linear", "none"] = Field(
         default="linear", description="linear: lr x number of workers (Horovod's rule)")
     warmup_epochs: Annotated[float, Field(ge=0.0, le=1000)] = Field(

@@ -92,6 +92,23 @@ def test_custom_loss_from_user_code(cli, tmp_path):
     assert summary_of(out)["final"]["val_r2"] >= 0.40
 
 
+@pytest.mark.parametrize("backend, optimizer", [("torch", "torch.optim:AdamW"), ("tensorflow", "keras.optimizers:AdamW")])
+def test_an_optimizer_by_import_path_trains_and_resumes(cli, tmp_path, backend, optimizer, figure):
+    """The framework's own AdamW with its options from the spec, the lr scaled and warmed up
+    by hvdtrain; a run resumed from its checkpoint goes on with the optimizer's state."""
+    out = tmp_path / "run"
+    args = ["-np", "2", f"output={out}", f"optimizer={{name: {optimizer}, lr: 0.002, warmup_epochs: 1, "
+            "args: {weight_decay: 0.01}}", "checkpoint.every_epochs=1"]
+    first = cli("run", EXAMPLES / f"digits-mlp-{BACKENDS[backend]}.yaml", *args, "train.epochs=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = cli("run", EXAMPLES / f"digits-mlp-{BACKENDS[backend]}.yaml", *args, "train.epochs=8")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resum" in again.stdout.lower()
+    final = summary_of(out)["final"]
+    figure(f"{optimizer} on 2 ranks: validation accuracy {final['val_accuracy']:.3f} after 8 epochs (4 resumed)")
+    assert final["epoch"] == 8 and final["val_accuracy"] >= 0.93
+
+
 def test_library_model_keras_resnet50(cli, tmp_path, figure):
     out = tmp_path / "run"
     result = cli("run", EXAMPLES / "resnet50-keras.yaml", "-np", "2", f"output={out}")

@@ -102,3 +102,14 @@ def test_torch_job_does_not_import_tensorflow():
             "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+def test_a_keras_optimizer_by_import_path_gets_the_lr_and_its_args():
+    import keras
+
+    from hvdtrain.spec import validate
+    spec = validate({"name": "o", "backend": "tensorflow", "model": {"kind": "mlp"}, "data": {"source": "iris"},
+                     "optimizer": {"name": "keras.optimizers:AdamW", "args": {"weight_decay": 0.05, "beta_2": 0.95}}})
+    made = tfb.make_optimizer(spec.optimizer, lr=0.004)
+    assert isinstance(made, keras.optimizers.AdamW) and made.weight_decay == 0.05 and made.beta_2 == 0.95
+    assert float(made.learning_rate) == pytest.approx(0.004)

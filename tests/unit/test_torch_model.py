@@ -132,3 +132,30 @@ def test_threaded_reading_stops_when_the_consumer_stops():
     time.sleep(0.3)
     assert len(read) == count <= 5  # the reader stopped, a few batches ahead at most
     assert not any(t.name == "hvdtrain-loader" and t.is_alive() for t in threading.enumerate())
+
+
+def test_an_optimizer_by_import_path_gets_the_lr_and_its_args_and_is_checked():
+    from hvdtrain.backends.torch import make_optimizer
+    from hvdtrain.errors import SpecError, UserError
+    from hvdtrain.spec import load_spec
+    from tests.conftest import ROOT
+    base = {"name": "o", "backend": "torch", "model": {"kind": "mlp"}, "data": {"source": "iris"}}
+    spec = validate({**base, "optimizer": {"name": "torch.optim:AdamW", "lr": 0.003,
+                                           "args": {"betas": [0.8, 0.95], "weight_decay": 0.05}}})
+    made = make_optimizer(spec.optimizer, torch.nn.Linear(2, 2).parameters(), lr=0.006)
+    group = made.param_groups[0]
+    assert type(made) is torch.optim.AdamW and group["lr"] == 0.006 and group["betas"] == (0.8, 0.95)
+    assert group["weight_decay"] == 0.05
+    wrong = validate({**base, "optimizer": {"name": "torch.optim:AdamW", "args": {"beta": 0.9}}})
+    with pytest.raises(UserError, match=r"optimizer.name: torch.optim:AdamW\(lr=0.01, beta=0.9\) raised TypeError"):
+        make_optimizer(wrong.optimizer, torch.nn.Linear(2, 2).parameters(), lr=0.01)
+    not_one = validate({**base, "optimizer": {"name": "functools:partial"}})
+    with pytest.raises(UserError, match="functools:partial gave a partial, not a torch.optim.optimizer.Optimizer"):
+        make_optimizer(not_one.optimizer, print, lr=0.01)
+    with pytest.raises(SpecError, match="optimizer: momentum is for sgd and adam; give torch.optim:AdamW its "
+                                        "options in optimizer.args"):
+        validate({**base, "optimizer": {"name": "torch.optim:AdamW", "momentum": 0.5}})
+    with pytest.raises(SpecError, match="optimizer: args are for an optimizer named by import path, not 'sgd'"):
+        validate({**base, "optimizer": {"args": {"nesterov": True}}})
+    with pytest.raises(SpecError, match="optimizer.name: module 'torch.optim' .*has no 'AdamX'"):
+        load_spec(ROOT / "examples" / "digits-mlp-torch.yaml", ["optimizer={name: torch.optim:AdamX}"])
