@@ -59,7 +59,7 @@ def main(spec_path: str, overrides: list[str]) -> int:
     if spec.entry is not None:
         return run_entry(spec.entry)
     backend = get_backend(spec.backend)
-    require_tensorboard(spec)
+    require_tensorboard(spec.log)
     dataset = load_dataset(spec.data, image=image_input(spec.model, spec.data), task=spec.task)
     try:
         backend.fit(spec, dataset, expected_size=expected_size)

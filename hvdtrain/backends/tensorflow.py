@@ -35,7 +35,8 @@ from ..train.loop import run_epochs  # noqa: E402
 from ..train.lr import scaled_lr  # noqa: E402
 from ..train.preflight import built_on_every_rank, preflight  # noqa: E402
 from ..train.resume import resume  # noqa: E402
-from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict  # noqa: E402
+from ..spec import (CNNSpec, CustomModelSpec, DataSpec, JobSpec, MLPSpec, OptimizerSpec,  # noqa: E402
+                    ResourcesSpec, model_from_dict)
 
 MODEL_FILE = "model.keras"
 WEIGHTS_FILE = "model.weights.h5"  # a custom model Keras could not save whole
@@ -118,9 +119,9 @@ def make_optimizer(opt: OptimizerSpec, lr: float) -> keras.optimizers.Optimizer:
     return keras.optimizers.SGD(learning_rate=lr, momentum=opt.momentum)
 
 
-def configure_tensorflow(spec: JobSpec, local_rank: int) -> bool:
+def configure_tensorflow(resources: ResourcesSpec, local_rank: int) -> bool:
     """Pin this rank's GPU (by local rank) or its CPU threads; True if on a GPU."""
-    gpus = tf.config.list_physical_devices("GPU") if spec.resources.gpus_per_worker > 0 else []
+    gpus = tf.config.list_physical_devices("GPU") if resources.gpus_per_worker > 0 else []
     if gpus:
         gpu = gpus[local_rank % len(gpus)]
         tf.config.experimental.set_memory_growth(gpu, True)
@@ -129,8 +130,8 @@ def configure_tensorflow(spec: JobSpec, local_rank: int) -> bool:
         tf.config.set_visible_devices([], "GPU")
         # Same numbers for the same inputs, so a resumed run matches an uninterrupted one.
         tf.config.experimental.enable_op_determinism()
-    tf.config.threading.set_intra_op_parallelism_threads(spec.resources.cpus_per_worker)
-    tf.config.threading.set_inter_op_parallelism_threads(spec.resources.cpus_per_worker)
+    tf.config.threading.set_intra_op_parallelism_threads(resources.cpus_per_worker)
+    tf.config.threading.set_inter_op_parallelism_threads(resources.cpus_per_worker)
     return bool(gpus)
 
 
@@ -142,7 +143,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     # Horovod: initialise.
     hvd.init()
     # Horovod: pin the device to the local rank (one GPU per process, or CPU threads).
-    on_gpu = configure_tensorflow(spec, hvd.local_rank())
+    on_gpu = configure_tensorflow(spec.resources, hvd.local_rank())
     hierarchical = on_gpu and hvd.nccl_built()
     comm = horovod_comm(hvd, tf.constant, hierarchical)
 
@@ -181,7 +182,7 @@ def fit(spec: JobSpec, dataset: Dataset, expected_size: int | None = None,
         return run_elastic(spec, dataset, job.make_comm, steps,
                            lambda **attributes: hvd.elastic.TensorFlowKerasState(model, optimizer, **attributes),
                            hvd.elastic.run, progress)
-    preflight(spec, dataset, comm, steps, expected_size)  # same parameters and step counts everywhere
+    preflight(spec.train, dataset, comm, steps, expected_size)  # same parameters and step counts everywhere
     start = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
     # Horovod: broadcast model and optimizer variables from rank 0. Upstream's
     # examples broadcast after the first step because older Keras optimizers
@@ -312,7 +313,7 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
                 variable.assign(value)
 
     return Steps(train_epoch=train_epoch, evaluate_batch=evaluate_batch,
-                 loader=make_loader(spec, dataset, label_type), state_bytes=state_bytes,
+                 loader=make_loader(spec.data, dataset, label_type), state_bytes=state_bytes,
                  load_state_bytes=load_state_bytes, weights_digest=lambda: weights_digest(model),
                  export=export, parameters=sum(int(np.prod(v.shape)) for v in model.trainable_variables),
                  signature=[(v.path, tuple(v.shape), str(v.dtype)) for v in model.weights],
@@ -333,10 +334,10 @@ def seed_dropout(generators: list, seed: int) -> None:
         generator.state.assign(np.array([seed, 0], dtype=generator.state.dtype))
 
 
-def make_loader(spec: JobSpec, dataset: Dataset, label_type) -> Callable[..., Iterable[Batch]]:
+def make_loader(data: DataSpec | None, dataset: Dataset, label_type) -> Callable[..., Iterable[Batch]]:
     """The input pipeline: tf.data reads each index batch with `data.workers` reads in
     parallel (in order) and keeps `data.prefetch` batches ready; image files as uint8."""
-    workers = spec.data.workers if spec.data else 0
+    workers = data.workers if data else 0
     x_type = tf.uint8 if dataset.preprocessing.image_size else tf.float32
     x_spec = tf.TensorSpec([None, *dataset.preprocessing.input_shape], x_type)
     label_dtype = label_type.as_numpy_dtype
@@ -362,7 +363,7 @@ def make_loader(spec: JobSpec, dataset: Dataset, label_type) -> Callable[..., It
         pipeline = pipeline.map(read_batch, num_parallel_calls=workers, deterministic=True) if workers else \
             pipeline.map(read_batch)
         try:
-            yield from pipeline.prefetch(spec.data.prefetch if spec.data else 1)
+            yield from pipeline.prefetch(data.prefetch if data else 1)
         except tf.errors.OpError:
             if failures:
                 raise loader_failure(failures[0]) from None

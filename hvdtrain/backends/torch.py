@@ -69,14 +69,14 @@ def build_model(model: MLPSpec | CNNSpec, input_shape: list[int], num_classes: i
     return net
 
 
-def make_model(spec: JobSpec, dataset: Dataset) -> nn.Module:
-    """The spec's model: built in, or from the user's builder."""
+def make_model(section: MLPSpec | CNNSpec | CustomModelSpec, dataset: Dataset) -> nn.Module:
+    """The model section's: built in, or from the user's builder."""
     shape, outputs = dataset.preprocessing.input_shape, dataset.outputs
-    if not isinstance(spec.model, CustomModelSpec):
-        return build_model(spec.model, shape, outputs)
-    model = plugins.build_model(spec.model, shape, outputs)
+    if not isinstance(section, CustomModelSpec):
+        return build_model(section, shape, outputs)
+    model = plugins.build_model(section, shape, outputs)
     if not isinstance(model, nn.Module):
-        raise UserError(f"model.builder: {spec.model.builder} returned a {type(model).__name__}, "
+        raise UserError(f"model.builder: {section.builder} returned a {type(model).__name__}, "
                         "not a torch.nn.Module")
     return model
 
@@ -123,7 +123,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     torch.manual_seed(spec.train.seed)
     # User code may fail on one rank only: every rank learns of it before any other collective.
     model, loss_fn = built_on_every_rank(
-        comm, lambda: (placed(make_model(spec, dataset), device, spec.train.channels_last),
+        comm, lambda: (placed(make_model(spec.model, dataset), device, spec.train.channels_last),
                        make_loss(spec.loss)),
         elastic=spec.horovod.elastic is not None)
     # Horovod: scale the learning rate by the number of workers (the loop sets it
@@ -167,7 +167,7 @@ def fit(spec: JobSpec, dataset: Dataset, expected_size: int | None = None,
             return run_elastic(spec, dataset, job.make_comm, steps,
                                lambda **attributes: elastic_state(hvd, model, optimizer, **attributes),
                                hvd.elastic.run, progress)
-        preflight(spec, dataset, comm, steps, expected_size)  # same parameters and step counts everywhere
+        preflight(spec.train, dataset, comm, steps, expected_size)  # same parameters and step counts everywhere
         start = resume(spec, comm, steps)  # rank 0 loads the latest valid checkpoint
         # Horovod: broadcast initial (or resumed) model and optimizer state from rank 0.
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -322,7 +322,7 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
                 for buffer, value in zip(buffers, averaged):
                     buffer.copy_(value)
 
-    return Steps(train_epoch=train_epoch, evaluate_batch=evaluate_batch, loader=make_loader(spec, device),
+    return Steps(train_epoch=train_epoch, evaluate_batch=evaluate_batch, loader=make_loader(spec.data, device),
                  state_bytes=state_bytes, load_state_bytes=load_state_bytes,
                  weights_digest=lambda: weights_digest(model), export=export,
                  parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),

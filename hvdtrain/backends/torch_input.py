@@ -12,7 +12,7 @@ import torch
 
 from ..data import ArraySamples, Batch, Samples, loader_failure
 from ..errors import DataError, UserError
-from ..spec import IMAGE_SOURCES, DataSpec, JobSpec
+from ..spec import IMAGE_SOURCES, DataSpec
 
 
 class IndexBatches(torch.utils.data.Sampler):
@@ -46,7 +46,7 @@ class BatchReader(torch.utils.data.Dataset):
         return self.samples.batch(np.asarray(indices), epoch)
 
 
-def make_loader(spec: JobSpec, device: torch.device) -> Callable[..., Iterable[Batch]]:
+def make_loader(data: DataSpec | None, device: torch.device) -> Callable[..., Iterable[Batch]]:
     """The input pipeline: one torch DataLoader per split, whose `data.workers`
     processes (kept from epoch to epoch) read `data.prefetch` batches each ahead,
     into page-locked memory when training on a GPU. On a GPU, arrays held in memory
@@ -55,10 +55,10 @@ def make_loader(spec: JobSpec, device: torch.device) -> Callable[..., Iterable[B
     stream one batch ahead, so that the copy overlaps the previous step."""
     loaders: dict[int, torch.utils.data.DataLoader] = {}
     resident: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
-    workers = spec.data.workers if spec.data else 0
-    prefetch = spec.data.prefetch if spec.data else DataSpec.model_fields["prefetch"].default
-    on_device = spec.data.on_device if spec.data else False
-    on_gpu = decode_on_gpu(spec, device)
+    workers = data.workers if data else 0
+    prefetch = data.prefetch if data else DataSpec.model_fields["prefetch"].default
+    on_device = data.on_device if data else False
+    on_gpu = decode_on_gpu(data, device)
 
     def host_batches(samples: Samples, index_batches: list[np.ndarray], epoch: int | None) -> Iterable[Batch]:
         if id(samples) not in loaders:
@@ -141,11 +141,10 @@ def gathered_on_device(arrays: tuple[torch.Tensor, torch.Tensor], index_batches:
             start += len(batch)
 
 
-def decode_on_gpu(spec: JobSpec, device: torch.device) -> bool:
+def decode_on_gpu(data: DataSpec | None, device: torch.device) -> bool:
     """Whether JPEG files are decoded on the GPU (nvJPEG, through torchvision): where
     data.decode is `gpu` and it can be (else a clear refusal). `auto` decodes on the
     CPU until a committed GPU report shows the GPU path faster."""
-    data = spec.data
     if data is None or data.source not in IMAGE_SOURCES or data.decode != "gpu":
         return False
     users = ":" in (data.augment or "")

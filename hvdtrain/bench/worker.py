@@ -141,7 +141,7 @@ def train_horovod(spec, placement: str):
     device = device_for(spec, hvd.local_rank())
     dataset, batches = batches_for(spec, hvd.rank(), hvd.size())
     torch.manual_seed(spec.train.seed)
-    model = placed(make_model(spec, dataset), device, spec.train.channels_last)
+    model = placed(make_model(spec.model, dataset), device, spec.train.channels_last)
     optimizer = make_optimizer(spec.optimizer, model.parameters(), hand_lr(spec, hvd.size()))
     h = spec.horovod
     optimizer = hvd.DistributedOptimizer(
@@ -222,7 +222,7 @@ def train_ddp(spec, placement: str, communicate: bool = True):
     rank, size = dist.get_rank(), dist.get_world_size()
     dataset, batches = batches_for(spec, rank, size)
     torch.manual_seed(spec.train.seed)
-    model = placed(make_model(spec, dataset), device, spec.train.channels_last)
+    model = placed(make_model(spec.model, dataset), device, spec.train.channels_last)
     counts = Counts()
     no_sync = None
     if communicate:

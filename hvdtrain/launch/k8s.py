@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..spec import JobSpec, dump, load_spec
+from ..spec import JobSpec, ResourcesSpec, dump, load_spec
 from .common import Launcher, Verb, emit, rank_command, spec_arguments, template
 
 TEMPLATE = "mpijob.yaml"
@@ -42,7 +42,7 @@ def render(spec_path: Path, overrides: list[str], *, workers: int, gpus_per_work
     check_namespace(namespace)
     given = load_spec(spec_path, overrides, check_paths=False)
     name = k8s_name(given.name)
-    gpus, slots = ranks_per_pod(given, gpus_per_worker, slots_per_worker, "worker", "--slots-per-worker")
+    gpus, slots = ranks_per_pod(given.resources, gpus_per_worker, slots_per_worker, "worker", "--slots-per-worker")
     extra = []
     if elastic is not None:
         low, high = elastic
@@ -66,10 +66,10 @@ def render(spec_path: Path, overrides: list[str], *, workers: int, gpus_per_work
     return yaml.dump_all([configmap, job], Dumper=ManifestDumper, sort_keys=False, width=100)
 
 
-def ranks_per_pod(spec: JobSpec, gpus: int | None, ranks: int | None, pod: str, flag: str) -> tuple[int, int]:
+def ranks_per_pod(resources: ResourcesSpec, gpus: int | None, ranks: int | None, pod: str, flag: str) -> tuple[int, int]:
     """(GPUs, ranks) per pod: the GPUs given (default: the spec's per worker), one rank
     each (Horovod's rule), or the ranks given for CPU pods."""
-    gpus = spec.resources.gpus_per_worker if gpus is None else gpus
+    gpus = resources.gpus_per_worker if gpus is None else gpus
     if gpus < 0:
         raise UserError(f"--gpus-per-{pod} must be at least 0")
     ranks = ranks or gpus or 1

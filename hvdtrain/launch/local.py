@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EXIT_FAILED, EXIT_PEER, EXIT_USAGE, UserError
-from ..spec import ElasticSpec, JobSpec
+from ..spec import ElasticSpec, JobSpec, ResourcesSpec
 from .common import Launcher, Verb, rank_command
 
 
@@ -102,9 +102,9 @@ def all_local(hosts: list[str]) -> bool:
     return bool(hosts) and all(h in local or h.startswith("127.") for h in hosts)
 
 
-def rank_environment(spec: JobSpec) -> dict[str, str]:
+def rank_environment(resources: ResourcesSpec) -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(spec.resources.cpus_per_worker))
+    env.setdefault("OMP_NUM_THREADS", str(resources.cpus_per_worker))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -126,7 +126,7 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int, hosts: 
     cmd = horovodrun_command(spec_path, overrides, np, spec.horovod.start_timeout_seconds,
                              spec.horovod.elastic, hosts)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=rank_environment(spec))
+                            env=rank_environment(spec.resources))
     launcher_lines = []
     for line in proc.stdout:
         match = RANK_LINE.match(line)

@@ -47,7 +47,7 @@ def render(spec_path: Path, overrides: list[str], *, nodes: int, gpus_per_node: 
         raise UserError("horovod.elastic: Kubeflow Trainer v2 keeps no host list up to date for "
                         "elastic Horovod; render an MPIJob (`hvdtrain render k8s --elastic`)")
     name = k8s_name(given.name)
-    gpus, procs = ranks_per_pod(given, gpus_per_node, procs_per_node, "node", "--procs-per-node")
+    gpus, procs = ranks_per_pod(given.resources, gpus_per_node, procs_per_node, "node", "--procs-per-node")
     # The spec as every rank reads it: output inside the output volume, resources as deployed.
     spec = load_spec(spec_path, [*overrides, f"output={OUTPUT_DIR}/{name}",
                                  f"resources.workers={nodes * procs}",

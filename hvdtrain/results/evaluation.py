@@ -17,14 +17,14 @@ from ..backends import get_backend
 from ..data import Preprocessing, image_input, load_dataset, read_csv_rows, read_npz
 from ..data.transforms import read_image
 from ..errors import DataError, UserError
-from ..spec import IMAGE_KINDS, JobSpec, load_spec
+from ..spec import IMAGE_KINDS, DataSpec, load_spec
 from ..train.metrics import confusion, regression_scores, regression_sums, scores
 from .predict import image_files, model_dir_of, read_inputs
 
 BATCH = 1024
 
 
-def labelled_data(path: Path, prep: Preprocessing, spec: JobSpec) -> tuple[np.ndarray, np.ndarray]:
+def labelled_data(path: Path, prep: Preprocessing, data: DataSpec) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed inputs and labels (class indices, or standardised targets) of a
     labelled file: .npz (x, y), .csv (the training columns and data.label_column),
     .npy (with y.npy beside it), or for an image model a folder of class folders."""
@@ -53,7 +53,7 @@ def labelled_data(path: Path, prep: Preprocessing, spec: JobSpec) -> tuple[np.nd
         x, labels = np.load(path, mmap_mode="r"), np.load(labels_path)
     elif suffix == ".csv":
         header, rows = read_csv_rows(path)
-        column = spec.data.label_column
+        column = data.label_column
         if column not in header:
             raise DataError(f"{path}: no label column {column!r} (columns: {', '.join(header)})")
         x = read_inputs(path, prep)
@@ -117,7 +117,7 @@ def evaluate_run(run_dir: Path, data: Path | None, output: Path | None, log=prin
         source = "the run's test split"
     else:
         spec = load_spec(spec_file, check_paths=False)  # the data it trained on need not be here
-        x, y = labelled_data(data, prep, spec)
+        x, y = labelled_data(data, prep, spec.data)
         source = str(data)
     model = get_backend(config["backend"]).load_model(model_dir)
     outputs = np.concatenate([np.asarray(model(x[i:i + BATCH]), dtype=np.float64)

@@ -60,7 +60,7 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
     @elastic_run
     def train(state) -> dict[str, Any]:
         comm = make_comm()
-        preflight(spec, dataset, comm, steps)
+        preflight(spec.train, dataset, comm, steps)
         if comm.rank == 0:
             progress(f"{spec.backend} {spec.model.kind} with {steps.parameters:,} parameters on "
                      f"{comm.size} workers (elastic), from epoch {state.epoch + 1}")

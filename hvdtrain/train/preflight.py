@@ -7,11 +7,11 @@ from typing import Any, Callable
 
 from ..data import Dataset, steps_per_epoch
 from ..errors import TrainingError, UserError
-from ..spec import JobSpec
+from ..spec import TrainSpec
 from .contract import Comm, Steps
 
 
-def preflight(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps,
+def preflight(train: TrainSpec, dataset: Dataset, comm: Comm, steps: Steps,
               expected_size: int | None = None) -> None:
     """Before any tensor is exchanged: every rank has the same parameters (names,
     shapes, dtypes) and the same number of steps per epoch. A difference would
@@ -19,7 +19,7 @@ def preflight(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps,
     expected_size: the ranks the launcher started, where it knows (srun, MPI mode)."""
     check_world(comm, expected_size)
     mine = {"parameters": [list(map(str, p)) for p in steps.signature],
-            "steps_per_epoch": steps_per_epoch(len(dataset.train), comm.size, spec.train.batch_size),
+            "steps_per_epoch": steps_per_epoch(len(dataset.train), comm.size, train.batch_size),
             "training samples": len(dataset.train), "classes": dataset.num_classes}
     everyone = comm.allgather_object(mine, "hvdtrain.preflight")
     problems = []

@@ -13,15 +13,15 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..spec import JobSpec, dump
+from ..spec import JobSpec, LogSpec, dump
 
 
 TENSORBOARD_DIR = "tensorboard"
 
 
-def require_tensorboard(spec: JobSpec) -> None:
+def require_tensorboard(log: LogSpec) -> None:
     """Before anything starts, on every rank: log.tensorboard needs the package."""
-    if spec.log.tensorboard:
+    if log.tensorboard:
         try:
             import tensorboard.summary.writer.event_file_writer  # noqa: F401
         except ImportError:

@@ -161,8 +161,8 @@ def test_decoding_on_the_gpu_needs_one_and_torch(tmp_path):
     raw = {**BASE, "data": {"source": "image_folder", "path": str(root), "decode": "gpu"}}
     with pytest.raises(UserError, match="data.decode: gpu decodes JPEG files with torchvision on the GPU, "
                                         "and this rank has no GPU"):
-        decode_on_gpu(validate(raw), torch.device("cpu"))
-    assert not decode_on_gpu(validate({**raw, "data": {**raw["data"], "decode": "auto"}}), torch.device("cpu"))
+        decode_on_gpu(validate(raw).data, torch.device("cpu"))
+    assert not decode_on_gpu(validate({**raw, "data": {**raw["data"], "decode": "auto"}}).data, torch.device("cpu"))
     with pytest.raises(SpecError, match="the tensorflow backend decodes on the CPU"):
         validate({**raw, "backend": "tensorflow"})
     with pytest.raises(SpecError, match="data.decode applies to image files"):
