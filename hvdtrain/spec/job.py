@@ -137,8 +137,8 @@ def reference_problems(spec: JobSpec, spec_path: str | Path) -> list[str]:
     named = [("loss", spec.loss)] if spec.loss and ":" in spec.loss else []
     if isinstance(spec.model, CustomModelSpec):
         named.append(("model.builder", spec.model.builder))
-    if ":" in spec.optimizer.name:
-        named.append(("optimizer.name", spec.optimizer.name))
+    named += [(f"optimizer.{key}", value) for key in ("name", "schedule")
+              if ":" in (value := getattr(spec.optimizer, key))]
     if spec.data is not None and spec.data.loader:
         named.append(("data.loader", spec.data.loader))
     if spec.data is not None and spec.data.augment and ":" in spec.data.augment:

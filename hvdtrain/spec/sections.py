@@ -232,9 +232,11 @@ class OptimizerSpec(Section):
         default="linear", description="linear: lr x number of workers (Horovod's rule)")
     warmup_epochs: Annotated[float, Field(ge=0.0, le=1000)] = Field(
         default=0.0, description="ramp from lr to the scaled lr over this many epochs")
-    schedule: Literal["constant", "cosine", "step", "plateau"] = Field(default="constant", description=(
+    schedule: Literal["constant", "cosine", "step", "plateau"] | ImportPath = Field(default="constant", description=(
         "after warm-up: constant; cosine (to 0 at the last epoch); step (x decay every "
-        "decay_every_epochs); plateau (x decay when val_loss has not improved for patience epochs)"))
+        "decay_every_epochs); plateau (x decay when val_loss has not improved for patience epochs); "
+        "or your function by import path, f(progress, epochs) -> the scaled lr's factor, progress "
+        "in epochs since warm-up ended (a float), epochs the run's after warm-up"))
     decay: float = Field(default=0.1, gt=0.0, lt=1.0, description="step and plateau: the lr's factor")
     decay_every_epochs: Annotated[int, Field(ge=1, le=100_000)] = Field(default=30, description="step")
     patience: Annotated[int, Field(ge=1, le=100_000)] = Field(default=2, description="plateau")

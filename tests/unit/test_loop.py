@@ -237,3 +237,25 @@ def test_workers_leaving_and_joining_within_an_epoch_train_each_sample_once():
         processed += sum(len(np.concatenate(b)) for b in batches[:steps])  # what the commit records
     assert processed == n
     assert sorted(trained) == list(range(n))
+
+
+def test_a_schedule_by_import_path_scales_the_lr_after_warm_up_and_is_checked(tmp_path):
+    from hvdtrain import plugins
+    from hvdtrain.errors import SpecError, UserError
+    from tests.conftest import ROOT
+    plugins.add_import_paths([str(ROOT / "tests" / "data" / "user_code")])
+    raw = {"name": "s", "backend": "torch", "model": {"kind": "mlp"}, "data": {"source": "iris"},
+           "optimizer": {"lr": 0.1, "warmup_epochs": 1, "schedule": "schedules:linear_to_zero"}}
+    spec = validate(raw)
+    lrs = [lr_schedule(spec.optimizer, 0.4, epoch, 10, epochs=5)(step) for epoch in range(5) for step in (0, 5)]
+    # warm-up from 0.1 to 0.4 over epoch 1, then 0.4 falling to 0 over the 4 epochs after it
+    assert lrs == pytest.approx([0.1, 0.25, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05])
+    bad = validate({**raw, "optimizer": {**raw["optimizer"], "schedule": "schedules:not_a_number"}})
+    with pytest.raises(UserError, match=r"optimizer.schedule: schedules:not_a_number\(0, 4\) gave nan; expected "
+                                        "a factor >= 0"):
+        lr_schedule(bad.optimizer, 0.4, 1, 10, epochs=5)(0)
+    with pytest.raises(SpecError, match="optimizer.schedule: module 'schedules' .* has no 'missing'"):
+        from hvdtrain.spec import load_spec
+        (tmp_path / "s.yaml").write_text(json.dumps({**raw, "code": [str(ROOT / "tests" / "data" / "user_code")],
+                                                     "optimizer": {"schedule": "schedules:missing"}}))
+        load_spec(tmp_path / "s.yaml")
