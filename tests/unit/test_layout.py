@@ -107,18 +107,23 @@ DATA_LAYERS = {"types": 0, "split": 1, "sharding": 1, "npy": 2, "transforms": 2,
                "write_shards": 5, "__init__": 5}
 
 
+def upward_imports(package: str, layers: dict[str, int]) -> list[str]:
+    """The imports of a package's modules that reach a module of their own layer or above."""
+    found = {path.stem for path in (PACKAGE / package).glob("*.py")}
+    assert found == set(layers)
+    upward = []
+    for name, layer in layers.items():
+        for node in ast.walk(ast.parse((PACKAGE / package / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                upward += [f"{name} -> {t}" for t in targets if layers[t.split(".")[0]] >= layer]
+    return upward
+
+
 def test_data_modules_import_only_the_layers_below_them():
     """hvdtrain/data: types <- split, sharding <- npy, transforms, indexes <- image_samples <- readers
     <- the table."""
-    found = {path.stem for path in (PACKAGE / "data").glob("*.py")}
-    assert found == set(DATA_LAYERS)
-    upward = []
-    for name, layer in DATA_LAYERS.items():
-        for node in ast.walk(ast.parse((PACKAGE / "data" / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                targets = [node.module] if node.module else [a.name for a in node.names]
-                upward += [f"{name} -> {t}" for t in targets if DATA_LAYERS[t.split(".")[0]] >= layer]
-    assert upward == []
+    assert upward_imports("data", DATA_LAYERS) == []
 
 
 TRAIN_LAYERS = {"contract": 0, "checkpoint": 0, "preempt": 0, "metrics": 0, "lr": 1, "steer": 1,
@@ -128,15 +133,7 @@ TRAIN_LAYERS = {"contract": 0, "checkpoint": 0, "preempt": 0, "metrics": 0, "lr"
 
 def test_train_modules_import_only_the_layers_below_them():
     """hvdtrain/train: the contract at the bottom, the loop and elastic training at the top."""
-    found = {path.stem for path in (PACKAGE / "train").glob("*.py")}
-    assert found == set(TRAIN_LAYERS)
-    upward = []
-    for name, layer in TRAIN_LAYERS.items():
-        for node in ast.walk(ast.parse((PACKAGE / "train" / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                targets = [node.module] if node.module else [a.name for a in node.names]
-                upward += [f"{name} -> {t}" for t in targets if TRAIN_LAYERS[t.split(".")[0]] >= layer]
-    assert upward == []
+    assert upward_imports("train", TRAIN_LAYERS) == []
 
 
 def import_graph() -> dict[str, set[str]]:
