@@ -33,7 +33,8 @@ THREADS = 1
 def batches_for(spec, rank: int, size: int) -> list:
     from ..data import image_input, load_dataset, shard_batches
     dataset = load_dataset(spec.data, image=image_input(spec.model, spec.data), task=spec.task)
-    order = shard_batches(len(dataset.train), rank, size, spec.train.batch_size, spec.train.seed, 0)
+    order = shard_batches(len(dataset.train), rank, size, spec.train.batch_size, spec.train.seed, 0,
+                          last_batch=spec.train.last_batch)
     # the hand-written loops take float inputs: image files' uint8 pixels normalised here
     prep = dataset.preprocessing
     return dataset, [(prep.apply(x) if prep.image_size else x, y) for x, y in map(dataset.train.batch, order)]
@@ -79,7 +80,8 @@ def train_hvdtrain(spec, backend_name: str):
     dataset = load_dataset(spec.data, image=image_input(spec.model, spec.data), task=spec.task)
     job = backend.setup(spec, dataset)
     comm = job.comm
-    order = shard_batches(len(dataset.train), comm.rank, comm.size, spec.train.batch_size, spec.train.seed, 0)
+    order = shard_batches(len(dataset.train), comm.rank, comm.size, spec.train.batch_size, spec.train.seed, 0,
+                          last_batch=spec.train.last_batch)
     lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
     counts = Counts()
     if backend_name == "torch":

@@ -263,7 +263,12 @@ class TargetSpec(Section):
 
 class TrainSpec(Section):
     epochs: Annotated[int, Field(gt=0, le=100_000)] = 10
-    batch_size: Annotated[int, Field(gt=0, le=1_000_000)] = Field(default=32, description="per worker")
+    batch_size: Annotated[int, Field(gt=0, le=1_000_000)] = Field(default=32, description=(
+        "per worker: every training batch of every rank holds exactly this many samples"))
+    last_batch: Literal["pad", "drop"] = Field(default="pad", description=(
+        "when the training samples do not fill the last step: pad (repeat samples from the "
+        "epoch's start, so that every sample is trained at least once an epoch) or drop (leave "
+        "out the remainder, a different one each epoch)"))
     seed: Seed = 0
     early_stopping: EarlyStoppingSpec | None = Field(default=None, description=(
         "stop when the metric stops improving; the best epoch's weights are exported"))

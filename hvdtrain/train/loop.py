@@ -31,7 +31,7 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start:
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     say = (lambda line: None) if spec.log.level == "quiet" else (progress or write_line)
     n = len(dataset.train)
-    per_epoch = steps_per_epoch(n, comm.size, spec.train.batch_size)
+    per_epoch = steps_per_epoch(n, comm.size, spec.train.batch_size, spec.train.last_batch)
     # Horovod: the learning rate scaled by the number of workers.
     target_lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
     if comm.rank == 0:
@@ -86,7 +86,7 @@ def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start
     passes = spec.horovod.backward_passes_per_step
     index_batches = shard_batches(n=len(dataset.train), rank=comm.rank, size=comm.size,
                                   batch_size=spec.train.batch_size, seed=spec.train.seed, epoch=epoch,
-                                  groups=getattr(dataset.train, "groups", None))
+                                  groups=getattr(dataset.train, "groups", None), last_batch=spec.train.last_batch)
     batches = iter(steps.loader(dataset.train, index_batches[start.step:], epoch))
     local, done = np.zeros(2), [start.step]
     shown.begin_epoch(epoch, start.step)

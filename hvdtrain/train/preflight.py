@@ -19,7 +19,7 @@ def preflight(train: TrainSpec, dataset: Dataset, comm: Comm, steps: Steps,
     expected_size: the ranks the launcher started, where it knows (srun, MPI mode)."""
     check_world(comm, expected_size)
     mine = {"parameters": [list(map(str, p)) for p in steps.signature],
-            "steps_per_epoch": steps_per_epoch(len(dataset.train), comm.size, train.batch_size),
+            "steps_per_epoch": steps_per_epoch(len(dataset.train), comm.size, train.batch_size, train.last_batch),
             "training samples": len(dataset.train), "classes": dataset.num_classes}
     everyone = comm.allgather_object(mine, "hvdtrain.preflight")
     problems = []

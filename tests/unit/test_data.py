@@ -9,19 +9,24 @@ from hvdtrain.spec import DataSpec
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 3000), size=st.integers(1, 16), batch=st.integers(1, 256),
-       seed=st.integers(0, 10), epoch=st.integers(0, 50))
-def test_shards_take_equal_steps_are_disjoint_and_complete(n, size, batch, seed, epoch):
-    if n < size:
-        with pytest.raises(DataError):
-            shard_batches(n, 0, size, batch, seed, epoch)
+       seed=st.integers(0, 10), epoch=st.integers(0, 50), last_batch=st.sampled_from(["pad", "drop"]))
+def test_every_rank_takes_the_same_steps_of_exactly_batch_size(n, size, batch, seed, epoch, last_batch):
+    if last_batch == "drop" and n < size * batch:
+        with pytest.raises(DataError, match=f"{n} training samples do not fill one step of {size} ranks x "
+                                            f"batch_size {batch}"):
+            shard_batches(n, 0, size, batch, seed, epoch, last_batch=last_batch)
         return
-    shards = [shard_batches(n, r, size, batch, seed, epoch) for r in range(size)]
+    shards = [shard_batches(n, r, size, batch, seed, epoch, last_batch=last_batch) for r in range(size)]
     steps = {len(s) for s in shards}
-    assert steps == {steps_per_epoch(n, size, batch)}
+    assert steps == {steps_per_epoch(n, size, batch, last_batch)}
+    assert {len(b) for s in shards for b in s} == {batch}  # the spec's batch size, every step, every rank
     every = np.concatenate([np.concatenate(s) for s in shards])
-    assert len(every) == n and set(every.tolist()) == set(range(n))  # disjoint and complete
-    assert all(len(b) >= 1 for s in shards for b in s)  # no empty batch
-    assert max(len(b) for s in shards for b in s) <= batch + 1
+    counts = np.bincount(every, minlength=n)
+    if last_batch == "pad":  # every sample at least once; the repeats are the fewest that fill the last step
+        assert counts.min() >= 1 and len(every) - n < size * batch
+        assert counts.max() <= -(-size * batch // n) + 1
+    else:  # no sample twice; fewer than one step's worth left out
+        assert counts.max() == 1 and n - len(every) < size * batch
 
 
 def test_shard_order_depends_on_seed_and_epoch_only():

@@ -71,7 +71,7 @@ def test_webdataset_gives_the_image_folders_pixels_and_splits(shards):
 
 
 def test_shards_are_dealt_whole_and_every_sample_trains_once_an_epoch():
-    sizes = [40, 40, 40, 17, 40, 33]  # the last shards of a set are often short
+    sizes = [40, 40, 40, 17, 40, 40, 23]  # the last shards of a set are often short; 240 fill 1-3 ranks' steps
     groups = list(np.split(np.arange(sum(sizes)), np.cumsum(sizes)[:-1]))
     shard_of = np.repeat(np.arange(len(sizes)), sizes)
     for size in (1, 2, 3):
@@ -92,6 +92,12 @@ def test_shards_are_dealt_whole_and_every_sample_trains_once_an_epoch():
         again = [shard_batches(sum(sizes), 0, size, 8, seed=0, epoch=1, groups=groups)]
         assert all(np.array_equal(a, b) for a, b in zip(again[0], shard_batches(sum(sizes), 0, size, 8, 0, 1,
                                                                                    groups=groups)))
+    # samples that do not fill the last step (242 for 3 ranks x 8): the last rank also takes the
+    # epoch's first 22 again (pad), so every sample is trained at least once
+    batches = [np.concatenate(shard_batches(242, rank, 3, 8, seed=0, epoch=0, groups=groups + [np.arange(240, 242)]))
+               for rank in range(3)]
+    assert [len(b) for b in batches] == [88, 88, 88] and set(np.concatenate(batches).tolist()) == set(range(242))
+    np.testing.assert_array_equal(batches[2][-22:], batches[0][:22])
 
 
 def test_a_shards_index_is_cached_while_it_is_unchanged(shards, monkeypatch):
