@@ -230,8 +230,10 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
     scaler = torch.amp.GradScaler(device.type) if spec.train.precision == "fp16" else None
 
     # torch.compile: the steps call the compiled module, which shares the model's
-    # parameters; checkpoints, buffers and exports keep using the plain model
-    forward = torch.compile(model) if spec.train.compile else model
+    # parameters; checkpoints, buffers and exports keep using the plain model. Static
+    # shapes: a validation batch of another size gets a graph of its own, instead of
+    # turning the batch dimension dynamic (a slower graph) for the rest of the run.
+    forward = torch.compile(model, dynamic=False) if spec.train.compile else model
 
     affine = None if pixel_affine is None else \
         tuple(torch.from_numpy(a).reshape(1, -1, 1, 1).to(device) for a in pixel_affine)

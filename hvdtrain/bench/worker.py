@@ -178,7 +178,7 @@ def plain_steps(spec, model, optimizer, batches: list, device, placement: str, n
     low = {"bf16": torch.bfloat16}.get(spec.train.precision)
     pin = device.type == "cuda"
     from ..backends.torch import in_order
-    forward = torch.compile(model) if spec.train.compile else model
+    forward = torch.compile(model, dynamic=False) if spec.train.compile else model
 
     def images(x):
         return in_order(x, spec.train.channels_last)
