@@ -11,8 +11,10 @@
 # pip package). Settings:
 #   HVDTRAIN_FRAMEWORKS=torch     one framework only (default: torch,tensorflow)
 #   HVDTRAIN_WHEELS=DIR           install from the wheels in DIR only (no package index;
-#                                 DIR holds setuptools too)
-#   HVDTRAIN_EXTRAS=tensorboard   hvdtrain's other extras (default: tensorboard,test)
+#                                 DIR holds setuptools too, and Horovod's sdist
+#                                 horovod-0.28.1.tar.gz, which the build takes from there)
+#   HVDTRAIN_EXTRAS=tensorboard   hvdtrain's other extras (default: tensorboard; scripts/test.sh
+#                                 adds test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,7 +41,7 @@ pip_from=()
 # offline: no index, and hvdtrain built with the setuptools at hand (in DIR or the machine's)
 [ -n "${HVDTRAIN_WHEELS:-}" ] && pip_from=(--no-index --find-links "$HVDTRAIN_WHEELS" --no-build-isolation)
 
-extras=${HVDTRAIN_EXTRAS-tensorboard,test}
+extras=${HVDTRAIN_EXTRAS-tensorboard}
 case $frameworks in *,torch,*) [ -n "$machine_site" ] || extras+=",torch" ;; esac
 case $frameworks in *,tensorflow,*) if [ $gpu = 1 ]; then extras+=",tensorflow-cuda"; else extras+=",tensorflow"; fi ;; esac
 extras=${extras#,}

@@ -2,7 +2,8 @@
 # Set up (as scripts/setup.sh) and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+# the tests' own packages besides the job's (pytest, hypothesis, the schemas, webdataset, mkdocs)
+HVDTRAIN_EXTRAS="${HVDTRAIN_EXTRAS-tensorboard},test" scripts/setup.sh
 # The cluster tests start a throwaway Slurm cluster from Debian's packages (root only).
 # The two-host tests start sshd in network namespaces (openssh-server).
 if [ "$(id -u)" = 0 ] && { ! command -v slurmctld >/dev/null || [ ! -x /usr/sbin/sshd ]; }; then

@@ -175,8 +175,13 @@ class BuildPlan:
 
 
 def fetch_sdist(cache: Path, log) -> Path:
-    """The pinned sdist from PyPI, downloaded once and checked by hash."""
+    """The pinned sdist, checked by hash: from the cache, else from $HVDTRAIN_WHEELS (a
+    machine without a package index keeps it beside the wheels), else from PyPI."""
     target = cache / "sdist" / SDIST_NAME
+    beside = Path(os.environ.get("HVDTRAIN_WHEELS", "")) / SDIST_NAME
+    if not target.exists() and os.environ.get("HVDTRAIN_WHEELS") and beside.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(beside, target)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

@@ -38,6 +38,24 @@ def test_every_fix_applies_exactly_and_changes_its_file(sdist_tree):
     assert "cmake_minimum_required(VERSION 2.8" not in cmake
 
 
+def test_the_sdist_beside_offline_wheels_is_taken_and_checked(tmp_path, monkeypatch):
+    """A machine without a package index keeps the sdist in HVDTRAIN_WHEELS: no download."""
+    cached = build.cache_root() / "sdist" / build.SDIST_NAME
+    if not cached.exists():
+        missing(f"{cached} not cached yet: scripts/setup.sh downloads it")
+    wheels, cache = tmp_path / "wheels", tmp_path / "cache"
+    wheels.mkdir()
+    (wheels / build.SDIST_NAME).write_bytes(cached.read_bytes())
+    monkeypatch.setenv("HVDTRAIN_WHEELS", str(wheels))
+    monkeypatch.setattr(build, "run", lambda *a, **k: pytest.fail("downloaded instead"))
+    taken = build.fetch_sdist(cache, log=None)
+    assert taken == cache / "sdist" / build.SDIST_NAME and taken.read_bytes() == cached.read_bytes()
+    (wheels / build.SDIST_NAME).write_bytes(b"not the sdist")
+    taken.unlink()
+    with pytest.raises(build.BuildError, match="has sha256 .*, expected 92a43f5a"):
+        build.fetch_sdist(cache, log=None)
+
+
 def test_a_fix_that_does_not_match_stops_the_build(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     with pytest.raises(FixError, match="expected its text 1 time"):
