@@ -254,6 +254,15 @@ RUNTIME_FIXES: tuple[Fix, ...] = (
             "wrote past the vector's end: SIGSEGV with both variables set, another "
             "variable silently overwritten with one.",
     ),
+    Fix(
+        path="horovod/common/util.py",
+        old="EXTENSIONS = ['tensorflow', 'torch', 'mxnet']\n",
+        new="EXTENSIONS = ['torch', 'tensorflow', 'mxnet']\n",
+        why="horovodrun checks that Horovod was built with Gloo (or MPI) before every launch, by "
+            "importing each framework's extension in a child process in this order until one "
+            "answers. TensorFlow came first, and importing it took 3.4 s of each launch where "
+            "torch takes 1.2 s; a machine without torch answers from TensorFlow as before.",
+    ),
 ) + CHANNELS_LAST_FIXES + BLOCKING_WAIT_FIXES
 
 # Keras 3 (TensorFlow >= 2.16) variables are not tf.Variable objects: they wrap
