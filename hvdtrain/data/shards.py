@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,9 @@ from .shard_index import shard_samples
 from .split import Targets, natural_key
 from .types import Dataset, Preprocessing
 
+OPEN_SHARDS = 64  # descriptors a process keeps open (ImageNet has 1,281 training shards)
+
+
 class ShardSamples(EncodedImages):
     """Images inside tar shards; `groups`: the samples of each shard, which the
     sharding deals to the ranks whole."""
@@ -32,21 +36,33 @@ class ShardSamples(EncodedImages):
                  preprocessing, seed: int = 0, on_bad_file: str = "fail"):
         super().__init__(y, preprocessing, seed, on_bad_file)
         self.shards, self.rows, self.names = [str(s) for s in shards], rows, names  # rows: shard, offset, size
-        self.files: dict[int, int] = {}  # shard -> descriptor, per process (pread: no shared position)
+        self.files: OrderedDict[int, int] = OrderedDict()  # shard -> descriptor, this process's, most recent last
         order = np.argsort(rows[:, 0], kind="stable")
         self.groups = [g for g in np.split(order, np.flatnonzero(np.diff(rows[order, 0])) + 1) if len(g)]
 
     def encoded(self, i: int) -> io.BytesIO:
         shard, offset, size = (int(v) for v in self.rows[i])
-        if shard not in self.files:
-            self.files[shard] = os.open(self.shards[shard], os.O_RDONLY)
-        data = os.pread(self.files[shard], size, offset)
+        try:
+            data = os.pread(self.descriptor(shard), size, offset)  # pread: no position shared across a fork
+        except OSError as err:
+            raise DataError(f"{self.name(i)}: cannot read ({err.strerror})") from None
         if len(data) != size:
             raise DataError(f"{self.name(i)}: the shard ends inside it (changed since it was indexed?)")
         return io.BytesIO(data)
 
     def name(self, i: int) -> str:
         return f"{self.shards[int(self.rows[i, 0])]}:{self.names[i]}"
+
+    def descriptor(self, shard: int) -> int:
+        """An open descriptor of the shard; the least recently used one is closed beyond
+        OPEN_SHARDS (each of the loader's processes holds its own)."""
+        if shard in self.files:
+            self.files.move_to_end(shard)
+            return self.files[shard]
+        if len(self.files) >= OPEN_SHARDS:
+            os.close(self.files.popitem(last=False)[1])
+        self.files[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        return self.files[shard]
 
 
 def shard_paths(path: str) -> tuple[list[Path], list[Path]]:

@@ -157,3 +157,14 @@ def tar_bytes(members: dict[str, bytes]) -> bytes:
             info.size = len(content)
             tar.addfile(info, io.BytesIO(content))
     return buffer.getvalue()
+
+
+def test_a_process_keeps_few_shards_open_however_many_it_reads(shards, monkeypatch):
+    from hvdtrain.data import shards as reader
+    _, out = shards
+    monkeypatch.setattr(reader, "OPEN_SHARDS", 2)
+    samples = load_dataset(data_spec(source="webdataset", path=str(out), image_size=8), image=True).train
+    for i in range(len(samples)):  # every sample of three shards, in order
+        samples.batch(np.array([i]))
+        assert len(samples.files) <= 2
+    assert samples.batch(np.arange(len(samples)))[0].shape == (len(samples), 3, 8, 8)
