@@ -236,8 +236,10 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides += extra
     elif extra:
         top.error(f"unrecognized arguments: {' '.join(extra)}")
+    failed = True  # an error ended the verb (not a status it returned: a user's script's, a requeue's)
     try:
         code = args.func(args)
+        failed = False
     except UserError as err:
         print(f"hvdtrain: error: {err}", file=sys.stderr)
         code = EXIT_USAGE
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         code = EXIT_PEER
     except KeyboardInterrupt:
         code = 130
-    if code and getattr(args, "func", None) is cmd_train:
+    if failed and getattr(args, "func", None) is cmd_train:
         # A rank that failed ends now, with its status: tearing down (the loader's processes,
         # Horovod's threads) could outlast the launcher's patience, which then kills it and
         # reports another rank's status instead.
