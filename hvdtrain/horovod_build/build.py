@@ -178,10 +178,10 @@ def fetch_sdist(cache: Path, log) -> Path:
     """The pinned sdist, checked by hash: from the cache, else from $HVDTRAIN_WHEELS (a
     machine without a package index keeps it beside the wheels), else from PyPI."""
     target = cache / "sdist" / SDIST_NAME
-    beside = Path(os.environ.get("HVDTRAIN_WHEELS", "")) / SDIST_NAME
-    if not target.exists() and os.environ.get("HVDTRAIN_WHEELS") and beside.is_file():
+    wheels = os.environ.get("HVDTRAIN_WHEELS")
+    if not target.exists() and wheels and (Path(wheels) / SDIST_NAME).is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(beside, target)
+        shutil.copyfile(Path(wheels) / SDIST_NAME, target)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

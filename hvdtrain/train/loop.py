@@ -136,11 +136,11 @@ def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start
 def since_launch() -> float:
     """Seconds since `hvdtrain run` began launching the job (HVDTRAIN_LAUNCHED_AT, which
     it passes to the ranks), else since this process started (srun, mpirun, Kubernetes)."""
-    launched = os.environ.get("HVDTRAIN_LAUNCHED_AT")
     try:
-        return time.time() - (float(launched) if launched else psutil.Process().create_time())
-    except ValueError:
-        return time.time() - psutil.Process().create_time()
+        began = float(os.environ["HVDTRAIN_LAUNCHED_AT"])
+    except (KeyError, ValueError):
+        began = psutil.Process().create_time()
+    return time.time() - began
 
 
 def write_line(line: str) -> None:
