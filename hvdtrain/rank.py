@@ -8,7 +8,7 @@ import os
 import runpy
 import sys
 
-from .train import preempt
+from .train import preempt, startup
 from .spec import EntrySpec, HorovodSpec, load_spec
 
 
@@ -49,6 +49,7 @@ def main(spec_path: str, overrides: list[str]) -> int:
     from .plugins import add_import_paths, import_paths
     from .train.progress import require_tensorboard
 
+    startup.mark("python")
     spec = load_spec(spec_path, overrides)
     preempt.install()  # before anything slow: a stop asked for early is not lost
     apply_horovod_environment(spec.horovod)
@@ -58,9 +59,12 @@ def main(spec_path: str, overrides: list[str]) -> int:
     add_import_paths(import_paths(spec_path, spec.code))
     if spec.entry is not None:
         return run_entry(spec.entry)
+    startup.mark("bootstrap")
     backend = get_backend(spec.backend)
     require_tensorboard(spec.log)
+    startup.mark("framework")
     dataset = load_dataset(spec.data, image=image_input(spec.model, spec.data), task=spec.task)
+    startup.mark("data")
     try:
         backend.fit(spec, dataset, expected_size=expected_size)
     except preempt.Preempted as stop:

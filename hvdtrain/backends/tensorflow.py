@@ -26,16 +26,18 @@ with start_up_notices_hidden():
     import keras
 
 from . import import_horovod  # noqa: E402
+from .tf_input import make_loader  # noqa: E402
 from .. import plugins  # noqa: E402
-from ..data import Batch, Dataset, Preprocessing, Samples, loader_failure  # noqa: E402
-from ..errors import DataError, UserError  # noqa: E402
+from ..data import Batch, Dataset, Preprocessing  # noqa: E402
+from ..errors import UserError  # noqa: E402
+from ..train import startup
 from ..train.contract import Steps, Training, horovod_comm, step_seed  # noqa: E402
 from ..train.elastic import run_elastic  # noqa: E402
 from ..train.loop import run_epochs  # noqa: E402
 from ..train.lr import scaled_lr  # noqa: E402
 from ..train.preflight import built_on_every_rank, preflight  # noqa: E402
 from ..train.resume import resume  # noqa: E402
-from ..spec import (CNNSpec, CustomModelSpec, DataSpec, JobSpec, MLPSpec, OptimizerSpec,  # noqa: E402
+from ..spec import (CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec,  # noqa: E402
                     ResourcesSpec, model_from_dict)
 
 MODEL_FILE = "model.keras"
@@ -142,6 +144,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
 
     # Horovod: initialise.
     hvd.init()
+    startup.mark("horovod")
     # Horovod: pin the device to the local rank (one GPU per process, or CPU threads).
     on_gpu = configure_tensorflow(spec.resources, hvd.local_rank())
     hierarchical = on_gpu and hvd.nccl_built()
@@ -169,6 +172,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
 
     # Horovod: the gradient tape is wrapped so gradients are allreduced (in make_steps).
     steps = make_steps(spec, model, optimizer, loss_fn, hvd, comm.rank, dataset)
+    startup.mark("model")
     return Training(hvd=hvd, comm=comm, model=model, optimizer=optimizer, steps=steps,
                     make_comm=lambda: horovod_comm(hvd, tf.constant, hierarchical))
 
@@ -190,6 +194,7 @@ def fit(spec: JobSpec, dataset: Dataset, expected_size: int | None = None,
     # keeps a resumed run exactly on rank 0's checkpoint.
     hvd.broadcast_variables(model.weights, root_rank=0)
     hvd.broadcast_variables(optimizer.variables, root_rank=0)
+    startup.mark("sync")
     # Horovod: checkpoint on rank 0 only -- inside run_epochs.
     return run_epochs(spec, dataset, comm, steps, start, progress)
 
@@ -332,43 +337,6 @@ def seed_dropout(generators: list, seed: int) -> None:
     resumed at any step draws the same masks as an uninterrupted one."""
     for generator in generators:
         generator.state.assign(np.array([seed, 0], dtype=generator.state.dtype))
-
-
-def make_loader(data: DataSpec | None, dataset: Dataset, label_type) -> Callable[..., Iterable[Batch]]:
-    """The input pipeline: tf.data reads each index batch with `data.workers` reads in
-    parallel (in order) and keeps `data.prefetch` batches ready; image files as uint8."""
-    workers = data.workers if data else 0
-    x_type = tf.uint8 if dataset.preprocessing.image_size else tf.float32
-    x_spec = tf.TensorSpec([None, *dataset.preprocessing.input_shape], x_type)
-    label_dtype = label_type.as_numpy_dtype
-
-    def loader(samples: Samples, index_batches: list[np.ndarray], epoch: int | None = None) -> Iterable[Batch]:
-        """The batches at index_batches; epoch: a training epoch's (augmented) batches."""
-        failures: list[Exception] = []
-
-        def read(indices: np.ndarray):
-            try:
-                x, y = samples.batch(indices, epoch)
-            except DataError as err:
-                failures.append(err)
-                raise
-            return np.asarray(x, x_type.as_numpy_dtype), np.asarray(y, label_dtype)
-
-        def read_batch(indices):
-            x, y = tf.numpy_function(read, [indices], [x_type, label_type], stateful=False)
-            return tf.ensure_shape(x, x_spec.shape), tf.ensure_shape(y, [None])
-
-        pipeline = tf.data.Dataset.from_generator(lambda: iter(index_batches),
-                                                  output_signature=tf.TensorSpec([None], tf.int64))
-        pipeline = pipeline.map(read_batch, num_parallel_calls=workers, deterministic=True) if workers else \
-            pipeline.map(read_batch)
-        try:
-            yield from pipeline.prefetch(data.prefetch if data else 1)
-        except tf.errors.OpError:
-            if failures:
-                raise loader_failure(failures[0]) from None
-            raise
-    return loader
 
 
 def variables_to_bytes(groups: dict[str, list]) -> bytes:

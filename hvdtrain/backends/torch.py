@@ -19,6 +19,7 @@ from .. import plugins
 from ..data import Batch, Dataset, Preprocessing
 from ..errors import UserError
 from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict
+from ..train import startup
 from ..train.contract import Comm, Steps, Training, horovod_comm, step_seed
 from ..train.elastic import run_elastic
 from ..train.loop import run_epochs
@@ -103,6 +104,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
 
     # Horovod: initialise.
     hvd.init()
+    startup.mark("horovod")
     # Horovod: pin the device to the local rank (one GPU per process, or CPU threads).
     use_cuda = spec.resources.gpus_per_worker > 0 and torch.cuda.is_available()
     if use_cuda:
@@ -142,6 +144,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     example = prep.apply(example) if prep.image_size else example  # image files come as uint8
     steps = make_steps(spec, model, optimizer, loss_fn, device, comm.rank, example, hvd,
                        prep.pixel_affine() if prep.image_size else None)
+    startup.mark("model")
     return Training(hvd=hvd, comm=comm, model=model, optimizer=optimizer, steps=steps,
                     make_comm=lambda: horovod_comm(hvd, torch.from_numpy, hierarchical))
 
@@ -172,7 +175,8 @@ def fit(spec: JobSpec, dataset: Dataset, expected_size: int | None = None,
         # Horovod: broadcast initial (or resumed) model and optimizer state from rank 0.
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         broadcast_optimizer_state(hvd, optimizer, comm)
-        # Horovod: checkpoint on rank 0 only -- inside run_epochs.
+        startup.mark("sync")
+    # Horovod: checkpoint on rank 0 only -- inside run_epochs.
         return run_epochs(spec, dataset, comm, steps, start, progress)
     finally:
         steps.loader.close()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..train.startup import describe
 
 TRAIN_IMPLS = ("hvdtrain", "horovod", "ddp", "tensorflow", "local")
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
@@ -94,7 +95,9 @@ def launcher(impl: str, ranks: int, controller: str = "gloo") -> list[str]:
 
 
 def launch(cmd: list[str], out: Path, what: str) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=1800)
+    # the ranks time their start-up from here (train.startup)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                          env={**env(), "HVDTRAIN_LAUNCHED_AT": str(time.time())})
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stdout + proc.stderr)[-2500:]
         raise UserError(f"benchmark run {what} failed (exit {proc.returncode}):\n{tail}")
@@ -142,9 +145,11 @@ def run_training(s: Settings, scratch: Path, log, failures: list[dict], gpu: boo
                     runs.append({"impl": impl, "placement": placement, "ranks": ranks, "round": round_,
                                  "samples_per_s": rates, "window_samples": result["window_samples"],
                                  "window_optimizer_steps": result["window_optimizer_steps"],
-                                 "window_allreduces": result["window_allreduces"]})
+                                 "window_allreduces": result["window_allreduces"],
+                                 "startup_phases": result["startup_phases"]})
                     log(f"  {name:22s} {ranks} rank(s), round {round_ + 1}: "
-                        f"{statistics.median(rates):9.1f} samples/s")
+                        f"{statistics.median(rates):9.1f} samples/s; to the first timed window "
+                        f"{describe(result['startup_phases'])}")
     return runs
 
 
@@ -237,9 +242,10 @@ def throughput_table(runs: list[dict]) -> list[dict]:
             rates = [v for r in chosen for v in r["samples_per_s"]]
             if rates:
                 allreduces = [a for r in chosen for a in r["window_allreduces"] if a is not None]
+                starts = [sum(r["startup_phases"].values()) for r in chosen if r.get("startup_phases")]
                 table.append({"impl": label(impl, placement), "placement": placement, "ranks": ranks,
                               "communicated": bool(sum(allreduces)) if allreduces else None,
-                              **summarize(rates)})
+                              **summarize(rates), "startup_s": statistics.median(starts) if starts else None})
     return table
 
 
@@ -342,9 +348,11 @@ def plot(report: dict, path: Path) -> None:
 
 
 def print_table(report: dict, log) -> None:
-    log(f"\n{'implementation':14s} {'ranks':>5s} {'median':>10s} {'min':>10s} {'max':>10s}  samples/s")
+    log(f"\n{'implementation':14s} {'ranks':>5s} {'median':>10s} {'min':>10s} {'max':>10s}  samples/s"
+        f"  {'start-up':>8s} (to the first timed window)")
     for t in report["throughput"]:
-        log(f"{t['impl']:14s} {t['ranks']:5d} {t['median']:10.1f} {t['min']:10.1f} {t['max']:10.1f}")
+        log(f"{t['impl']:14s} {t['ranks']:5d} {t['median']:10.1f} {t['min']:10.1f} {t['max']:10.1f}"
+            + (f"             {t['startup_s']:6.1f} s" if t.get("startup_s") is not None else ""))
     for name, value in report["figures"].items():
         if isinstance(value, str):
             shown = value

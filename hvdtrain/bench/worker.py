@@ -249,6 +249,7 @@ def train_ddp(spec, placement: str, communicate: bool = True):
 
 
 def time_training(args) -> dict:
+    from ..train import startup
     from ..plugins import add_import_paths, import_paths
     from ..rank import apply_horovod_environment
     from ..spec import load_spec
@@ -264,7 +265,9 @@ def time_training(args) -> dict:
     # total(x): x summed over the ranks; every implementation starts and ends its windows with it.
     # counts(): this rank's optimizer steps and gradient allreduces so far.
     rank, size, run, total, sizes, counts = makers[args.impl]()
+    startup.mark("set-up")
     run(args.warmup, 0)
+    startup.mark("warm-up")
     seconds, samples, steps, allreduces = [], [], [], []
     for window in range(args.windows):
         first = args.warmup + window * args.steps
@@ -288,7 +291,7 @@ def time_training(args) -> dict:
         profiler.export_chrome_trace(str(Path(args.profile) / f"{name}.json"))
     return {"rank": rank, "ranks": size, "impl": args.impl, "placement": args.placement,
             "optimizer": counts()["optimizer"], "window_seconds": seconds, "window_samples": samples, "window_optimizer_steps": steps,
-            "window_allreduces": allreduces}
+            "window_allreduces": allreduces, "startup_phases": startup.phases()}
 
 
 def profiling(directory: str | None, rank: int, last: bool):

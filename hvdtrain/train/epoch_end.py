@@ -18,6 +18,7 @@ from ..spec import JobSpec
 from . import checkpoint
 from .contract import Comm, Position, Steps
 from .metrics import epoch_metrics
+from .startup import describe, phases as startup_phases
 from .steer import Steering
 from .validation import evaluate, task_scores
 
@@ -31,7 +32,7 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
     due, or when stopping) a checkpoint.
     train: the epoch's training loss sum and sample count, summed over all ranks;
     startup: this rank's seconds from launch to its first batch, in the run's first
-    epoch (the record has the slowest rank's)."""
+    epoch (the record has the slowest rank's, and that rank's phases: `startup`)."""
     began = time.perf_counter()
     steps.average_buffers()  # every rank validates and saves the same model
     stats, val_loss = evaluate(dataset, comm, steps, max(spec.train.batch_size, 256))
@@ -39,15 +40,16 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
                                 f"hvdtrain.metrics.{epoch}")
     elapsed = train_seconds + time.perf_counter() - began
     # the largest resident memory any rank has had (its loader processes not counted)
-    gathered = comm.allgather_object((peak_rss_mb(), startup), f"hvdtrain.rss.{epoch}")
-    peak_rss = max(rss for rss, _ in gathered)
+    gathered = comm.allgather_object((peak_rss_mb(), startup, startup_phases() if startup is not None else None),
+                                     f"hvdtrain.rss.{epoch}")
+    peak_rss = max(rss for rss, _, _ in gathered)
     record = {"epoch": epoch + 1, **extra, "train_loss": train[0] / max(train[1], 1),
               "val_loss": totals[0] / len(dataset.val),
               **{f"val_{m}": v for m, v in task_scores(dataset, totals[2:]).items()},
               "lr": lr, "samples_per_s": train[1] / elapsed, "seconds": elapsed,
               "peak_rss_mb": peak_rss}
-    if startup is not None:
-        record["startup_s"] = max(seconds for _, seconds in gathered)
+    if startup is not None:  # the slowest rank's seconds to its first batch, and its phases
+        _, record["startup_s"], record["startup_phases"] = max(gathered, key=lambda g: g[1])
     if spec.data is not None and spec.data.on_bad_file == "skip":
         record["skipped_files"] = int(totals[1])  # this epoch's reads, training and validation, all ranks
     if not all(math.isfinite(record[m]) for m in ("train_loss", "val_loss")):
@@ -74,6 +76,8 @@ def log_epoch(spec: JobSpec, record: dict[str, Any], progress: Callable[[str], N
     progress(f"epoch {record['epoch']}/{spec.train.epochs}  train_loss {record['train_loss']:.4f}  "
              f"val_loss {record['val_loss']:.4f}  {epoch_metrics(spec.task, record)}  "
              f"({record['seconds']:.1f}s){workers}")
+    if spec.log.level == "verbose" and "startup_phases" in record:
+        progress(f"start-up to the first step (the slowest rank) {describe(record['startup_phases'])}")
 
 
 def checkpoint_due(spec: JobSpec, epochs_done: int) -> bool:

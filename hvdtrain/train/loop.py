@@ -4,19 +4,17 @@ within an epoch and stops asked for by the scheduler, then the end of each epoch
 (`epoch_end`) and of the run (`run_dir`)."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import psutil
 from tqdm import tqdm
 
 from ..data import Dataset, shard_batches, steps_per_epoch
 from ..spec import JobSpec
-from . import preempt
+from . import preempt, startup
 from .contract import Comm, Position, Steps
 from .epoch_end import end_epoch, save_checkpoint
 from .lr import lr_schedule, scaled_lr
@@ -97,9 +95,12 @@ def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start
         while done[0] < limit:
             batch = next(batches)
             if started is not None and done[0] == start.step:
-                started.append(since_launch())
+                started.append(startup.since_launch())
+                startup.mark("first batch")
             yield batch
             done[0] += 1
+            if started is not None:
+                startup.mark("first step")
             shown.step_done()
             if done[0] < limit and done[0] % passes == 0 and shown.due(done[0]):
                 return
@@ -131,16 +132,6 @@ def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start
             comm.allreduce_sum(np.zeros(1), "hvdtrain.stopped")
             raise preempt.Preempted(f"stopped after step {end} of epoch {epoch + 1}")
     return start.sums + comm.allreduce_sum(local, f"hvdtrain.train.{epoch}")
-
-
-def since_launch() -> float:
-    """Seconds since `hvdtrain run` began launching the job (HVDTRAIN_LAUNCHED_AT, which
-    it passes to the ranks), else since this process started (srun, mpirun, Kubernetes)."""
-    try:
-        began = float(os.environ["HVDTRAIN_LAUNCHED_AT"])
-    except (KeyError, ValueError):
-        began = psutil.Process().create_time()
-    return time.time() - began
 
 
 def write_line(line: str) -> None:

@@ -67,6 +67,25 @@ def test_backends_have_parity(run_example, model, figure):
            f"(gap {gap:.4f})")
 
 
+PHASES = ["launcher", "python", "bootstrap", "framework", "data", "horovod", "model", "sync", "first batch",
+          "first step"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_start_up_is_timed_phase_by_phase(run_example, backend, figure):
+    """The first epoch's record: the slowest rank's seconds from `hvdtrain run` to its first
+    batch, made of its phases in the order a rank goes through them."""
+    out, result = run_example("mlp", backend)
+    assert result.returncode == 0
+    first, second = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()[:2]]
+    phases = first["startup_phases"]
+    assert list(phases) == PHASES and all(seconds >= 0 for seconds in phases.values())
+    assert sum(phases.values()) - phases["first step"] == pytest.approx(first["startup_s"], abs=0.05)
+    assert "startup_s" not in second and "startup_phases" not in second
+    figure(f"start-up digits-mlp {backend}, 2 ranks: {first['startup_s']:.1f} s to the first batch ("
+           + ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases.items()) + ")")
+
+
 def test_tensorflow_start_up_noise_stays_out_of_the_terminal(run_example):
     _, result = run_example("mlp", "tensorflow")
     assert result.returncode == 0

@@ -106,7 +106,7 @@ def test_a_failed_launch_is_recorded_and_the_rest_is_kept(tmp_path, monkeypatch)
         if what.startswith("ddp"):
             raise UserError(f"benchmark run {what} failed (exit 1):\nterminate called")
         return {"window_samples": [300], "window_seconds": [1.5], "window_optimizer_steps": [5],
-                "window_allreduces": [0]}
+                "window_allreduces": [0], "startup_phases": {"launcher": 1.0, "set-up": 2.0, "warm-up": 0.5}}
     monkeypatch.setattr(bench_module, "launch", launch)
     settings = bench_module.Settings(spec=ROOT / "examples" / "digits-mlp-torch.yaml", ranks=[1], rounds=2,
                                      windows=1, steps=1, warmup=0, impls=["horovod", "ddp"], sizes=[],
@@ -115,5 +115,5 @@ def test_a_failed_launch_is_recorded_and_the_rest_is_kept(tmp_path, monkeypatch)
         bench_module.bench(settings, log=lambda line: None)
     report = json.loads((tmp_path / "bench.json").read_text())
     assert [f["run"] for f in report["failures"]] == ["ddp on 1 rank(s), round 1", "ddp on 1 rank(s), round 2"]
-    assert [(t["impl"], t["median"]) for t in report["throughput"]] == [("horovod", 200.0)]
+    assert [(t["impl"], t["median"], t["startup_s"]) for t in report["throughput"]] == [("horovod", 200.0, 3.5)]
     assert (tmp_path / "bench.png").stat().st_size > 0

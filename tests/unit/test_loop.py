@@ -259,3 +259,29 @@ def test_a_schedule_by_import_path_scales_the_lr_after_warm_up_and_is_checked(tm
         (tmp_path / "s.yaml").write_text(json.dumps({**raw, "code": [str(ROOT / "tests" / "data" / "user_code")],
                                                      "optimizer": {"schedule": "schedules:missing"}}))
         load_spec(tmp_path / "s.yaml")
+
+
+def test_verbose_runs_print_where_start_up_went(tmp_path):
+    """log.level verbose: after the first epoch, rank 0 names each phase before the first
+    step; the record keeps them, later epochs have none."""
+    raw = {"name": "v", "backend": "torch", "model": {"kind": "mlp"}, "data": {"source": "iris"},
+           "train": {"epochs": 2, "batch_size": 4}, "log": {"level": "verbose"}, "output": str(tmp_path / "run")}
+    lines = []
+    loop.run_epochs(validate(raw), tiny_dataset(), fake_comm(2, 2, False), recording_steps([]),
+                    Position(0), lines.append)
+    shown = [line for line in lines if line.startswith("start-up to the first step")]
+    assert len(shown) == 1 and "first batch" in shown[0], lines
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "first batch" in records[0]["startup_phases"] and "startup_phases" not in records[1]
+
+
+def test_a_process_start_is_known_to_the_clock_tick():
+    """psutil's create_time may be a second early (it counts from the boot time in whole
+    seconds); a fresh interpreter's own start is within a fraction of a second of now."""
+    import subprocess
+    import sys
+    import time
+    before = time.time()
+    shown = subprocess.run([sys.executable, "-c", "from hvdtrain.train.startup import process_started_at as p; "
+                            "print(p())"], capture_output=True, text=True, check=True).stdout
+    assert before - 0.02 <= float(shown) <= time.time()
