@@ -68,7 +68,8 @@ def main(spec_path: str, overrides: list[str]) -> int:
     try:
         backend.fit(spec, dataset, expected_size=expected_size)
     except preempt.Preempted as stop:
-        print(f"hvdtrain: {stop}; exiting {preempt.EXIT_PREEMPTED} for the job to be requeued", flush=True)
+        print(f"hvdtrain: {stop}; exiting {preempt.EXIT_PREEMPTED}: the same command resumes from here "
+              "(a Slurm job is requeued)", flush=True)
         return preempt.EXIT_PREEMPTED
     return 0
 

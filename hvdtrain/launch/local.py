@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import EXIT_FAILED, EXIT_PEER, EXIT_USAGE, UserError
 from ..spec import ElasticSpec, JobSpec, ResourcesSpec
+from ..train import preempt
 from .common import Launcher, Verb, rank_command
 
 
@@ -125,20 +126,24 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int, hosts: 
                         "script names the hosts, and elastic Horovod runs on Gloo")
     cmd = horovodrun_command(spec_path, overrides, np, spec.horovod.start_timeout_seconds,
                              spec.horovod.elastic, hosts)
+    # its own session: a Ctrl-C reaches this process, which stops the job (Stopper)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=rank_environment(spec.resources))
+                            env=rank_environment(spec.resources), start_new_session=True)
     launcher_lines = []
-    for line in proc.stdout:
-        match = RANK_LINE.match(line)
-        if match:
-            (sys.stdout if match.group(1) == "stdout" else sys.stderr).write(line)
-        else:
-            launcher_lines.append(line)
-    code = proc.wait()
-    if code == 0:
+    with Stopper(proc) as stopper:
+        for line in proc.stdout:
+            match = RANK_LINE.match(line)
+            if match:
+                (sys.stdout if match.group(1) == "stdout" else sys.stderr).write(line)
+            else:
+                launcher_lines.append(line)
+        code = proc.wait()
+    if code == 0 and not stopper.signal:
         return 0
     # elastic: workers may fail and be replaced; the failure that ended the job is the last
     rank, status = first_failure(launcher_lines[::-1] if spec.horovod.elastic else launcher_lines)
+    if stopper.signal or status == preempt.EXIT_PREEMPTED:
+        return stopped(spec, stopper.signal)
     waited = next((ln for ln in launcher_lines if "Timed out waiting for" in ln), None)
     if rank is None and waited is not None:
         print(f"hvdtrain: training failed: no workers within horovod.start_timeout_seconds "
@@ -161,6 +166,94 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int, hosts: 
     print(f"hvdtrain: training failed: rank {rank} {how} ({where}, in lines starting [{rank}])",
           file=sys.stderr)
     return EXIT_USAGE if status == EXIT_USAGE else EXIT_FAILED
+
+
+class Stopper:
+    """SIGTERM or SIGINT to `hvdtrain run` while the job runs: every rank on this machine
+    gets SIGTERM, their stop path (the ranks agree to stop after a step, rank 0 writes a
+    checkpoint, each exits EXIT_PREEMPTED); after STOP_GRACE_SECONDS whatever is left of
+    horovodrun and its processes gets SIGKILL. A second signal kills at once."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.signal, self.stopping = proc, 0, None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self):
+        for number in (signal.SIGTERM, signal.SIGINT):
+            self.previous[number] = signal.signal(number, self.asked)
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        if self.stopping is not None:
+            self.stopping.join()
+        return False
+
+    def asked(self, number: int, frame) -> None:
+        import threading
+        if self.signal:  # asked twice
+            self.kill(self.processes())
+            return
+        self.signal = number
+        print(f"hvdtrain: {signal_name(number)}: stopping the ranks (a checkpoint after their current "
+              f"step; all gone within {STOP_GRACE_SECONDS} s)", file=sys.stderr, flush=True)
+        self.stopping = threading.Thread(target=self.stop, daemon=True)
+        self.stopping.start()
+
+    def processes(self) -> list:
+        import psutil
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        import psutil
+        tree = self.processes()
+        ranks = [p for p in tree if is_rank(p)]
+        for rank in ranks:
+            try:
+                rank.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(ranks, timeout=STOP_GRACE_SECONDS - 2)
+        self.kill(tree + self.processes())
+
+    @staticmethod
+    def kill(processes: list) -> None:
+        import psutil
+        for process in processes:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(processes, timeout=2)
+
+
+STOP_GRACE_SECONDS = 10
+
+
+def is_rank(process) -> bool:
+    """A rank of the job: `python -m hvdtrain train ...` (rank_command), not horovodrun
+    nor its helpers, whose command lines hold it further on."""
+    try:
+        return process.cmdline()[1:4] == ["-m", "hvdtrain", "train"]
+    except Exception:  # gone, or not ours to read
+        return False
+
+
+def stopped(spec: JobSpec, number: int) -> int:
+    """The job was stopped (a signal to this process, or to the ranks): what was kept."""
+    from ..train import checkpoint
+    marker = Path(spec.output) / preempt.MARKER
+    latest = checkpoint.list_checkpoints(spec.checkpoint.dir)
+    where = f"after {marker.read_text().strip()}" if marker.exists() else "before a checkpoint was agreed"
+    print(f"hvdtrain: stopped{' by ' + signal_name(number) if number else ''} {where}; "
+          f"{'latest checkpoint ' + str(latest[-1]) if latest else 'no checkpoint yet'}; the same command "
+          f"resumes", file=sys.stderr)
+    return preempt.EXIT_PREEMPTED
 
 
 def signal_name(number: int) -> str:

@@ -1,11 +1,14 @@
-"""Stopping on request: Slurm's warning signal before preemption or the time limit.
+"""Stopping on request: Slurm's warning signal before preemption or the time limit,
+SIGTERM (a Kubernetes eviction, scancel, a node drain, `hvdtrain run` stopped) and
+SIGINT.
 
-The sbatch script names the signal (HVDTRAIN_STOP_SIGNAL=USR1) and passes it on
+The sbatch script names its signal (HVDTRAIN_STOP_SIGNAL=USR1) and passes it on
 to every rank. A rank only notes it; every `slurm.check_every_steps` steps the
 ranks allreduce their notes, so all stop after the same step. Rank 0 then writes
 a checkpoint there (within the epoch if need be) and a marker file, the ranks
 meet once more (so none ends the job step while rank 0 still writes), and each
-exits with EXIT_PREEMPTED; the script sees the marker and requeues the job.
+exits with EXIT_PREEMPTED; the script sees the marker and requeues the job. A
+second SIGTERM or SIGINT ends the rank at once, as it would have without this.
 """
 from __future__ import annotations
 
@@ -21,13 +24,23 @@ class Preempted(Exception):
     """Raised on every rank once the stop is agreed and the checkpoint written."""
 
 
-def install(env=os.environ) -> bool:
-    """Note the signal the launcher names (HVDTRAIN_STOP_SIGNAL) instead of dying of it."""
-    name = env.get("HVDTRAIN_STOP_SIGNAL")
-    if not name:
-        return False
-    signal.signal(getattr(signal, f"SIG{name}"), lambda number, frame: _asked.append(number))
-    return True
+_installed: list[bool] = []
+
+
+def install(env=os.environ) -> None:
+    """Note SIGTERM, SIGINT and the signal the launcher names (HVDTRAIN_STOP_SIGNAL)
+    instead of dying of them."""
+    named = env.get("HVDTRAIN_STOP_SIGNAL")
+    for number in {signal.SIGTERM, signal.SIGINT, *([getattr(signal, f"SIG{named}")] if named else [])}:
+        signal.signal(number, note)
+    _installed.append(True)
+
+
+def note(number: int, frame) -> None:
+    if number in (signal.SIGTERM, signal.SIGINT) and number in _asked:
+        signal.signal(number, signal.SIG_DFL)  # asked twice: stop now
+        os.kill(os.getpid(), number)
+    _asked.append(number)
 
 
 def asked() -> bool:
@@ -35,4 +48,5 @@ def asked() -> bool:
 
 
 def enabled() -> bool:
-    return "HVDTRAIN_STOP_SIGNAL" in os.environ
+    """The ranks check for a stop (install was called: a rank of a job, not a test's loop)."""
+    return bool(_installed)

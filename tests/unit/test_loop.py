@@ -167,7 +167,7 @@ def test_a_stop_asked_for_ends_training_after_a_complete_group_of_passes(tmp_pat
     """Slurm's warning noted before training: with checks every 3 steps and groups of 2
     backward passes, the ranks stop after step 6 (not 3, inside a group), checkpointed there."""
     from hvdtrain.train import checkpoint, preempt
-    monkeypatch.setenv("HVDTRAIN_STOP_SIGNAL", "USR1")
+    monkeypatch.setattr(preempt, "_installed", [True])
     monkeypatch.setattr(preempt, "_asked", [10])
     spec = validate({"name": "stop", "backend": "torch", "model": {"kind": "mlp"}, "data": {"source": "iris"},
                      "train": {"epochs": 2, "batch_size": 4}, "slurm": {"check_every_steps": 3},

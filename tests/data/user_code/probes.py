@@ -1,7 +1,8 @@
 """Models that report what training did to them, for the tests that check the
 loop's claims from outside: which samples were trained in which epoch (elastic),
-a rank held at a known step (the kill-and-resume test), BatchNorm in front of
-the data (its running statistics are those of the inputs alone)."""
+a rank held at a known step (the kill-and-resume test), paced steps (the stop
+tests), BatchNorm in front of the data (its running statistics are those of the
+inputs alone)."""
 import math
 import os
 import time
@@ -95,3 +96,28 @@ def batchnorm_first(input_shape, num_classes):
     its running mean and variance are those of that step's batch of inputs."""
     features = math.prod(input_shape)
     return nn.Sequential(nn.Flatten(), nn.BatchNorm1d(features, momentum=1.0), mlp(features, num_classes))
+
+
+class Paced(nn.Module):
+    """An MLP whose training steps take at least SECONDS each, with
+    HVDTRAIN_TEST_PACE="SECONDS:STEP:FILE": the step numbered STEP (from 1 in this
+    process) writes FILE, so a signal can land while training runs."""
+
+    def __init__(self, features, num_classes):
+        super().__init__()
+        self.net = mlp(features, num_classes)
+        self.steps = 0
+        seconds, step, marker = (os.environ.get("HVDTRAIN_TEST_PACE", "") or "0:0:").split(":", 2)
+        self.seconds, self.mark_at, self.marker = float(seconds), int(step), Path(marker)
+
+    def forward(self, x):
+        if self.training:
+            self.steps += 1
+            time.sleep(self.seconds)
+            if self.steps == self.mark_at:
+                self.marker.write_text(f"{self.steps}\n")
+        return self.net(x.flatten(1))
+
+
+def paced(input_shape, num_classes):
+    return Paced(math.prod(input_shape), num_classes)
