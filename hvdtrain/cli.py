@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import EXIT_FAILED, EXIT_PEER, EXIT_USAGE, TrainingError, UserError
+from .errors import (EXIT_FAILED, EXIT_PEER, EXIT_USAGE, EXIT_WRITE, WRITE_ERRNOS, TrainingError, UserError,
+                     WriteError)
 
 
 def cmd_validate(args) -> int:
@@ -243,7 +244,13 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         print(f"hvdtrain: error: {err}", file=sys.stderr)
         code = EXIT_USAGE
-    except (OSError, TrainingError) as err:
+    except WriteError as err:
+        print(f"hvdtrain: error: {err}", file=sys.stderr)
+        code = EXIT_WRITE
+    except OSError as err:
+        print(f"hvdtrain: error: {err}", file=sys.stderr)
+        code = EXIT_WRITE if err.errno in WRITE_ERRNOS else EXIT_FAILED
+    except TrainingError as err:
         print(f"hvdtrain: error: {err}", file=sys.stderr)
         code = EXIT_FAILED
     except Exception as err:

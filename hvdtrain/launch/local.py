@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import EXIT_FAILED, EXIT_PEER, EXIT_USAGE, UserError
+from ..errors import EXIT_FAILED, EXIT_PEER, EXIT_USAGE, EXIT_WRITE, UserError
 from ..spec import ElasticSpec, JobSpec, ResourcesSpec
 from ..train import preempt
 from .common import Launcher, Verb, rank_command
@@ -165,7 +165,7 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int, hosts: 
         how, where = f"exited with status {status}", "its error is above"
     print(f"hvdtrain: training failed: rank {rank} {how} ({where}, in lines starting [{rank}])",
           file=sys.stderr)
-    return EXIT_USAGE if status == EXIT_USAGE else EXIT_FAILED
+    return status if status in (EXIT_USAGE, EXIT_WRITE) else EXIT_FAILED
 
 
 class Stopper:

@@ -11,11 +11,14 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..errors import WriteError
 
 MAGIC = b"HVDTRAIN-CHECKPOINT 1\n"
 # epoch-000003.ckpt: after 3 epochs; epoch-000003-step-000120.ckpt: and 120 steps of the 4th
@@ -70,8 +73,9 @@ def write(target: Path, epoch: int, payload: bytes, meta: dict[str, Any], step: 
     directory.mkdir(parents=True, exist_ok=True)
     header = dict(meta, epoch=epoch, step=step, sha256=hashlib.sha256(payload).hexdigest(),
                   length=len(payload))
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=directory)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=directory)
         with os.fdopen(fd, "wb") as handle:
             handle.write(MAGIC)
             handle.write(json.dumps(header, sort_keys=True).encode() + b"\n")
@@ -79,11 +83,26 @@ def write(target: Path, epoch: int, payload: bytes, meta: dict[str, Any], step: 
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _fsync_dir(directory)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_error(target, err) from None
         raise
-    _fsync_dir(directory)
     return target
+
+
+def write_error(target: Path, err: OSError) -> WriteError:
+    """Writing `target` failed: what failed, and the checkpoint a rerun resumes from."""
+    kept = [p for p in list_checkpoints(target.parent) if p != target]
+    try:
+        free = f", {shutil.disk_usage(target.parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = ""
+    return WriteError(f"could not write checkpoint {target}: {err.strerror or err}{free}; nothing partial was "
+                      f"left; the last good checkpoint is {kept[-1] if kept else 'none (no checkpoint yet)'}: "
+                      f"make room or point checkpoint.dir elsewhere, and the same command resumes from it")
 
 
 def _fsync_dir(directory: Path) -> None:

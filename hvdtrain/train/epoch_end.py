@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..data import Dataset
-from ..errors import UserError
+from ..errors import UserError, writing
 from ..spec import JobSpec
 from . import checkpoint
 from .contract import Comm, Position, Steps
@@ -70,7 +70,8 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
 
 def log_epoch(spec: JobSpec, record: dict[str, Any], progress: Callable[[str], None]) -> None:
     """Rank 0: the epoch's line and its record in metrics.jsonl."""
-    with open(Path(spec.output) / "metrics.jsonl", "a") as log:
+    path = Path(spec.output) / "metrics.jsonl"
+    with writing(path), open(path, "a") as log:
         log.write(json.dumps(record) + "\n")
     workers = f"  ({record['workers']} workers)" if "workers" in record else ""
     progress(f"epoch {record['epoch']}/{spec.train.epochs}  train_loss {record['train_loss']:.4f}  "

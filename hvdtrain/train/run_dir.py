@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import Dataset
+from ..errors import writing
 from ..spec import JobSpec, dump
 from . import checkpoint, preempt
 from .contract import Comm, Steps, alone
@@ -57,11 +58,13 @@ def finish(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, record: di
             summary["test"] = {"samples": len(dataset.test), "loss": loss / len(dataset.test),
                                **task_scores(dataset, stats)}
         model_dir = Path(spec.output) / "model"
-        model_dir.mkdir(parents=True, exist_ok=True)
-        steps.export(model_dir)
-        dataset.preprocessing.save(model_dir / "preprocessing.json")
-        (model_dir / "spec.yaml").write_text(dump(spec))
-        (Path(spec.output) / "summary.json").write_text(json.dumps(summary, indent=2))
+        with writing(model_dir):
+            model_dir.mkdir(parents=True, exist_ok=True)
+            steps.export(model_dir)
+            dataset.preprocessing.save(model_dir / "preprocessing.json")
+            (model_dir / "spec.yaml").write_text(dump(spec))
+        with writing(Path(spec.output) / "summary.json"):
+            (Path(spec.output) / "summary.json").write_text(json.dumps(summary, indent=2))
         if (Path(spec.output) / "metrics.jsonl").is_file():
             plot_runs([Path(spec.output)], Path(spec.output) / CURVES)
     return summary

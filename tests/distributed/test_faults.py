@@ -140,3 +140,32 @@ def test_killed_rank_under_mpirun_ends_the_job(tmp_path, figure):
     figure(f"mpirun: exited {seconds:.1f}s after SIGKILL of rank 1")
     assert proc.returncode != 0 and seconds < DEADLINE_S, output[-3000:]
     assert "process rank 1 with PID" in output and "exited on signal 9 (Killed)" in output
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB filesystem (tmpfs): room for one checkpoint of the model below, not two."""
+    from tests.conftest import missing
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        missing(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_names_the_checkpoint_and_the_last_good_one(tmp_path, small_disk):
+    """Checkpoints of 1.4 MB (176k parameters and their momentum) on 2 MiB: epoch 1's is
+    written, epoch 2's cannot be; the job ends with the path, the checkpoint a rerun
+    resumes from, status 74, and no partial file."""
+    result = subprocess.run([sys.executable, "-m", "hvdtrain", "run", MLP, "-np", "2", "model.hidden=[384,384]",
+                             "train.epochs=3", "checkpoint.every_epochs=1", "checkpoint.keep_last=5",
+                             f"checkpoint.dir={small_disk}", f"output={tmp_path / 'out'}"],
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 74, output[-3000:]
+    assert (f"could not write checkpoint {small_disk / 'epoch-000002.ckpt'}: No space left on device" in output
+            and f"the last good checkpoint is {small_disk / 'epoch-000001.ckpt'}" in output), output[-3000:]
+    assert "rank 0 exited with status 74" in output and "Traceback" not in output
+    assert sorted(p.name for p in small_disk.iterdir()) == ["epoch-000001.ckpt"]

@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from hvdtrain.errors import WriteError
+
 from hvdtrain.train import checkpoint
 
 
@@ -47,9 +49,10 @@ def test_failed_write_leaves_previous_checkpoint_and_no_partial_file(tmp_path, m
     checkpoint.save(tmp_path, 1, b"good", {}, keep_last=3)
 
     def crash(src, dst):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
     monkeypatch.setattr(checkpoint.os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteError, match=f"could not write checkpoint {tmp_path / 'epoch-000002.ckpt'}: No space "
+                                         f"left .* the last good checkpoint is {tmp_path / 'epoch-000001.ckpt'}"):
         checkpoint.save(tmp_path, 2, b"never seen", {}, keep_last=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-000001.ckpt"]
     assert checkpoint.latest_valid(tmp_path).payload == b"good"
