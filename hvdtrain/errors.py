@@ -9,6 +9,7 @@ from pathlib import Path
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PEER = 3  # a rank that stopped because another rank failed: the launcher names the other
+EXIT_HUNG = 4  # the watchdog ended the job: a rank made no progress for horovod.hang_seconds
 EXIT_WRITE = 74  # EX_IOERR: a file could not be written (disk full, quota, read-only); nothing else failed
 
 

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import EXIT_FAILED, EXIT_PEER, EXIT_USAGE, EXIT_WRITE, UserError
+from ..errors import EXIT_FAILED, EXIT_HUNG, EXIT_PEER, EXIT_USAGE, EXIT_WRITE, UserError
 from ..spec import ElasticSpec, JobSpec, ResourcesSpec
 from ..train import preempt
 from .common import Launcher, Verb, rank_command
@@ -161,11 +161,13 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int, hosts: 
         on = "localhost" if hosts is None or not (hosts.hosts or hosts.hostfile) else "its host"
         how = f"was killed by signal {killed_by} ({signal_name(killed_by)}) on {on}"
         where = "its last lines are above"
+    elif status == EXIT_HUNG:
+        how, where = "ended the job: a rank made no progress", "the line 'hvdtrain: hung:' names it"
     else:
         how, where = f"exited with status {status}", "its error is above"
     print(f"hvdtrain: training failed: rank {rank} {how} ({where}, in lines starting [{rank}])",
           file=sys.stderr)
-    return status if status in (EXIT_USAGE, EXIT_WRITE) else EXIT_FAILED
+    return status if status in (EXIT_USAGE, EXIT_WRITE, EXIT_HUNG) else EXIT_FAILED
 
 
 class Stopper:

@@ -337,6 +337,10 @@ class HorovodSpec(Section):
         default=60, description="Gloo's timeout for connections and collectives")
     start_timeout_seconds: Annotated[int, Field(ge=1, le=86_400)] = Field(
         default=120, description="how long ranks may take to start and meet")
+    hang_seconds: Annotated[int, Field(ge=0, le=86_400)] = Field(
+        default=300, description=("end the job, naming the rank and with every rank's stack, when a rank "
+                                  "makes no progress (a step, validation, a checkpoint) this long (0: never); "
+                                  "more than the slowest step, validation or checkpoint"))
     elastic: ElasticSpec | None = Field(
         default=None, description="elastic training (hvdtrain run / horovodrun): workers may leave and join")
     fusion_threshold_mb: Annotated[float, Field(ge=0, le=4096)] = Field(

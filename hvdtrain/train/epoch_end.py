@@ -15,7 +15,7 @@ import numpy as np
 from ..data import Dataset
 from ..errors import UserError, writing
 from ..spec import JobSpec
-from . import checkpoint
+from . import checkpoint, watchdog
 from .contract import Comm, Position, Steps
 from .metrics import epoch_metrics
 from .startup import describe, phases as startup_phases
@@ -34,6 +34,7 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
     startup: this rank's seconds from launch to its first batch, in the run's first
     epoch (the record has the slowest rank's, and that rank's phases: `startup`)."""
     began = time.perf_counter()
+    watchdog.progress("validation")
     steps.average_buffers()  # every rank validates and saves the same model
     stats, val_loss = evaluate(dataset, comm, steps, max(spec.train.batch_size, 256))
     totals = comm.allreduce_sum(np.concatenate([[val_loss, dataset.newly_skipped()], stats]),
@@ -90,6 +91,7 @@ def save_checkpoint(spec: JobSpec, steps: Steps, record: dict[str, Any], within:
     """Rank 0: model and optimizer state after record['epoch'] epochs (and, within
     an epoch, `within.step` steps of the next), with the spec that wrote it (a
     later run with another model or data refuses it) and the steering's state."""
+    watchdog.progress("checkpoint")
     meta = {"spec": spec.model_dump(mode="json"), "metrics": record,
             "steering": within.steering if within is not None else steering}
     if within is not None:

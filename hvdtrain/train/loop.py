@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..data import Dataset, shard_batches, steps_per_epoch
 from ..spec import JobSpec
-from . import preempt, startup
+from . import preempt, startup, watchdog
 from .contract import Comm, Position, Steps
 from .epoch_end import end_epoch, save_checkpoint
 from .lr import lr_schedule, scaled_lr
@@ -23,6 +23,7 @@ from .preflight import check_consistency
 from .progress import Progress
 from .run_dir import finish, prepare_run_dir
 from .steer import Steering
+from .watchdog import Watchdog
 
 
 def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start: Position,
@@ -45,6 +46,7 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start:
     steering = Steering.from_dict(start.steering)
     shown = Progress(spec, comm.rank, comm.size, per_epoch, say)
     started: list[float] = []  # the seconds from launch to this run's first batch
+    watch = Watchdog(spec.horovod.hang_seconds, comm, Path(spec.output)).start() if spec.horovod.hang_seconds else None
     try:
         for epoch in range(start.epoch, spec.train.epochs):
             if steering.stopped:  # every rank holds the same records, so all stop here
@@ -59,12 +61,21 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start:
                                time.perf_counter() - began, say, steering=steering,
                                startup=started.pop() if started else None)
             shown.end_epoch(record)
+    except BaseException:
+        if watch is not None:
+            watch.stop()
+        raise
     finally:
         shown.close()
     if comm.rank == 0 and steering.stopped:
         say(f"stopped after epoch {record.get('epoch', start.epoch)}: {steering.stopped}")
-    digest = check_consistency(comm, steps)
-    summary = finish(spec, dataset, comm, steps, record, digest, steering)
+    watchdog.progress("finishing")
+    try:
+        digest = check_consistency(comm, steps)
+        summary = finish(spec, dataset, comm, steps, record, digest, steering)
+    finally:
+        if watch is not None:
+            watch.stop()
     if comm.rank == 0 and summary["final"]:
         say(f"final {final_metrics(spec.task, summary['final'])}")
     return summary
@@ -94,6 +105,7 @@ def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start
         backward passes) at which rank 0's progress is due."""
         while done[0] < limit:
             batch = next(batches)
+            watchdog.progress("train", epoch, done[0] + 1)
             if started is not None and done[0] == start.step:
                 started.append(startup.since_launch())
                 startup.mark("first batch")
