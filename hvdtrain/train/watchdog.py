@@ -208,6 +208,9 @@ class _Server:
                     conn.sendall(b"ok\n")
         except (OSError, ValueError, KeyError):
             return
+        finally:
+            reader.close()
+            conn.close()
 
     def _monitor(self) -> None:
         every = interval(self.hang)
