@@ -11,6 +11,12 @@ if [ "$(id -u)" = 0 ] && { ! command -v slurmctld >/dev/null || [ ! -x /usr/sbin
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge openssh-server >/dev/null
 fi
+# The manifest tests scan the rendered pods with checkov, a policy scanner whose pins clash
+# with pytest's (packaging < 24): it gets a virtualenv of its own.
+if [ ! -x .venv-tools/bin/checkov ]; then
+  echo "== installing checkov (Kubernetes policy scanner) in .venv-tools"
+  python3 -m venv .venv-tools && .venv-tools/bin/pip install -q ${HVDTRAIN_WHEELS:+--no-index --find-links "$HVDTRAIN_WHEELS"} "checkov==3.3.30"
+fi
 set +e
 .venv/bin/python -m pytest -ra "$@"
 code=$?
