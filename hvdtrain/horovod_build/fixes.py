@@ -265,6 +265,68 @@ RUNTIME_FIXES: tuple[Fix, ...] = (
     ),
 ) + CHANNELS_LAST_FIXES + BLOCKING_WAIT_FIXES
 
+# Horovod's Gloo rendezvous is a plain HTTP key-value store: anyone who can reach its port
+# can read, overwrite or delete the ranks' addresses and stall or poison a job's start.
+# With HOROVOD_GLOO_RENDEZVOUS_SECRET set, every request the ranks send is signed with an
+# HMAC-SHA256 of the job's secret (as Horovod's driver services sign their messages), and a
+# server that knows the secret (hvdtrain's, under srun) refuses the rest. Without the
+# variable the requests are as before.
+_STORE = "horovod/common/gloo/http_store"
+RENDEZVOUS_FIXES: tuple[Fix | NewFile, ...] = (
+    NewFile(
+        path="horovod/common/gloo/rendezvous_signature.h",
+        source="rendezvous_signature.h",
+        why="SHA-256 and HMAC for the signature header (no crypto library is linked).",
+    ),
+    Fix(
+        path=_STORE + ".h",
+        old="  http::Response PerformHTTP(http::Request& request, const std::string& method,\n"
+            "                             const std::string& body);\n",
+        new="  http::Response PerformHTTP(http::Request& request, const std::string& method,\n"
+            "                             const std::string& body, const std::string& url);\n",
+        why="The request's URL is signed with its method and body.",
+    ),
+    Fix(
+        path=_STORE + ".cc",
+        old='#include "../logging.h"\n',
+        new='#include "../logging.h"\n#include "rendezvous_signature.h"\n',
+        why="The signature helper.",
+    ),
+    Fix(
+        path=_STORE + ".cc",
+        old="                       const std::string& method = HTTP_GET_METHOD,\n"
+            "                       const std::string& body = \"\") {\n"
+            "  for (int retry_cnt = 0; retry_cnt < MAX_RETRY_TIMES; ++retry_cnt) {\n"
+            "    try {\n"
+            "      http::Response response = request.send(method, body);\n",
+        new="                       const std::string& method,\n"
+            "                       const std::string& body, const std::string& url) {\n"
+            "  const std::vector<std::string> headers = rendezvous_signature::headers(method, url, body);\n"
+            "  for (int retry_cnt = 0; retry_cnt < MAX_RETRY_TIMES; ++retry_cnt) {\n"
+            "    try {\n"
+            "      http::Response response = request.send(method, body, headers);\n",
+        why="Every request carries the job's signature when it has a secret.",
+    ),
+    Fix(
+        path=_STORE + ".cc",
+        old="PerformHTTP(request, HTTP_GET_METHOD);",
+        new="PerformHTTP(request, HTTP_GET_METHOD, \"\", url);",
+        why="GET signed.",
+    ),
+    Fix(
+        path=_STORE + ".cc",
+        old="PerformHTTP(request, HTTP_PUT_METHOD, body);",
+        new="PerformHTTP(request, HTTP_PUT_METHOD, body, url);",
+        why="PUT signed, with its body.",
+    ),
+    Fix(
+        path=_STORE + ".cc",
+        old="PerformHTTP(request, HTTP_DELETE_METHOD);",
+        new="PerformHTTP(request, HTTP_DELETE_METHOD, \"\", url);",
+        why="DELETE signed.",
+    ),
+)
+
 # Keras 3 (TensorFlow >= 2.16) variables are not tf.Variable objects: they wrap
 # one (``.value``) and lack its API (``ref()``, ...). Horovod's TensorFlow code
 # therefore works on the wrapped variable, reached through one helper, and
@@ -542,7 +604,7 @@ KERAS3_KERAS_FIXES: tuple[Fix | NewFile, ...] = (
     ),
 )
 
-FIXES = BUILD_FIXES + RUNTIME_FIXES + KERAS3_FIXES + KERAS3_KERAS_FIXES
+FIXES = BUILD_FIXES + RUNTIME_FIXES + RENDEZVOUS_FIXES + KERAS3_FIXES + KERAS3_KERAS_FIXES
 
 
 def fixes_digest(fixes: tuple[Fix | NewFile, ...] = FIXES) -> str:

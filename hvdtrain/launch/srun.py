@@ -9,10 +9,13 @@ environment from Slurm's. Rank and size never come from Open MPI's variables.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from typing import Mapping
@@ -92,11 +95,17 @@ def prepare_gloo(env: dict[str, str], start_timeout: float) -> None:
     if not addr:
         raise UserError("no rendezvous address: set HVDTRAIN_RENDEZVOUS_ADDR to rank 0's node address")
     port = int(env.get("HVDTRAIN_RENDEZVOUS_PORT") or default_port(env["SLURM_JOB_ID"], env["SLURM_STEP_ID"]))
+    secret = env.get(SECRET)
+    if not secret:
+        raise UserError(f"{SECRET} is not set: the rendezvous answers only requests signed with the job's "
+                        "secret (the scripts of `hvdtrain render slurm` set it); before srun: export "
+                        f"{SECRET}=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n')")
     if rank == 0:
-        start_rendezvous(addr, port)
+        start_rendezvous(addr, port, secret)
     else:
         wait_for(addr, port, start_timeout)
     env.update({
+        "HOROVOD_GLOO_RENDEZVOUS_SECRET": secret,  # Horovod's requests signed with it (a build fix)
         "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo",
         "HOROVOD_GLOO_RENDEZVOUS_ADDR": addr, "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
         "HOROVOD_HOSTNAME": env.get("SLURMD_NODENAME") or socket.gethostname(),
@@ -108,15 +117,60 @@ def prepare_gloo(env: dict[str, str], start_timeout: float) -> None:
     env.setdefault("HOROVOD_GLOO_IFACE", interface_towards(addr, port))
 
 
-def start_rendezvous(addr: str, port: int) -> None:
-    """Horovod's rendezvous server (the one horovodrun starts) in a thread of rank 0."""
-    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
+SECRET = "HVDTRAIN_RENDEZVOUS_SECRET"
+SIGNATURE = "X-Hvdtrain-Signature"
+
+
+def signature(secret: str, method: str, path: str, body: bytes) -> str:
+    """What Horovod's ranks send with each rendezvous request (hvdtrain's build)."""
+    return hmac.new(secret.encode(), f"{method} {path}\n".encode() + body, hashlib.sha256).hexdigest()
+
+
+def signed_handler(secret: str):
+    """Horovod's rendezvous handler that answers only requests signed with the job's secret;
+    the others get 403 and a line on rank 0's stderr."""
+    import io
+
+    from horovod.runner.http.http_server import RendezvousHandler
+
+    class Signed(RendezvousHandler):
+        def signed(self) -> bool:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            self.rfile = io.BytesIO(body)  # read again by Horovod's PUT
+            expected = signature(secret, self.command, self.path, body)
+            if hmac.compare_digest(self.headers.get(SIGNATURE, ""), expected):
+                return True
+            print(f"hvdtrain: rendezvous: refused {self.command} {self.path} from {self.client_address[0]}: "
+                  f"not signed with this job's secret", file=sys.stderr, flush=True)
+            self.send_status_code(403)
+            return False
+
+        def do_GET(self):
+            if self.signed():
+                super().do_GET()
+
+        def do_PUT(self):
+            if self.signed():
+                super().do_PUT()
+
+        def do_DELETE(self):
+            if self.signed():
+                super().do_DELETE()
+
+    return Signed
+
+
+def start_rendezvous(addr: str, port: int, secret: str) -> None:
+    """Horovod's rendezvous server (the one horovodrun starts) in a thread of rank 0,
+    answering only the job's signed requests."""
+    from horovod.runner.http.http_server import RendezvousHTTPServer
     if addr not in local_addresses():
         raise UserError(f"rank 0 runs on {socket.gethostname()}, which does not have the rendezvous "
                         f"address {addr} (the node srun was started on): start srun from the "
                         "batch script, or set HVDTRAIN_RENDEZVOUS_ADDR to rank 0's node address")
     try:
-        server = RendezvousHTTPServer(("0.0.0.0", port), RendezvousHandler, 0)
+        server = RendezvousHTTPServer(("0.0.0.0", port), signed_handler(secret), 0)
     except OSError as err:
         raise UserError(f"cannot start the rendezvous server on port {port} ({err.strerror}): "
                         "set HVDTRAIN_RENDEZVOUS_PORT to a free port") from None

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -201,3 +202,29 @@ def test_build_horovod_copies_the_wheel_out_for_nodes_without_compilers(cli, tmp
     assert any(n.startswith("horovod/torch/mpi_lib_v2") for n in names)
     assert any(n.startswith("horovod/tensorflow/mpi_lib") for n in names)
     assert f"wrote {wheel}" in result.stdout
+
+
+def test_the_rendezvous_signature_in_cpp_is_the_one_the_server_checks(tmp_path):
+    """The header the build adds to Horovod signs as hvdtrain's rendezvous server verifies
+    (Python's hmac): long and short secrets, empty and binary-ish bodies, and no header
+    without a secret."""
+    import shutil
+    from hvdtrain.launch import srun
+    if shutil.which("g++") is None:
+        missing("g++ not installed: the Horovod build needs it")
+    header = Path(build.__file__).parent / "rendezvous_signature.h"
+    (tmp_path / "sign.cc").write_text(
+        f'#include "{header}"\n#include <iostream>\n'
+        "int main(int argc, char** argv) {\n"
+        "  for (const auto& h : horovod::common::rendezvous_signature::headers(argv[1], argv[2], argv[3]))\n"
+        "    std::cout << h << std::endl;\n}\n")
+    subprocess.run(["g++", "-std=c++17", "-o", tmp_path / "sign", tmp_path / "sign.cc"], check=True)
+    for secret, method, path, body in [("s" * 100, "PUT", "/global/0", "10.1.2.3:4444\x01\x7f"),
+                                       ("0f" * 32, "GET", "/global/rank_1", ""), ("k", "DELETE", "/x/y", "")]:
+        shown = subprocess.run([tmp_path / "sign", method, f"http://10.0.0.1:20001{path}", body],
+                               env={"HOROVOD_GLOO_RENDEZVOUS_SECRET": secret}, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        assert shown == f"{srun.SIGNATURE}: {srun.signature(secret, method, path, body.encode())}"
+    unsigned = subprocess.run([tmp_path / "sign", "GET", "http://h:1/a/b", ""], env={}, capture_output=True,
+                              text=True, check=True).stdout
+    assert unsigned == ""

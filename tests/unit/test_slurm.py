@@ -1,5 +1,6 @@
 """Rendering sbatch scripts, and what a rank started by srun derives from Slurm's variables."""
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -46,6 +47,11 @@ def test_cpu_job_drops_gpu_and_partition_lines_and_spreads_workers():
     assert head["ntasks-per-node"] == "2" and head["cpus-per-task"] == "2"
     text = slurm.render(spec, MLP, [], mode="gloo")
     assert "--mpi=none" in srun_line(text) and "export HVDTRAIN_LAUNCH=gloo" in text
+    # a secret per job, made when the script runs (never written into it), 64 hex digits
+    [line] = [ln for ln in text.splitlines() if ln.startswith("export HVDTRAIN_RENDEZVOUS_SECRET=")]
+    made = subprocess.run(["bash", "-c", line + '; printf %s "$HVDTRAIN_RENDEZVOUS_SECRET"'], capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin"}).stdout
+    assert len(made) == 64 and int(made, 16) >= 0
 
 
 def test_site_options_and_containers_reach_sbatch_and_srun():
@@ -94,7 +100,7 @@ def test_slurm_task_counts_expand(text, counts):
 def srun_env(**extra):
     env = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "5",
            "SLURM_STEP_TASKS_PER_NODE": "2(x2),1", "SLURMD_NODENAME": "nodeB",
-           "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1"}
+           "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1", "HVDTRAIN_RENDEZVOUS_SECRET": "s3cret"}
     env.update(extra)
     return env
 
@@ -109,23 +115,41 @@ def test_gloo_rank_takes_everything_from_slurm_variables():
         srun.prepare_rank(env, START_TIMEOUT)
     # node 0 holds ranks 0-1, node 1 ranks 2-3, node 2 rank 4; this is local rank 1 of node 1
     assert {k: env[k] for k in env if k.startswith("HOROVOD_")} == {
-        "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo",
+        "HOROVOD_GLOO_RENDEZVOUS_SECRET": "s3cret", "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo",
         "HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1", "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
         "HOROVOD_HOSTNAME": "nodeB", "HOROVOD_RANK": "3", "HOROVOD_SIZE": "5",
         "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "2",
         "HOROVOD_CROSS_RANK": "1", "HOROVOD_CROSS_SIZE": "2", "HOROVOD_GLOO_IFACE": "lo"}
 
 
-def test_gloo_rank_0_serves_the_rendezvous_and_others_reach_it():
+def test_gloo_rank_0_serves_the_rendezvous_to_the_job_alone(capfd):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = srun_env(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", HVDTRAIN_RENDEZVOUS_PORT=str(port))
     srun.prepare_rank(env, START_TIMEOUT)
+    import urllib.error
     import urllib.request
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/global/key", data=b"v", method="PUT")
-    assert urllib.request.urlopen(request, timeout=5).status == 200  # Horovod's KV store answers
-    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/global/key", timeout=5).read() == b"v"
+
+    def request(method, data=None, secret="s3cret"):
+        headers = {srun.SIGNATURE: srun.signature(secret, method, "/global/key", data or b"")} if secret else {}
+        return urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/global/key", data=data, method=method, headers=headers), timeout=5)
+    assert request("PUT", b"v").status == 200  # Horovod's KV store answers the job's signed requests
+    assert request("GET").read() == b"v"
+    for secret in (None, "another job's"):  # a stranger can neither write nor read
+        for method, data in (("PUT", b"poison"), ("GET", None), ("DELETE", None)):
+            with pytest.raises(urllib.error.HTTPError, match="403"):
+                request(method, data, secret)
+    assert request("GET").read() == b"v"
+    assert capfd.readouterr().err.count("hvdtrain: rendezvous: refused ") == 6
+
+
+def test_a_rendezvous_without_the_jobs_secret_is_refused():
+    env = srun_env(SLURM_PROCID="1", SLURM_LOCALID="1", SLURM_NODEID="0")
+    del env["HVDTRAIN_RENDEZVOUS_SECRET"]
+    with pytest.raises(UserError, match="HVDTRAIN_RENDEZVOUS_SECRET is not set"):
+        srun.prepare_rank(env, START_TIMEOUT)
 
 
 def test_gloo_rank_without_rank_0_stops_with_a_clear_error():
