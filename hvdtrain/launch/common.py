@@ -16,6 +16,15 @@ def rank_command(spec_path: str, overrides: list[str] = (), python: str | None =
     return [python or sys.executable, "-m", "hvdtrain", "train", str(spec_path), *overrides]
 
 
+def is_rank(process) -> bool:
+    """A rank of the job: `python -m hvdtrain train ...` (rank_command), not horovodrun
+    nor its helpers, whose command lines hold it further on."""
+    try:
+        return process.cmdline()[1:4] == ["-m", "hvdtrain", "train"]
+    except Exception:  # gone, or not ours to read
+        return False
+
+
 def template(name: str) -> str:
     """A template shipped inside the package (hvdtrain/templates/NAME)."""
     return resources.files("hvdtrain").joinpath("templates", name).read_text()

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import EXIT_FAILED, EXIT_HUNG, EXIT_PEER, EXIT_USAGE, EXIT_WRITE, UserError
 from ..spec import ElasticSpec, JobSpec, ResourcesSpec
 from ..train import preempt
-from .common import Launcher, Verb, rank_command
+from .common import Launcher, Verb, is_rank, rank_command
 
 
 def horovodrun_path() -> str:
@@ -235,15 +235,6 @@ class Stopper:
 
 
 STOP_GRACE_SECONDS = 10
-
-
-def is_rank(process) -> bool:
-    """A rank of the job: `python -m hvdtrain train ...` (rank_command), not horovodrun
-    nor its helpers, whose command lines hold it further on."""
-    try:
-        return process.cmdline()[1:4] == ["-m", "hvdtrain", "train"]
-    except Exception:  # gone, or not ours to read
-        return False
 
 
 def stopped(spec: JobSpec, number: int) -> int:

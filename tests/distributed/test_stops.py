@@ -4,6 +4,7 @@ eviction, scancel, a node drain) stops them after an agreed step with a checkpoi
 the same command resumes to the weights of an uninterrupted run."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,3 +115,24 @@ def test_sigterm_to_the_ranks_checkpoints_and_the_rerun_ends_as_an_uninterrupted
               for d in ("whole", "stopped")}
     assert digest["stopped"] == digest["whole"]
     figure(f"SIGTERM to both ranks: checkpoint {checkpoints[-1]}, the rerun's weights equal the uninterrupted run's")
+
+
+def test_a_pods_sigterm_reaches_its_ranks_through_pod_init(tmp_path):
+    """What the kubelet does to a worker pod: SIGTERM to the container's first process,
+    here pod_init running a stand-in for sshd; the ranks in the pod (this machine) stop
+    with a checkpoint, then pod_init stops its command and exits."""
+    marker = tmp_path / "step-30"
+    job = start(paced_spec(tmp_path), tmp_path / "out", {"HVDTRAIN_TEST_PACE": f"0.05:30:{marker}"},
+                "train.epochs=100")
+    lines = Lines(job)
+    wait_for_file(marker, lines, 300)
+    init = subprocess.Popen([sys.executable, "-m", "hvdtrain.launch.pod_init", "sleep", "600"],
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(1)
+    sleeper = psutil.Process(init.pid).children()
+    init.send_signal(signal.SIGTERM)
+    output = lines.finish(GONE_WITHIN_S + 20)
+    assert init.wait(30) == 0 and not alive(sleeper)
+    assert "hvdtrain: SIGTERM: 2 rank(s) in this pod asked to stop" in init.stderr.read()
+    assert job.returncode == 75 and "stopping on request after step" in output, output[-3000:]
+    assert re.search(r"hvdtrain: stopped after epoch \d+, step \d+; latest checkpoint", output), output[-3000:]

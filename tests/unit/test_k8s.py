@@ -149,7 +149,8 @@ def test_image_recipe_matches_the_manifest_and_the_tested_build():
     assert "openmpi-bin" in recipe and "openssh-server" in recipe
     _, job = documents(rendered())
     launcher, worker = (pod["containers"][0] for pod in launcher_and_worker(job))
-    assert worker["command"] == ["/usr/sbin/sshd"] and "mkdir -p /run/sshd" in recipe
+    assert worker["command"] == ["python3", "-m", "hvdtrain.launch.pod_init"] and "mkdir -p /run/sshd" in recipe
+    assert worker["args"][:3] == ["/usr/sbin/sshd", "-De", "-f"] and worker["args"][3] in recipe
     assert "python3" in launcher["args"] and "ENV VIRTUAL_ENV=/opt/hvdtrain PATH=/opt/hvdtrain/bin:$PATH" in recipe
 
 
