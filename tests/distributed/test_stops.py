@@ -136,3 +136,21 @@ def test_a_pods_sigterm_reaches_its_ranks_through_pod_init(tmp_path):
     assert "hvdtrain: SIGTERM: 2 rank(s) in this pod asked to stop" in init.stderr.read()
     assert job.returncode == 75 and "stopping on request after step" in output, output[-3000:]
     assert re.search(r"hvdtrain: stopped after epoch \d+, step \d+; latest checkpoint", output), output[-3000:]
+
+
+def test_sigterm_to_mpirun_stops_its_ranks_with_a_checkpoint(tmp_path):
+    """The MPIJob launcher pod's first process is mpirun: the kubelet's SIGTERM to it
+    (Open MPI's defaults) reaches the ranks, which stop at a step with a checkpoint."""
+    marker = tmp_path / "step-30"
+    mpirun = ["mpirun", "-np", "2", "--oversubscribe", "-bind-to", "none", "-map-by", "slot",
+              *(["--allow-run-as-root"] if os.geteuid() == 0 else []), "-x", "HVDTRAIN_TEST_PACE",
+              sys.executable, "-m", "hvdtrain", "train", str(paced_spec(tmp_path)), "train.epochs=100",
+              f"output={tmp_path / 'out'}"]
+    proc = subprocess.Popen(mpirun, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HVDTRAIN_TEST_PACE": f"0.05:30:{marker}"})
+    lines = Lines(proc)
+    wait_for_file(marker, lines, 300)
+    proc.send_signal(signal.SIGTERM)
+    output = lines.finish(60)
+    assert "stopping on request after step" in output and output.count("exiting 75") == 2, output[-3000:]
+    assert any(p.name.endswith("-step-000000010.ckpt") for p in (tmp_path / "out" / "checkpoints").iterdir())
