@@ -37,7 +37,7 @@ def test_a_frozen_rank_is_named_with_its_host_and_pid(tmp_path, figure):
     victim = rank_process(__import__("psutil").Process(proc.pid), 1, "HOROVOD_RANK")
     victim.send_signal(signal.SIGSTOP)
     hung, stacks = ended_by_the_watchdog(proc, lines, time.monotonic(), out, figure, "SIGSTOP of rank 1")
-    assert f"rank 1 (host " in hung and f"pid {victim.pid}: epoch " in hung and ", train, heartbeat silent" in hung
+    assert "rank 1 (host " in hung and f"pid {victim.pid}: epoch " in hung and ", train, heartbeat silent" in hung
     assert "rank 0 (" not in hung
     assert "no answer" in stacks[1] and "train_epoch" in stacks[0]  # rank 0's main thread, in its loop
 
