@@ -223,7 +223,9 @@ class _Server:
                 self._end(f"rank(s) {', '.join(map(str, missing))} never reached the watchdog within "
                           f"{self.hang:g} s", {})
                 return
-            live = {r: e for r, e in entries.items() if not e["done"]}
+            # a rank past its epochs (export, a test set scored on rank 0 alone) is not watched
+            live = {r: e for r, e in entries.items()
+                    if not e["done"] and (e["progress"] or {}).get("phase") != "finishing"}
             if any(now - e["changed"] > self.hang for e in live.values()):
                 self._report(live, now)
                 return

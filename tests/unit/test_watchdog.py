@@ -51,3 +51,28 @@ def test_the_rank_furthest_behind_is_at_the_earliest_step_then_phase():
         0: {"epoch": 1, "step": 5, "phase": "checkpoint"}, 1: {"epoch": 1, "step": 6, "phase": "train"},
         2: {"epoch": 1, "step": 5, "phase": "train"}, 3: None}.items()}
     assert sorted(positions, key=positions.get) == [3, 2, 0, 1]
+
+
+ALONE = """
+import sys, time
+from pathlib import Path
+from tests.unit.test_watchdog import one_rank
+from hvdtrain.train import watchdog
+dog = watchdog.Watchdog(1, one_rank(), Path(sys.argv[2])).start()
+watchdog.progress(sys.argv[1], 0, 3)
+time.sleep(4)
+print("still running")
+"""
+
+
+def test_a_rank_past_its_epochs_is_not_taken_for_hung(tmp_path):
+    """hang_seconds 1, one rank that stops making progress: in training it is named and the
+    process ends (exit 4); finishing (export, a test set scored on rank 0 alone) it is left alone."""
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    runs = {phase: subprocess.run([sys.executable, "-c", ALONE, phase, str(tmp_path / phase)], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60) for phase in ("train", "finishing")}
+    assert runs["train"].returncode == 4 and "hvdtrain: hung: rank 0 (host " in runs["train"].stderr
+    assert (tmp_path / "train" / "hang" / "rank-0.txt").read_text().count("Thread 0x") >= 2
+    assert runs["finishing"].returncode == 0 and "still running" in runs["finishing"].stdout
