@@ -70,13 +70,17 @@ def test_runtime_follows_trainers_own_mpi_runtime():
     theirs = yaml.safe_load((TRAINER / "deepspeed_distributed.yaml").read_text())
     mpi = ours["spec"]["mlPolicy"]["mpi"]
     assert mpi["mpiImplementation"] == theirs["spec"]["mlPolicy"]["mpi"]["mpiImplementation"] == "OpenMPI"
-    assert mpi["runLauncherAsNode"] is True and mpi["sshAuthMountPath"] == "/root/.ssh"
+    # keys in the non-root user's home, as in Trainer's own runtime
+    assert mpi["runLauncherAsNode"] is True
+    assert mpi["sshAuthMountPath"] == theirs["spec"]["mlPolicy"]["mpi"]["sshAuthMountPath"] == "/home/mpiuser/.ssh"
     jobs = {j["name"]: j for j in ours["spec"]["template"]["spec"]["replicatedJobs"]}
     assert set(jobs) == {j["name"] for j in theirs["spec"]["template"]["spec"]["replicatedJobs"]}
     assert jobs["launcher"]["dependsOn"] == [{"name": "node", "status": "Ready"}]
     assert jobs["launcher"]["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
     node = jobs["node"]["template"]["spec"]["template"]["spec"]
-    assert node["containers"][0]["command"] == ["/usr/sbin/sshd"] and node["containers"][0]["image"].endswith(":1")
+    assert node["containers"][0]["command"] == ["python3", "-m", "hvdtrain.launch.pod_init"]
+    assert node["containers"][0]["args"][0] == "/usr/sbin/sshd" and node["containers"][0]["image"].endswith(":1")
+    assert node["containers"][0]["readinessProbe"]["tcpSocket"]["port"] == 2222  # sshd as uid 1000
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}} in node["volumes"]
 
 
