@@ -78,6 +78,8 @@ def run_entry(entry: EntrySpec) -> int:
     """The user's script in this process, as `python SCRIPT ARGS` or `python -m MODULE
     ARGS` would run it: in this process, so that what the launcher's bootstrap set up
     (Horovod's variables, rank 0's rendezvous server under srun) serves it."""
+    from .backends import keras_environment
+    os.environ.update(keras_environment(entry.keras))  # before the script imports TensorFlow
     target = str(entry.script) if entry.script is not None else entry.module
     sys.argv = [target, *entry.args]
     try:

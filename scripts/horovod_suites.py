@@ -40,8 +40,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN = ROOT / "tests" / "horovod_known_failures.yaml"
+# SUITE@keras2: the suite with TF_USE_LEGACY_KERAS=1, tf.keras being the tf-keras package
+# (Keras 2), as Horovod's Keras 2 users run it; without it, TensorFlow 2.21's Keras 3.
 SUITES = ("test_torch.py", "test_tensorflow.py", "test_tensorflow2_keras.py", "test_tensorflow_process_sets.py",
-          "test_process_sets_static.py", "test_timeline.py")
+          "test_process_sets_static.py", "test_timeline.py", "test_tensorflow.py@keras2",
+          "test_tensorflow2_keras.py@keras2")
+MODES = {"": {}, "keras2": {"TF_USE_LEGACY_KERAS": "1"}}
 RANKS = (0, 1)
 
 
@@ -94,10 +98,11 @@ def run_suite(suites: Path, suite: str, out: Path, timeout: int = 1800) -> dict:
     # shell ends with 0 (horovodrun would end the other rank as soon as one exits non-zero,
     # before that rank had written its own): horovodrun's non-zero exit means a rank died
     base = f"{out}/{suite}.rank$HOROVOD_RANK"
-    script = (f"{sys.executable} -m pytest -q -p no:cacheprovider -rfE {suite} --junitxml={base}.xml "
+    test_file, _, mode = suite.partition("@")
+    script = (f"{sys.executable} -m pytest -q -p no:cacheprovider -rfE {test_file} --junitxml={base}.xml "
               f"> {base}.log 2>&1; echo $? > {base}.exit")
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+           "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **MODES[mode]}
     began = time.monotonic()
     try:
         proc = subprocess.run([horovodrun, "-np", str(len(RANKS)), "-H", f"localhost:{len(RANKS)}", "--gloo",

@@ -65,6 +65,13 @@ fi
 target=.
 [ -z "$extras" ] || target=".[$extras]"
 .venv/bin/python -m pip install -q "${pip_from[@]}" -e "$target"
+case $frameworks in *,tensorflow,*)
+  # Keras 2 for old Horovod scripts (entry.keras: 2). --no-deps: tf-keras asks for the
+  # `tensorflow` distribution, which would install TensorFlow's CUDA build over tensorflow-cpu.
+  keras2=$(.venv/bin/python -c "from hvdtrain.backends import KERAS2_PACKAGE; print(KERAS2_PACKAGE)")
+  echo "== $keras2 (Keras 2, for entry.keras: 2)"
+  .venv/bin/python -m pip install -q "${pip_from[@]}" --no-deps "$keras2" ;;
+esac
 echo "== Horovod"
 .venv/bin/hvdtrain build-horovod
 for framework in torch tensorflow; do

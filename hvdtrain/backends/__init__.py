@@ -39,6 +39,20 @@ def require_framework(name: str) -> None:
                             f"pip install {FRAMEWORK_PACKAGES[name]}")
 
 
+KERAS2_PACKAGE = "tf-keras==2.21.0"  # Keras 2 for TensorFlow 2.21, as tf.keras with TF_USE_LEGACY_KERAS=1
+
+
+def keras_environment(keras: int) -> dict[str, str]:
+    """The variables that give a script the Keras it asks for (entry.keras): Keras 2 is
+    the tf-keras package, which must be installed (found, not imported)."""
+    if keras == 3:
+        return {}
+    if importlib.util.find_spec("tf_keras") is None:
+        raise UserError(f"entry.keras 2 needs the tf-keras package, which is not installed: "
+                        f"pip install {KERAS2_PACKAGE}")
+    return {"TF_USE_LEGACY_KERAS": "1"}
+
+
 def get_backend(name: str) -> ModuleType:
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

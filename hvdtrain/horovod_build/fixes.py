@@ -272,6 +272,25 @@ RUNTIME_FIXES: tuple[Fix, ...] = (
 # server that knows the secret (hvdtrain's, under srun) refuses the rest. Without the
 # variable the requests are as before.
 _STORE = "horovod/common/gloo/http_store"
+
+# Keras 2 through tf-keras (TF_USE_LEGACY_KERAS=1: tf.keras is the tf_keras package): the
+# Keras modules took their backend from the standalone `keras` package, which is Keras 3
+# beside TensorFlow 2.21, while the model, optimizers and variables are tf_keras's. The
+# backend now follows tf.keras in that mode, and is unchanged otherwise.
+_K_OLD = ('if is_version_greater_equal_than(tf.__version__, "2.6.0"):\n'
+          "    from keras import backend as K\n")
+_K_NEW = ("# Keras 2 (tf-keras under TF_USE_LEGACY_KERAS=1 has no __version__; Keras 3's tf.keras has)\n"
+          'if int(str(getattr(keras, "__version__", "2")).split(".")[0]) < 3:\n'
+          "    K = keras.backend\n"
+          'elif is_version_greater_equal_than(tf.__version__, "2.6.0"):\n'
+          "    from keras import backend as K\n")
+KERAS2_FIXES: tuple[Fix, ...] = tuple(
+    Fix(path=path, old=_K_OLD, new=_K_NEW,
+        why="Keras 2 mode: the learning-rate callbacks read and set a tf_keras optimizer's lr "
+            "through Keras 3's backend (no get_value): Horovod's test_train_model_lr_schedule "
+            "failed under TF_USE_LEGACY_KERAS=1.")
+    for path in ("horovod/tensorflow/keras/__init__.py", "horovod/tensorflow/keras/callbacks.py"))
+
 RENDEZVOUS_FIXES: tuple[Fix | NewFile, ...] = (
     NewFile(
         path="horovod/common/gloo/rendezvous_signature.h",
@@ -604,7 +623,7 @@ KERAS3_KERAS_FIXES: tuple[Fix | NewFile, ...] = (
     ),
 )
 
-FIXES = BUILD_FIXES + RUNTIME_FIXES + RENDEZVOUS_FIXES + KERAS3_FIXES + KERAS3_KERAS_FIXES
+FIXES = BUILD_FIXES + RUNTIME_FIXES + RENDEZVOUS_FIXES + KERAS3_FIXES + KERAS3_KERAS_FIXES + KERAS2_FIXES
 
 
 def fixes_digest(fixes: tuple[Fix | NewFile, ...] = FIXES) -> str:

@@ -292,7 +292,7 @@ def run(args) -> int:
     import json
     import time
 
-    from ..backends import require_framework
+    from ..backends import keras_environment, require_framework
     from ..spec import load_spec
     from ..train.metrics import final_metrics
     os.environ["HVDTRAIN_LAUNCHED_AT"] = str(time.time())  # the ranks' start-up is timed from here
@@ -302,6 +302,8 @@ def run(args) -> int:
         args.overrides = [*args.overrides, f"log.level={'quiet' if args.quiet else 'verbose'}"]
     spec = load_spec(args.spec, args.overrides)  # invalid specs stop here, before any launch
     require_framework(spec.backend)
+    if spec.entry is not None:
+        keras_environment(spec.entry.keras)
     if args.hosts and args.hostfile:
         raise UserError("give -H or --hostfile, not both")
     hosts = Hosts(args.hosts, Path(args.hostfile) if args.hostfile else None, args.mpi, args.ssh_port,

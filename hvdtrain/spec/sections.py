@@ -61,6 +61,9 @@ class EntrySpec(Section):
     module: Annotated[str, Field(pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")] | None = Field(
         default=None, description="a module, run as `python -m MODULE`")
     args: list[str] = Field(default_factory=list, max_length=1000, description="its sys.argv[1:]")
+    keras: Literal[2, 3] = Field(default=3, description=(
+        "the Keras a TensorFlow script gets as tf.keras: 3 (TensorFlow 2.21's own) or 2 (the tf-keras "
+        "package, TF_USE_LEGACY_KERAS=1: Horovod scripts written for TensorFlow <= 2.15, unchanged)"))
 
     @model_validator(mode="after")
     def _one(self) -> "EntrySpec":
