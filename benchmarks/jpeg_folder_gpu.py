@@ -6,7 +6,10 @@ hand: epoch throughput (samples/s, validation
 included, from metrics.jsonl; the first epoch left out) and the seconds from the
 run's final line to its exit.
 
-    benchmarks/jpeg_folder_gpu.py OUT_DIR [--images 20000] [--size 256] [--workers 14]
+    benchmarks/jpeg_folder_gpu.py OUT_DIR [--images 20000] [--size 256] [--workers 14] [--only NAME,...]
+
+--only runs the named measurements alone and adds them to OUT_DIR/report.json (the
+folder is written once): a GPU lease's calls can split the runs.
 
 The folder: --images JPEG files (quality 90, --size px square, 100 classes) of
 smooth random colour fields, written in parallel. The runs: benchmarks/resnet50-gpu.yaml
@@ -73,20 +76,25 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=14)
+    parser.add_argument("--only", default="", help="comma-separated measurement names (default: all)")
     args = parser.parse_args()
     out = Path(args.out)
     folder = out / "jpegs"
     began = time.monotonic()
-    chunks = [(folder, first, min(500, args.images - first), args.size) for first in range(0, args.images, 500)]
-    with ProcessPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(write_images, chunks))
+    if not (folder / "class-099").is_dir():
+        chunks = [(folder, first, min(500, args.images - first), args.size)
+                  for first in range(0, args.images, 500)]
+        with ProcessPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(write_images, chunks))
     written = time.monotonic() - began
+    earlier = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                          text=True).stdout.strip()
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"1 x {gpu}, {os.cpu_count()} CPU cores",
               "spec": str(SPEC.relative_to(ROOT)), "common": COMMON,
               "folder": {"images": args.images, "size": args.size, "quality": 90, "classes": 100,
-                         "written_s": round(written, 1)}}
+                         "written_s": earlier.get("folder", {}).get("written_s", round(written, 1))}}
+    report.update({k: v for k, v in earlier.items() if k not in report})
     images = ["data.image_size=224", "data.augment=standard", f"data.workers={args.workers}", "data.prefetch=4",
               "data.synthetic=null"]
     shards = out / "shards"
@@ -100,9 +108,14 @@ def main() -> int:
         "webdataset_decode_gpu": lambda: write_shards(folder, shards) or run(out / "shards-gpu", [
             "data.source=webdataset", f"data.path={shards}", "data.decode=gpu", *images]),
     }
-    for name, measure in runs.items():
+    chosen = [n for n in args.only.split(",") if n] or list(runs)
+    unknown = sorted(set(chosen) - set(runs))
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(unknown)} (known: {', '.join(runs)})")
+    for name in chosen:
+        measure = runs[name]
         report[name] = measure()
-        base = report["on_gpu"].get("samples_per_s")
+        base = report.get("on_gpu", {}).get("samples_per_s")
         rates = report[name].get("samples_per_s")
         if base and rates and name != "on_gpu":
             report[f"{name}_vs_on_gpu"] = round(float(np.median(rates[1:]) / np.median(base[1:])), 3)
