@@ -18,7 +18,7 @@ from . import import_horovod
 from .. import plugins
 from ..data import Batch, Dataset, Preprocessing
 from ..errors import UserError
-from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, model_from_dict
+from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, TrainSpec, model_from_dict
 from ..train import startup
 from ..train.contract import Comm, Steps, Training, horovod_comm, step_seed
 from ..train.elastic import run_elastic
@@ -86,15 +86,18 @@ def make_loss(loss: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     return LOSSES[loss] if loss in LOSSES else plugins.load_loss(loss)
 
 
-def make_optimizer(opt: OptimizerSpec, params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(opt: OptimizerSpec, params, lr: float, on_gpu: bool = False) -> torch.optim.Optimizer:
     """The optimizer section's: sgd, adam, or a class by import path called as
-    cls(params, lr=lr, **args)."""
+    cls(params, lr=lr, **args). sgd and adam on a GPU: one fused kernel updates every
+    parameter (optimizer.fused), where the foreach kernels launch several per group."""
     if ":" in opt.name:
         return plugins.checked(plugins.load(opt.name, "optimizer.name"), (params,), {"lr": lr, **opt.args},
                                torch.optim.Optimizer, "optimizer.name", opt.name)
+    fused = on_gpu if opt.fused is None else opt.fused
     if opt.name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=opt.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=opt.weight_decay, fused=fused or None)
+    return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
+                           fused=fused or None)
 
 
 def setup(spec: JobSpec, dataset: Dataset) -> Training:
@@ -133,7 +136,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
     # Horovod: wrap the optimizer so gradients are allreduced before each step.
     optimizer = hvd.DistributedOptimizer(
-        make_optimizer(spec.optimizer, model.parameters(), lr),
+        make_optimizer(spec.optimizer, model.parameters(), lr, on_gpu=use_cuda),
         named_parameters=model.named_parameters(),
         compression=hvd.Compression.fp16 if spec.horovod.fp16_compression else hvd.Compression.none,
         backward_passes_per_step=spec.horovod.backward_passes_per_step,
@@ -153,6 +156,13 @@ def placed(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Mo
     """The model on the rank's device; its 4-d weights in channels-last order if asked."""
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def compiled(model: torch.nn.Module | Callable, train: TrainSpec) -> Callable:
+    """torch.compile's version of a module or function in train.compile_mode, with static shapes: a batch of
+    another size (validation's last) gets a graph of its own instead of turning the
+    batch dimension dynamic, a slower graph, for the rest of the run."""
+    return torch.compile(model, dynamic=False, mode=train.compile_mode)
 
 
 def in_order(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -234,10 +244,8 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
     scaler = torch.amp.GradScaler(device.type) if spec.train.precision == "fp16" else None
 
     # torch.compile: the steps call the compiled module, which shares the model's
-    # parameters; checkpoints, buffers and exports keep using the plain model. Static
-    # shapes: a validation batch of another size gets a graph of its own, instead of
-    # turning the batch dimension dynamic (a slower graph) for the rest of the run.
-    forward = torch.compile(model, dynamic=False) if spec.train.compile else model
+    # parameters; checkpoints, buffers and exports keep using the plain model.
+    forward = compiled(model, spec.train) if spec.train.compile else model
 
     affine = None if pixel_affine is None else \
         tuple(torch.from_numpy(a).reshape(1, -1, 1, 1).to(device) for a in pixel_affine)

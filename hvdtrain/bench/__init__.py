@@ -146,10 +146,14 @@ def run_training(s: Settings, scratch: Path, log, failures: list[dict], gpu: boo
                                  "samples_per_s": rates, "window_samples": result["window_samples"],
                                  "window_optimizer_steps": result["window_optimizer_steps"],
                                  "window_allreduces": result["window_allreduces"],
-                                 "startup_phases": result["startup_phases"]})
+                                 "startup_phases": result["startup_phases"],
+                                 "graphs_compiled_in_warmup": result.get("graphs_compiled_in_warmup"),
+                                 "graphs_compiled_after_warmup": result.get("graphs_compiled_after_warmup")})
+                    recompiled = result.get("graphs_compiled_after_warmup")
                     log(f"  {name:22s} {ranks} rank(s), round {round_ + 1}: "
                         f"{statistics.median(rates):9.1f} samples/s; to the first timed window "
-                        f"{describe(result['startup_phases'])}")
+                        f"{describe(result['startup_phases'])}"
+                        + (f"; {recompiled} graph(s) compiled after warm-up" if recompiled else ""))
     return runs
 
 
@@ -243,9 +247,12 @@ def throughput_table(runs: list[dict]) -> list[dict]:
             if rates:
                 allreduces = [a for r in chosen for a in r["window_allreduces"] if a is not None]
                 starts = [sum(r["startup_phases"].values()) for r in chosen if r.get("startup_phases")]
+                compiles = [r["graphs_compiled_after_warmup"] for r in chosen
+                            if r.get("graphs_compiled_after_warmup") is not None]
                 table.append({"impl": label(impl, placement), "placement": placement, "ranks": ranks,
                               "communicated": bool(sum(allreduces)) if allreduces else None,
-                              **summarize(rates), "startup_s": statistics.median(starts) if starts else None})
+                              **summarize(rates), "startup_s": statistics.median(starts) if starts else None,
+                              "graphs_compiled_after_warmup": max(compiles) if compiles else None})
     return table
 
 
@@ -264,7 +271,9 @@ def figures(table: list[dict], allreduce: list[dict]) -> dict[str, Any]:
         # allreduces): their ratio compares step loops and input paths, not communication
         loops = {name: ratio(med[a, 1], med[b, 1]) for name, a, b in (
             ("hvdtrain_vs_horovod", "hvdtrain", "horovod"),
-            ("hvdtrain_vs_horovod_gpu_resident", "hvdtrain", "horovod-gpu-resident"))
+            ("hvdtrain_vs_horovod_gpu_resident", "hvdtrain", "horovod-gpu-resident"),
+            ("hvdtrain_vs_plain_pytorch", "hvdtrain", "local"),
+            ("hvdtrain_vs_plain_pytorch_gpu_resident", "hvdtrain", "local-gpu-resident"))
             if (a, 1) in med and (b, 1) in med}
         if loops:
             out["single_rank_step_loops"] = loops

@@ -144,7 +144,7 @@ def train_horovod(spec, placement: str):
     dataset, batches = batches_for(spec, hvd.rank(), hvd.size())
     torch.manual_seed(spec.train.seed)
     model = placed(make_model(spec.model, dataset), device, spec.train.channels_last)
-    optimizer = make_optimizer(spec.optimizer, model.parameters(), hand_lr(spec, hvd.size()))
+    optimizer = make_optimizer(spec.optimizer, model.parameters(), hand_lr(spec, hvd.size()), device.type == "cuda")
     h = spec.horovod
     optimizer = hvd.DistributedOptimizer(
         optimizer, named_parameters=model.named_parameters(),
@@ -162,14 +162,18 @@ def train_horovod(spec, placement: str):
     return hvd.rank(), hvd.size(), run, total, [len(y) for _, y in batches], lambda: vars(counts).copy()
 
 
-def plain_steps(spec, model, optimizer, batches: list, device, placement: str, no_sync=None):
+def plain_steps(spec, model, optimizer, batches: list, device, placement: str, no_sync=None,
+                whole_step: bool = False):
     """The step loop of Horovod's and PyTorch's examples. placement "resident": every
     batch on the device before timing; "host": each batch copied from (pinned) host
     memory inside the step, the way a DataLoader feeds a loop. Backward passes per
     step as hvdtrain runs them: each pass carries 1/N of the loss, one step per group
     (DDP: no_sync for all but the group's last pass). train.compile: the steps call
-    torch.compile's module (for DDP, the compiled DDP module); train.channels_last:
-    images in channels-last order."""
+    torch.compile's module (for DDP, the compiled DDP module), or, with `whole_step`
+    and one pass per step, torch.compile's version of the whole step as users write it
+    (zero_grad, forward, loss, backward, optimizer step; dynamo compiles the forward and
+    loss with their backward as one graph and the optimizer's update as another);
+    train.channels_last: images in channels-last order."""
     import contextlib
 
     import torch
@@ -177,8 +181,8 @@ def plain_steps(spec, model, optimizer, batches: list, device, placement: str, n
     passes = spec.horovod.backward_passes_per_step
     low = {"bf16": torch.bfloat16}.get(spec.train.precision)
     pin = device.type == "cuda"
-    from ..backends.torch import in_order
-    forward = torch.compile(model, dynamic=False) if spec.train.compile else model
+    from ..backends.torch import compiled, in_order
+    forward = compiled(model, spec.train) if spec.train.compile and not whole_step else model
 
     def images(x):
         return in_order(x, spec.train.channels_last)
@@ -188,6 +192,23 @@ def plain_steps(spec, model, optimizer, batches: list, device, placement: str, n
         tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
         if pin:
             tensors = [(x.pin_memory(), y.pin_memory()) for x, y in tensors]
+
+    if spec.train.compile and whole_step and passes == 1:
+        def step(x, y):
+            optimizer.zero_grad()
+            with torch.autocast(device.type, dtype=low, enabled=low is not None):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+        step = compiled(step, spec.train)
+
+        def run(count: int, start: int) -> None:
+            model.train()
+            for x, y in cycle(tensors, count, start):
+                if placement == "host":
+                    x, y = images(x.to(device, non_blocking=pin)), y.to(device, non_blocking=pin)
+                step(x, y)
+        return run
 
     def run(count: int, start: int) -> None:
         model.train()
@@ -236,7 +257,7 @@ def train_ddp(spec, placement: str, communicate: bool = True):
             return hook(state, bucket)
         model.register_comm_hook(None, counted_hook)
         no_sync = model.no_sync
-    optimizer = make_optimizer(spec.optimizer, model.parameters(), hand_lr(spec, size))
+    optimizer = make_optimizer(spec.optimizer, model.parameters(), hand_lr(spec, size), device.type == "cuda")
     count_torch_optimizer(optimizer, counts, horovod=False)
 
     def total(value: float) -> float:
@@ -244,7 +265,8 @@ def train_ddp(spec, placement: str, communicate: bool = True):
         summed = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(summed)
         return float(summed[0])
-    run = plain_steps(spec, model, optimizer, batches, device, placement, no_sync)
+    # without communication, the plain PyTorch reference: with train.compile its whole step compiled
+    run = plain_steps(spec, model, optimizer, batches, device, placement, no_sync, whole_step=not communicate)
     return rank, size, run, total, [len(y) for _, y in batches], lambda: vars(counts).copy()
 
 
@@ -266,8 +288,10 @@ def time_training(args) -> dict:
     # counts(): this rank's optimizer steps and gradient allreduces so far.
     rank, size, run, total, sizes, counts = makers[args.impl]()
     startup.mark("set-up")
+    before_warmup = compiled_graphs()
     run(args.warmup, 0)
     startup.mark("warm-up")
+    graphs = compiled_graphs()
     seconds, samples, steps, allreduces = [], [], [], []
     for window in range(args.windows):
         first = args.warmup + window * args.steps
@@ -291,7 +315,18 @@ def time_training(args) -> dict:
         profiler.export_chrome_trace(str(Path(args.profile) / f"{name}.json"))
     return {"rank": rank, "ranks": size, "impl": args.impl, "placement": args.placement,
             "optimizer": counts()["optimizer"], "window_seconds": seconds, "window_samples": samples, "window_optimizer_steps": steps,
-            "window_allreduces": allreduces, "startup_phases": startup.phases()}
+            "window_allreduces": allreduces, "startup_phases": startup.phases(),
+            "graphs_compiled_in_warmup": None if graphs is None else graphs - (before_warmup or 0),
+            "graphs_compiled_after_warmup": None if graphs is None else compiled_graphs() - graphs}
+
+
+def compiled_graphs() -> int | None:
+    """Graphs torch.compile has compiled in this process so far (a recompile adds one);
+    None where torch is not in use."""
+    if "torch" not in sys.modules:
+        return None
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 def profiling(directory: str | None, rank: int, last: bool):

@@ -67,7 +67,9 @@ class JobSpec(Section):
             raise ValueError(f"{', '.join(steered)}: not with elastic training (its state would not "
                              "reach workers that join)")
         torch_only = [k for k, on in (("train.compile", self.train.compile),
-                                      ("train.channels_last", self.train.channels_last)) if on]
+                                      ("train.compile_mode", "compile_mode" in self.train.model_fields_set),
+                                      ("train.channels_last", self.train.channels_last),
+                                      ("optimizer.fused", self.optimizer.fused is not None)) if on]
         if torch_only and self.backend != "torch":
             raise ValueError(f"{' and '.join(torch_only)}: torch backend settings (TensorFlow's steps are "
                              "already compiled graphs, with images in channels-last order)")

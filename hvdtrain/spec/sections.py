@@ -220,13 +220,16 @@ class OptimizerSpec(Section):
     weight_decay: float = Field(default=0.0, ge=0.0, lt=1.0, description=(
         "sgd and adam: L2 penalty added to the gradients (an optimizer by import path takes its "
         "own in args)"))
+    fused: bool | None = Field(default=None, description=(
+        "torch sgd and adam: update every parameter in one fused kernel; unset: fused where the "
+        "model trains on a GPU, torch's foreach kernels on CPU"))
 
     @model_validator(mode="after")
     def _builtin_or_import_path(self) -> "OptimizerSpec":
         own = ":" in self.name
         if self.args and not own:
             raise ValueError(f"args are for an optimizer named by import path, not {self.name!r}")
-        builtin_only = sorted({"momentum", "weight_decay"} & self.model_fields_set)
+        builtin_only = sorted({"momentum", "weight_decay", "fused"} & self.model_fields_set)
         if own and builtin_only:
             raise ValueError(f"{builtin_only[0]} is for sgd and adam; give {self.name} its options in "
                              "optimizer.args")
@@ -284,6 +287,9 @@ class TrainSpec(Section):
     compile: bool = Field(default=False, description=(
         "torch: train through torch.compile (the first steps of each run, and of evaluation, "
         "take longer while it compiles); checkpoints and exports keep the plain model"))
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(default="default", description=(
+        "torch.compile's mode with train.compile: default, or max-autotune-no-cudagraphs (tries "
+        "kernel variants on the GPU for the fastest: a first compile of minutes)"))
     channels_last: bool = Field(default=False, description=(
         "torch: images and the model's 4-d weights in channels-last memory order (faster "
         "convolutions on GPUs, with bf16/fp16 most)"))

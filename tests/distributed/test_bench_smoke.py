@@ -153,3 +153,23 @@ def test_every_implementation_does_the_same_work(settings, tmp_path):
             assert optimizer["momentum"] == spec["optimizer"]["momentum"], impl
         communicated = [a > 0 for a in report["window_allreduces"]]
         assert communicated == [impl != "local"] * 2, impl
+
+
+@pytest.mark.parametrize("impl", ["hvdtrain", "local"])
+def test_compiled_steps_are_counted_and_not_recompiled_after_warm_up(impl, tmp_path):
+    """train.compile: hvdtrain compiles its model; the plain PyTorch reference (local)
+    its whole step as users write it (forward and loss with their backward, then the
+    optimizer's update: two graphs at least). The workers count the graphs torch.compile
+    made during the warm-up and after it: with batches of one shape, none after."""
+    import subprocess
+
+    from hvdtrain.bench import env, launcher
+    out = tmp_path / "window.json"
+    result = subprocess.run([*launcher(impl, 1), "train", impl, str(ROOT / "examples" / "digits-mlp-torch.yaml"),
+                             str(out), "--windows", "2", "--steps", "5", "--warmup", "3", "--set=train.compile=true"],
+                            capture_output=True, text=True, env=env(), timeout=600, cwd=ROOT)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    report = json.loads(out.read_text())
+    assert report["graphs_compiled_in_warmup"] >= (2 if impl == "local" else 1)
+    assert report["graphs_compiled_after_warmup"] == 0
+    assert report["window_optimizer_steps"] == [5, 5]

@@ -77,6 +77,10 @@ def test_compile_and_channels_last_are_torch_settings():
     assert spec.train.compile and spec.train.channels_last
     found = problems(dict(BASE, backend="tensorflow", train={"compile": True, "channels_last": True}))
     assert len(found) == 1 and "train.compile and train.channels_last: torch backend settings" in found[0]
+    found = problems(dict(BASE, backend="tensorflow", train={"compile_mode": "max-autotune-no-cudagraphs"},
+                          optimizer={"fused": True}))
+    assert len(found) == 1 and "train.compile_mode and optimizer.fused: torch backend settings" in found[0]
+    assert "compile_mode" in problems(dict(BASE, backend="torch", train={"compile_mode": "reduce-overhead"}))[0]
 
 
 def test_file_source_needs_a_supported_path():

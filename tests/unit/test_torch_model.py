@@ -155,7 +155,29 @@ def test_an_optimizer_by_import_path_gets_the_lr_and_its_args_and_is_checked():
     with pytest.raises(SpecError, match="optimizer: momentum is for sgd and adam; give torch.optim:AdamW its "
                                         "options in optimizer.args"):
         validate({**base, "optimizer": {"name": "torch.optim:AdamW", "momentum": 0.5}})
+    with pytest.raises(SpecError, match="optimizer: fused is for sgd and adam"):
+        validate({**base, "optimizer": {"name": "torch.optim:AdamW", "fused": True}})
     with pytest.raises(SpecError, match="optimizer: args are for an optimizer named by import path, not 'sgd'"):
         validate({**base, "optimizer": {"args": {"nesterov": True}}})
     with pytest.raises(SpecError, match="optimizer.name: module 'torch.optim' .*has no 'AdamX'"):
         load_spec(ROOT / "examples" / "digits-mlp-torch.yaml", ["optimizer={name: torch.optim:AdamX}"])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_builtin_optimizers_are_fused_on_gpus_unless_the_spec_says(name):
+    """optimizer.fused unset: torch's fused kernel where the model trains on a GPU, its
+    default (foreach) elsewhere; set, as it says. The fused CPU kernels let this run here."""
+    from hvdtrain.backends.torch import make_optimizer
+    base = {"name": "o", "backend": "torch", "model": {"kind": "mlp"}, "data": {"source": "iris"}}
+    unset = validate({**base, "optimizer": {"name": name}}).optimizer
+    params = list(torch.nn.Linear(2, 2).parameters())
+    assert make_optimizer(unset, params, lr=0.1, on_gpu=True).defaults["fused"] is True
+    assert make_optimizer(unset, params, lr=0.1).defaults["fused"] is None
+    off = validate({**base, "optimizer": {"name": name, "fused": False}}).optimizer
+    assert make_optimizer(off, params, lr=0.1, on_gpu=True).defaults["fused"] is None
+    on = validate({**base, "optimizer": {"name": name, "fused": True}}).optimizer
+    fused = make_optimizer(on, params, lr=0.1)
+    params[0].grad = torch.ones_like(params[0])
+    before = params[0].detach().clone()
+    fused.step()
+    assert fused.defaults["fused"] is True and not torch.equal(before, params[0])
