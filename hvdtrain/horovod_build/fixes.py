@@ -621,6 +621,18 @@ KERAS3_KERAS_FIXES: tuple[Fix | NewFile, ...] = (
             "from horovod.tensorflow.util import _tf_variable\n",
         why="Import the Keras 3 unwrapping helper.",
     ),
+    Fix(
+        path=_KERAS + "__init__.py",
+        old="    return keras.models.load_model(filepath, custom_objects=horovod_objects)\n",
+        new="    from horovod._keras import keras3\n"
+            "    if keras3.is_keras3(keras):\n"
+            "        return keras3.load_model(keras, wrap_optimizer, filepath, custom_objects)\n"
+            "    return keras.models.load_model(filepath, custom_objects=horovod_objects)\n",
+        why="hvd.load_model on Keras 3 returned the model with a plain optimizer: Keras 3 "
+            "restores an optimizer by its registered class and never looks up the lowercase "
+            "names Horovod maps to wrapped classes, so training went on without allreduce. "
+            "keras3.load_model loads as saved, then wraps the restored optimizer, state kept.",
+    ),
 )
 
 FIXES = BUILD_FIXES + RUNTIME_FIXES + RENDEZVOUS_FIXES + KERAS3_FIXES + KERAS3_KERAS_FIXES + KERAS2_FIXES

@@ -33,6 +33,32 @@ def is_keras3_optimizer(optimizer):
     return int(keras.__version__.split(".")[0]) >= 3 and isinstance(optimizer, keras.optimizers.Optimizer)
 
 
+def is_keras3(module):
+    """True for Keras 3 as `module` (tf.keras or keras); tf_keras, Keras 2, has no __version__."""
+    return int(getattr(module, "__version__", "2").split(".")[0]) >= 3
+
+
+def load_model(module, wrap_optimizer, filepath, custom_objects):
+    """hvd.load_model on Keras 3: Keras 3 restores an optimizer by its registered class,
+    not by the lowercase names Horovod maps to wrapped classes, so the model is loaded as
+    saved and its restored optimizer (iterations, slots) handed to a DistributedOptimizer
+    of the same class and config. A model saved uncompiled comes back as it was."""
+    model = module.models.load_model(filepath, custom_objects=custom_objects)
+    restored = getattr(model, "optimizer", None)
+    if not is_keras3_optimizer(restored):
+        return model
+    distributed = wrap_optimizer(lambda: restored)()
+    if restored.built:
+        distributed.build(model.trainable_variables)
+        if len(distributed.variables) != len(restored.variables):
+            raise ValueError("hvd.load_model: the restored optimizer holds %d variables, its "
+                             "DistributedOptimizer %d" % (len(restored.variables), len(distributed.variables)))
+        for mine, saved in zip(distributed.variables, restored.variables):
+            mine.assign(saved)
+    model.optimizer = distributed
+    return model
+
+
 def create_distributed_optimizer(optimizer, name, device_dense, device_sparse, compression,
                                  sparse_as_dense, gradient_predivide_factor, op,
                                  backward_passes_per_step=1, average_aggregated_gradients=False,

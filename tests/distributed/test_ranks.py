@@ -45,6 +45,16 @@ def test_horovod_tensorflow_keras_on_keras3(tmp_path):
     assert output.count("16 passed") == 2, output[-4000:]
 
 
+@pytest.mark.parametrize("keras", [3, 2])
+def test_hvd_load_model_keeps_a_distributed_optimizer(tmp_path, keras):
+    """hvd.load_model on Keras 3 and on Keras 2 (tf-keras under TF_USE_LEGACY_KERAS=1)."""
+    require_module("keras" if keras == 3 else "tf_keras")
+    code, output = run_on_two_ranks(RANKS / "load_model_rank_checks.py", tmp_path,
+                                    **({"TF_USE_LEGACY_KERAS": "1"} if keras == 2 else {}))
+    assert code == 0, output[-4000:]
+    assert output.count("2 passed") == 2, output[-4000:]
+
+
 def run_example_on_two_ranks(name: str) -> subprocess.CompletedProcess:
     require_module("keras")
     script = Path(__file__).resolve().parents[2] / "examples" / name
