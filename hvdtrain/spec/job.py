@@ -67,7 +67,7 @@ class JobSpec(Section):
             raise ValueError(f"{', '.join(steered)}: not with elastic training (its state would not "
                              "reach workers that join)")
         torch_only = [k for k, on in (("train.compile", self.train.compile),
-                                      ("train.compile_mode", "compile_mode" in self.train.model_fields_set),
+                                      ("train.compile_mode", self.train.compile_mode != "default"),
                                       ("train.channels_last", self.train.channels_last),
                                       ("optimizer.fused", self.optimizer.fused is not None)) if on]
         if torch_only and self.backend != "torch":

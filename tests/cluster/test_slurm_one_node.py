@@ -101,6 +101,25 @@ def test_users_own_script_runs_under_srun(slurm_one_node, figure):
     figure(f"slurm one node, plain Horovod script: job {job} COMPLETED, accuracy {outcome['accuracy']:.4f}")
 
 
+def test_horovods_keras_2_example_runs_unchanged_under_srun(slurm_one_node, figure):
+    """Horovod's tensorflow2_keras_synthetic_benchmark.py, read from the upstream examples,
+    as 2 srun tasks with Slurm's gloo rendezvous, Keras 2 (entry.keras: 2)."""
+    from tests.conftest import missing
+    from tests.distributed.test_upstream_examples import SMALL, entry_spec, find_examples
+    examples = find_examples()
+    if examples is None:
+        missing("Horovod's examples not found (HVDTRAIN_HOROVOD_EXAMPLES, or shared/upstream/horovod-examples)")
+    spec = entry_spec(slurm_one_node.jobs, examples / "tensorflow2" / "tensorflow2_keras_synthetic_benchmark.py",
+                      SMALL, keras=2)
+    job, status, log = slurm_one_node.submit(spec, "keras2-example", "--tasks-per-node", "2")
+    assert status == 0, log[-3000:]
+    assert slurm_one_node.state(job) == "COMPLETED"
+    total = re.search(r"Total img/sec on 2 CPU\(s\): ([\d.]+)", log)
+    assert total and float(total.group(1)) > 0, log[-3000:]
+    figure(f"slurm one node, Horovod's Keras 2 synthetic benchmark unchanged: job {job} COMPLETED, "
+           f"{total.group(1)} img/s")
+
+
 def test_warned_job_checkpoints_within_the_epoch_requeues_and_completes_on_the_uninterrupted_weights(
         slurm_one_node, figure):
     """USR1 to the batch script (what Slurm sends --signal seconds before the time limit

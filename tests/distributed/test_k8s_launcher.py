@@ -96,6 +96,26 @@ def test_launcher_command_runs_the_users_own_script(pod_paths, tmp_path, figure)
     figure(f"k8s launcher: plain Horovod script on mpirun -np 2, accuracy {outcome['accuracy']:.4f}")
 
 
+def test_launcher_command_runs_horovods_keras_2_example_unchanged(pod_paths, tmp_path, figure):
+    """Horovod's tensorflow2_synthetic_benchmark.py (read from the upstream examples; an
+    image would hold it) through the MPIJob's launcher: mpirun -np 2, Keras 2."""
+    import re
+
+    from tests.conftest import missing
+    from tests.distributed.test_upstream_examples import SMALL, entry_spec, find_examples
+    examples = find_examples()
+    if examples is None:
+        missing("Horovod's examples not found (HVDTRAIN_HOROVOD_EXAMPLES, or shared/upstream/horovod-examples)")
+    spec = entry_spec(tmp_path, examples / "tensorflow2" / "tensorflow2_synthetic_benchmark.py",
+                      [*SMALL, "--num-warmup-batches", "1"], keras=2)
+    result, _ = run_launcher(spec, [f"output={k8s.OUTPUT_DIR}/keras2-example"], tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    total = re.search(r"Total img/sec on 2 CPU\(s\): ([\d.]+)", output)
+    assert total and float(total.group(1)) > 0, output[-3000:]
+    figure(f"k8s launcher: Horovod's Keras 2 synthetic benchmark unchanged on mpirun -np 2, {total.group(1)} img/s")
+
+
 @pytest.fixture
 def trainer_paths(pod_paths):
     """Also the hostfile's directory, as Trainer's MPI plugin mounts it in the launcher."""

@@ -190,3 +190,15 @@ def test_missing_entry_script_and_code_dir_are_named(tmp_path):
         except SpecError as err:
             found = [p.split(" (searched")[0] for p in err.problems]
         assert found == problems_found
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_a_resolved_spec_loads_again_as_it_was(backend):
+    """What the launchers ship (the resolved spec, every default written out) validates
+    again to the same spec: no default counts as a setting the backend refuses."""
+    import yaml
+
+    from hvdtrain.spec import dump
+    spec = validate(dict(BASE, backend=backend))
+    again = validate(yaml.safe_load(dump(spec)))
+    assert again == spec
