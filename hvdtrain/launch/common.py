@@ -16,13 +16,36 @@ def rank_command(spec_path: str, overrides: list[str] = (), python: str | None =
     return [python or sys.executable, "-m", "hvdtrain", "train", str(spec_path), *overrides]
 
 
-def is_rank(process) -> bool:
+def is_rank(process, arguments: list[str] | None = None) -> bool:
     """A rank of the job: `python -m hvdtrain train ...` (rank_command), not horovodrun
-    nor its helpers, whose command lines hold it further on."""
+    nor its helpers, whose command lines hold it further on; with `arguments`, a rank
+    whose spec path and overrides are exactly these."""
     try:
-        return process.cmdline()[1:4] == ["-m", "hvdtrain", "train"]
+        line = process.cmdline()
     except Exception:  # gone, or not ours to read
         return False
+    return line[1:4] == ["-m", "hvdtrain", "train"] and (arguments is None or line[4:] == list(arguments))
+
+
+def terminate_ranks(arguments: list[str] | None = None, host: str | None = None) -> int:
+    """SIGTERM to this machine's ranks (those of one job, given its rank arguments; with
+    `host`, those horovodrun started for that -H entry, by their HOROVOD_HOSTNAME, where
+    they have one): each takes its stop path once. Returns how many were asked."""
+    import psutil
+
+    def started_for(process) -> bool:
+        try:
+            return process.environ().get("HOROVOD_HOSTNAME", host) == host
+        except psutil.Error:
+            return False
+    ranks = [p for p in psutil.process_iter() if is_rank(p, arguments) and (host is None or started_for(p))]
+    for rank in ranks:
+        try:
+            rank.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    return len(ranks)
+
 
 
 def template(name: str) -> str:

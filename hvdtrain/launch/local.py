@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,17 @@ def all_local(hosts: list[str]) -> bool:
     return bool(hosts) and all(h in local or h.startswith("127.") for h in hosts)
 
 
+def remote_hosts(hosts: Hosts) -> list[str]:
+    """The hosts of -H / --hostfile that are not this machine."""
+    if hosts.hosts:
+        items = hosts.hosts.split(",")
+    else:
+        lines = [ln.split("#")[0].strip() for ln in hosts.hostfile.read_text().splitlines()]
+        items = [ln.replace(" slots=", ":") for ln in lines if ln]
+    names = list(dict.fromkeys(item.strip().rpartition(":")[0] for item in items))
+    return [name for name in names if not all_local([name])]
+
+
 def rank_environment(resources: ResourcesSpec) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(resources.cpus_per_worker))
@@ -130,7 +142,7 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int, hosts: 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=rank_environment(spec.resources), start_new_session=True)
     launcher_lines = []
-    with Stopper(proc) as stopper:
+    with Stopper(proc, hosts, [spec_path, *overrides]) as stopper:
         for line in proc.stdout:
             match = RANK_LINE.match(line)
             if match:
@@ -171,13 +183,16 @@ def launch(spec: JobSpec, spec_path: str, overrides: list[str], np: int, hosts: 
 
 
 class Stopper:
-    """SIGTERM or SIGINT to `hvdtrain run` while the job runs: every rank on this machine
-    gets SIGTERM, their stop path (the ranks agree to stop after a step, rank 0 writes a
-    checkpoint, each exits EXIT_PREEMPTED); after STOP_GRACE_SECONDS whatever is left of
-    horovodrun and its processes gets SIGKILL. A second signal kills at once."""
+    """SIGTERM or SIGINT to `hvdtrain run` while the job runs: every rank gets SIGTERM,
+    their stop path (the ranks agree to stop after a step, rank 0 writes a checkpoint,
+    each exits EXIT_PREEMPTED): those on this machine directly, those on other hosts (-H,
+    --hostfile) through ssh as horovodrun reached them, found by their exact rank
+    arguments; after STOP_GRACE_SECONDS whatever is left of horovodrun and its processes
+    here gets SIGKILL (its ssh sessions with them). A second signal kills at once."""
 
-    def __init__(self, proc: subprocess.Popen):
+    def __init__(self, proc: subprocess.Popen, hosts: Hosts | None = None, arguments: list[str] = ()):
         self.proc, self.signal, self.stopping = proc, 0, None
+        self.hosts, self.arguments = hosts, list(arguments)
         self.previous: dict[int, object] = {}
 
     def __enter__(self):
@@ -220,8 +235,34 @@ class Stopper:
                 rank.terminate()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(ranks, timeout=STOP_GRACE_SECONDS - 2)
+        began = time.monotonic()
+        remote = [subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL) for command in self.remote_stops()]
+        # horovodrun ends once every rank has (here or through its ssh sessions to them)
+        try:
+            self.proc.wait(timeout=STOP_GRACE_SECONDS - 2)
+        except subprocess.TimeoutExpired:
+            pass
+        for process in remote:
+            try:
+                process.wait(timeout=max(0.0, STOP_GRACE_SECONDS - 2 - (time.monotonic() - began)))
+            except subprocess.TimeoutExpired:
+                process.kill()
         self.kill(tree + self.processes())
+
+    def remote_stops(self) -> list[list[str]]:
+        """One ssh command per host other than this one: SIGTERM to the job's ranks there."""
+        hosts = self.hosts
+        if hosts is None or not (hosts.hosts or hosts.hostfile):
+            return []
+        names = remote_hosts(hosts)
+        ssh = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "ConnectTimeout=5",
+               *(["-p", str(hosts.ssh_port)] if hosts.ssh_port else []),
+               *(["-i", str(hosts.ssh_identity_file)] if hosts.ssh_identity_file else [])]
+        import shlex
+        code = ("import sys; from hvdtrain.launch.common import terminate_ranks; "
+                "print(terminate_ranks(sys.argv[2:], sys.argv[1]), 'rank(s) asked to stop')")
+        return [[*ssh, name, shlex.join([sys.executable, "-c", code, name, *self.arguments])] for name in names]
 
     @staticmethod
     def kill(processes: list) -> None:

@@ -51,3 +51,40 @@ def test_bad_host_lists_are_named(cli, tmp_path):
         assert result.returncode == 2 and message in result.stderr, result.stderr
     missing = cli("run", MLP, "--hostfile", tmp_path / "nope")
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+def test_a_signal_to_the_launcher_stops_the_ranks_on_every_host(ssh_hosts, tmp_path, figure):
+    """SIGTERM to `hvdtrain run -H`: the ranks run under the hosts' sshd, not under this
+    process; each host's ranks are asked to stop through ssh, agree on a step, rank 0
+    checkpoints, and none is left running."""
+    import signal
+    import time
+
+    import psutil
+
+    from hvdtrain.launch.common import is_rank
+    from tests.distributed.test_faults import wait_for_file
+    from tests.distributed.test_stops import GONE_WITHIN_S, alive, paced_spec
+    from tests.output import Lines
+    hosts, key = ssh_hosts
+    marker, out = tmp_path / "step-30", tmp_path / "run"
+    spec = paced_spec(tmp_path)
+    overrides = [f"output={out}", "train.epochs=100"]
+    proc = subprocess.Popen([sys.executable, "-m", "hvdtrain", "run", str(spec), "-H", hosts,
+                             "--ssh-identity-file", str(key), *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HVDTRAIN_TEST_PACE": f"0.05:30:{marker}"})
+    lines = Lines(proc)
+    wait_for_file(marker, lines, 300)
+    ranks = [p for p in psutil.process_iter() if is_rank(p, [str(spec), *overrides])]
+    assert len(ranks) == 2 and all(proc.pid not in {a.pid for a in r.parents()} for r in ranks), lines.text()[-3000:]
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output = lines.finish(GONE_WITHIN_S + 20)
+    seconds = time.monotonic() - sent
+    psutil.wait_procs(ranks, timeout=max(0.0, GONE_WITHIN_S - seconds))
+    figure(f"SIGTERM to hvdtrain run -H {hosts}: every host's ranks gone after {seconds:.1f} s")
+    assert not alive(ranks), output[-3000:]
+    assert proc.returncode == 75, output[-3000:]
+    stop = [ln for ln in output.splitlines() if ln.startswith("hvdtrain: stopped by SIGTERM")]
+    assert stop and "latest checkpoint" in stop[0], output
