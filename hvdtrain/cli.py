@@ -50,7 +50,7 @@ def cmd_bench(args) -> int:
     impls = args.impls.split(",") if args.impls else list(TRAIN_IMPLS)
     bench(Settings(spec=Path(args.spec), ranks=ranks, rounds=args.rounds or 5, windows=args.windows,
                    steps=args.steps, warmup=args.warmup, impls=impls, sizes=sizes, output=output,
-                   overrides=args.overrides))
+                   overrides=args.overrides, profile=args.profile))
     return 0
 
 
@@ -224,6 +224,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--startup-files", type=int, default=0, metavar="N", help=(
         "--input: also time launch to first step on a folder of N small JPEG files (200000 for "
         "ImageNet's order of files per node), without and with its cached index"))
+    bench.add_argument("--profile", action="store_true", help=(
+        "torch implementations: torch.profiler over each launch's last window on rank 0, a table "
+        "by self CPU time, and a Chrome trace, in profile/IMPL-RANKS-ROUND/ beside the report"))
     bench.add_argument("-o", "--output", help="report directory (default <output>/bench)")
 
     return top

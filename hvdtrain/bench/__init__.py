@@ -79,6 +79,7 @@ class Settings:
     sizes: list[int]
     output: Path
     overrides: list[str] = field(default_factory=list)  # key.path=value, for every launch
+    profile: bool = False  # torch.profiler over each torch launch's last window (output/profile/)
 
 
 def env() -> dict[str, str]:
@@ -138,6 +139,8 @@ def run_training(s: Settings, scratch: Path, log, failures: list[dict], gpu: boo
                     cmd = [*launcher(impl, ranks), "train", impl, str(s.spec), str(out), "--windows",
                            str(s.windows), "--steps", str(s.steps), "--warmup", str(s.warmup),
                            "--placement", placement, *(f"--set={o}" for o in s.overrides)]
+                    if s.profile and impl != "tensorflow":
+                        cmd += ["--profile", str(s.output / "profile" / f"{name}-{ranks}-{round_ + 1}")]
                     result = attempt(cmd, out, f"{name} on {ranks} rank(s), round {round_ + 1}", failures, log)
                     if result is None:
                         continue

@@ -32,6 +32,18 @@ def test_bench_smoke_run_writes_a_complete_report(cli, tmp_path):
     assert "hvdtrain_vs_horovod" in result.stdout  # the terminal table
 
 
+def test_profile_writes_each_torch_launchs_table_and_trace(cli, tmp_path):
+    """--profile: torch.profiler over the last window of every torch launch, on rank 0."""
+    result = cli("bench", ROOT / "examples" / "digits-mlp-torch.yaml", "--ranks", "2", "--impls", "horovod,ddp",
+                 "--rounds", "1", "--steps", "3", "--warmup", "1", "--sizes", "none", "--profile", "-o", tmp_path,
+                 timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for impl in ("horovod", "ddp"):
+        table = (tmp_path / "profile" / f"{impl}-2-1" / f"{impl}-host.txt").read_text()
+        assert "Optimizer.step" in table and "Self CPU time total" in table, table
+        assert json.loads((tmp_path / "profile" / f"{impl}-2-1" / f"{impl}-host.json").read_text())["traceEvents"]
+
+
 def allreduce_gaps(timeline: str, steps: int = 20) -> list[int]:
     """The times (us) between one tensor's successive allreduces, for each tensor that
     was allreduced at least `steps` times (the gradients), from Horovod's Chrome trace.
