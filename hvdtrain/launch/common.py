@@ -47,7 +47,6 @@ def terminate_ranks(arguments: list[str] | None = None, host: str | None = None)
     return len(ranks)
 
 
-
 def template(name: str) -> str:
     """A template shipped inside the package (hvdtrain/templates/NAME)."""
     return resources.files("hvdtrain").joinpath("templates", name).read_text()
