@@ -27,10 +27,10 @@ def is_rank(process, arguments: list[str] | None = None) -> bool:
     return line[1:4] == ["-m", "hvdtrain", "train"] and (arguments is None or line[4:] == list(arguments))
 
 
-def terminate_ranks(arguments: list[str] | None = None, host: str | None = None) -> int:
+def terminate_ranks(arguments: list[str] | None = None, host: str | None = None) -> list:
     """SIGTERM to this machine's ranks (those of one job, given its rank arguments; with
     `host`, those horovodrun started for that -H entry, by their HOROVOD_HOSTNAME, where
-    they have one): each takes its stop path once. Returns how many were asked."""
+    they have one): each takes its stop path once. Returns the processes asked."""
     import psutil
 
     def started_for(process) -> bool:
@@ -44,7 +44,7 @@ def terminate_ranks(arguments: list[str] | None = None, host: str | None = None)
             rank.terminate()
         except psutil.NoSuchProcess:
             pass
-    return len(ranks)
+    return ranks
 
 
 def template(name: str) -> str:

@@ -37,16 +37,24 @@ class Hosts:
     ssh_identity_file: Path | None = None
     network_interfaces: str | None = None  # "eth0,eth1"
 
-    def slots(self) -> int | None:
-        """Ranks the hosts hold in all, or None for this machine alone."""
+    def items(self) -> list[str]:
+        """The hosts as "host:slots" items, from -H or the hostfile ("a slots=4" or "a:4"
+        lines); none for this machine alone."""
         if self.hosts is not None:
-            return sum(slot_count(item, "-H") for item in self.hosts.split(","))
+            return self.hosts.split(",")
         if self.hostfile is not None:
             if not self.hostfile.is_file():
                 raise UserError(f"--hostfile {str(self.hostfile)!r}: no such file")
             lines = [ln.split("#")[0].strip() for ln in self.hostfile.read_text().splitlines()]
-            return sum(slot_count(ln.replace(" slots=", ":"), f"--hostfile {self.hostfile}") for ln in lines if ln)
-        return None
+            return [ln.replace(" slots=", ":") for ln in lines if ln]
+        return []
+
+    def slots(self) -> int | None:
+        """Ranks the hosts hold in all, or None for this machine alone."""
+        if self.hosts is None and self.hostfile is None:
+            return None
+        where = "-H" if self.hosts is not None else f"--hostfile {self.hostfile}"
+        return sum(slot_count(item, where) for item in self.items())
 
     def arguments(self, np: int) -> list[str]:
         where = (["-H", self.hosts] if self.hosts else ["--hostfile", str(self.hostfile)] if self.hostfile
@@ -106,12 +114,7 @@ def all_local(hosts: list[str]) -> bool:
 
 def remote_hosts(hosts: Hosts) -> list[str]:
     """The hosts of -H / --hostfile that are not this machine."""
-    if hosts.hosts:
-        items = hosts.hosts.split(",")
-    else:
-        lines = [ln.split("#")[0].strip() for ln in hosts.hostfile.read_text().splitlines()]
-        items = [ln.replace(" slots=", ":") for ln in lines if ln]
-    names = list(dict.fromkeys(item.strip().rpartition(":")[0] for item in items))
+    names = list(dict.fromkeys(item.strip().rpartition(":")[0] for item in hosts.items()))
     return [name for name in names if not all_local([name])]
 
 
@@ -261,7 +264,7 @@ class Stopper:
                *(["-i", str(hosts.ssh_identity_file)] if hosts.ssh_identity_file else [])]
         import shlex
         code = ("import sys; from hvdtrain.launch.common import terminate_ranks; "
-                "print(terminate_ranks(sys.argv[2:], sys.argv[1]), 'rank(s) asked to stop')")
+                "print(len(terminate_ranks(sys.argv[2:], sys.argv[1])), 'rank(s) asked to stop')")
         return [[*ssh, name, shlex.join([sys.executable, "-c", code, name, *self.arguments])] for name in names]
 
     @staticmethod

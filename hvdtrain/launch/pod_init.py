@@ -21,7 +21,7 @@ import time
 
 import psutil
 
-from .common import is_rank
+from .common import terminate_ranks
 
 
 def reap() -> None:
@@ -53,14 +53,9 @@ def main(command: list[str]) -> int:
         reap()
     if child.returncode is not None:
         return child.returncode
-    ranks = [p for p in psutil.process_iter() if is_rank(p)]
+    ranks = terminate_ranks()
     print(f"hvdtrain: {signal.Signals(asked[0]).name}: {len(ranks)} rank(s) in this pod asked to stop "
           f"after their current step (a checkpoint), then {command[0]}", file=sys.stderr, flush=True)
-    for rank in ranks:
-        try:
-            rank.terminate()
-        except psutil.NoSuchProcess:
-            pass
     while any(map(alive, ranks)):
         time.sleep(0.2)  # the kubelet's SIGKILL ends the wait at the grace period
         reap()
