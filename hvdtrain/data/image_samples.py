@@ -89,7 +89,8 @@ class EncodedImages:
             if found is None:
                 others.append(position)
                 continue
-            jpegs.append(np.frombuffer(found[0], dtype=np.uint8))
+            # a writable copy: torch warns, once per loader worker, on wrapping read-only bytes
+            jpegs.append(np.frombuffer(bytearray(found[0]), dtype=np.uint8))
             boxes.append(found[1])
             flips.append(found[2])
             at.append(position)

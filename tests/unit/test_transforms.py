@@ -145,6 +145,7 @@ def test_batches_for_the_gpu_carry_the_draws_the_cpu_path_makes(tmp_path):
         flips = 0
         for data, box, flip, at in zip(parts["jpeg"], parts["box"], parts["flip"], parts["at"]):
             assert data.tobytes() == samples.paths[at].read_bytes()
+            assert data.flags.writeable  # torch warns, in every loader process, on wrapping read-only bytes
             decoded = torch.from_numpy(np.asarray(Image.open(samples.paths[at]).convert("RGB")).transpose(2, 0, 1).copy())
             pixels = cropped(decoded, box.tolist(), bool(flip), [32, 32]).numpy().astype(int)
             # the same crop and flip (a flip or another box would differ by tens of levels)
