@@ -138,6 +138,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     optimizer = hvd.DistributedOptimizer(
         make_optimizer(spec.optimizer, model.parameters(), lr, on_gpu=use_cuda),
         named_parameters=model.named_parameters(),
+        groups=None if spec.horovod.adasum else buckets(list(model.parameters()), spec.horovod.bucket_mb),
         compression=hvd.Compression.fp16 if spec.horovod.fp16_compression else hvd.Compression.none,
         backward_passes_per_step=spec.horovod.backward_passes_per_step,
         op=hvd.Adasum if spec.horovod.adasum else hvd.Average)
@@ -150,6 +151,29 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     startup.mark("model")
     return Training(hvd=hvd, comm=comm, model=model, optimizer=optimizer, steps=steps,
                     make_comm=lambda: horovod_comm(hvd, torch.from_numpy, hierarchical))
+
+
+FIRST_BUCKET_MB = 1.0  # the first bucket's cap, as DDP's: the first allreduce starts early in backward
+
+
+def buckets(params: list[torch.Tensor], bucket_mb: float) -> list[list[torch.Tensor]] | None:
+    """The gradients' buckets for Horovod's grouped allreduces (`horovod.bucket_mb`): the
+    trainable parameters in reverse order (backward computes the last layers' gradients
+    first), cut where a bucket would pass the cap, the first one at FIRST_BUCKET_MB. Each
+    bucket is one negotiation and one fused allreduce, started from the backward pass once
+    its last gradient is computed; None (bucket_mb 0): one allreduce per gradient."""
+    if not bucket_mb:
+        return None
+    groups: list[list[torch.Tensor]] = [[]]
+    size, cap = 0, min(FIRST_BUCKET_MB, bucket_mb) * 2**20
+    for param in reversed([p for p in params if p.requires_grad]):
+        nbytes = param.numel() * param.element_size()
+        if groups[-1] and size + nbytes > cap:
+            groups.append([])
+            size, cap = 0, bucket_mb * 2**20
+        groups[-1].append(param)
+        size += nbytes
+    return [group for group in groups if group]
 
 
 def placed(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:

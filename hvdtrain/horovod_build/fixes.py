@@ -237,6 +237,75 @@ BLOCKING_WAIT_FIXES: tuple[Fix, ...] = (
     ),
 )
 
+# Horovod's background thread coordinates with the other ranks once every cycle time
+# (1 ms), whether or not this process has anything to reduce: on CPU ranks that share a
+# machine's cores, a thousand empty negotiations a second take a core's share from the
+# ranks' compute, and the first tensor of a step waits for the next cycle. While no
+# collective of this process is outstanding (its tensor table is empty), the thread now
+# sleeps until one is enqueued (or IDLE_WAIT_MS passes: shutdown and the stall check
+# still run), and the first tensor starts a cycle at once. A rank with a collective
+# outstanding cycles as before, so a negotiation waiting on it is not delayed; a rank
+# that has joined holds its join tensor and cycles as before too.
+IDLE_WAIT_MS = 20
+_QUEUE = "horovod/common/tensor_queue"
+IDLE_WAIT_FIXES: tuple[Fix, ...] = (
+    Fix(
+        path=_QUEUE + ".h",
+        old="#include <mutex>\n",
+        new="#include <chrono>\n#include <condition_variable>\n#include <mutex>\n",
+        why="The background thread sleeps on a condition variable while idle.",
+    ),
+    Fix(
+        path=_QUEUE + ".h",
+        old="  void RemoveJoinTensor();\n",
+        new="  void RemoveJoinTensor();\n\n"
+            "  // Sleeps while no tensor is outstanding, until one is enqueued or `until`.\n"
+            "  void WaitWhileIdle(std::chrono::steady_clock::time_point until);\n",
+        why="The idle wait, beside the queue it waits on.",
+    ),
+    Fix(
+        path=_QUEUE + ".h",
+        old="  mutable std::mutex mutex_;\n",
+        new="  mutable std::mutex mutex_;\n\n"
+            "  // Signalled when a tensor is enqueued.\n"
+            "  std::condition_variable enqueued_;\n",
+        why="Signalled by AddToTensorQueue and AddToTensorQueueMulti.",
+    ),
+    Fix(
+        path=_QUEUE + ".cc",
+        old="  message_queue_.push(std::move(message));\n  return Status::OK();\n}\n",
+        new="  message_queue_.push(std::move(message));\n"
+            "  enqueued_.notify_one();\n"
+            "  return Status::OK();\n}\n\n"
+            "void TensorQueue::WaitWhileIdle(std::chrono::steady_clock::time_point until) {\n"
+            "  std::unique_lock<std::mutex> lock(mutex_);\n"
+            "  enqueued_.wait_until(lock, until, [this] { return !tensor_table_.empty(); });\n"
+            "}\n",
+        why="An enqueued tensor wakes the idle background thread.",
+    ),
+    Fix(
+        path=_QUEUE + ".cc",
+        old="    message_queue_.push(std::move(messages[i]));\n  }\n  return Status::OK();\n",
+        new="    message_queue_.push(std::move(messages[i]));\n  }\n"
+            "  enqueued_.notify_one();\n  return Status::OK();\n",
+        why="A grouped enqueue wakes it too.",
+    ),
+    Fix(
+        path="horovod/common/operations.cc",
+        old="    std::this_thread::sleep_for(sleep_duration);\n  }\n"
+            "  state.last_cycle_start = std::chrono::steady_clock::now();\n",
+        new="    std::this_thread::sleep_for(sleep_duration);\n  }\n"
+            "  if (!state.dynamic_process_sets && !state.shut_down &&\n"
+            "      state.process_set_table.Ids().size() == 1) {\n"
+            "    state.process_set_table.Get(0).tensor_queue.WaitWhileIdle(\n"
+            f"        std::chrono::steady_clock::now() + std::chrono::milliseconds({IDLE_WAIT_MS}));\n"
+            "  }\n"
+            "  state.last_cycle_start = std::chrono::steady_clock::now();\n",
+        why="No empty negotiation every cycle time while this process has nothing outstanding; "
+            "the first tensor after a pause starts a cycle at once.",
+    ),
+)
+
 # Horovod's own bugs that hvdtrain's features run into.
 RUNTIME_FIXES: tuple[Fix, ...] = (
     Fix(
@@ -263,7 +332,7 @@ RUNTIME_FIXES: tuple[Fix, ...] = (
             "answers. TensorFlow came first, and importing it took 3.4 s of each launch where "
             "torch takes 1.2 s; a machine without torch answers from TensorFlow as before.",
     ),
-) + CHANNELS_LAST_FIXES + BLOCKING_WAIT_FIXES
+) + CHANNELS_LAST_FIXES + BLOCKING_WAIT_FIXES + IDLE_WAIT_FIXES
 
 # Horovod's Gloo rendezvous is a plain HTTP key-value store: anyone who can reach its port
 # can read, overwrite or delete the ranks' addresses and stall or poison a job's start.

@@ -44,6 +44,7 @@ def test_figures_from_runs():
     out = figures(table, allreduce)
     assert out["hvdtrain_vs_horovod"] == pytest.approx(0.975)
     assert out["horovod_vs_ddp"] == pytest.approx(200 / 180)
+    assert out["hvdtrain_vs_ddp"] == pytest.approx(195 / 180)
     assert out["scaling_efficiency"]["hvdtrain"] == pytest.approx(195 / 210)
     # the 1-rank baselines: Horovod allreduced nothing, DDP ran its reducer
     assert out["one_rank_baseline_communicated"] == {"hvdtrain": False, "horovod": False, "ddp": True}

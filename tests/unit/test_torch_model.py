@@ -30,6 +30,19 @@ def test_mlp_and_cnn_parameter_counts():
     assert cnn(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
 
 
+def test_gradient_buckets_follow_the_backward_order_and_the_caps():
+    """horovod.bucket_mb: trainable parameters from the last to the first, the first bucket
+    closed at 1 MiB, the others at the cap; a parameter larger than the cap alone."""
+    from hvdtrain.backends.torch import buckets
+    mib = 2**18  # float32 elements in a MiB
+    params = [torch.zeros(n, requires_grad=True) for n in (3 * mib, 3 * mib // 4, mib // 2, mib // 4, 5)]
+    params[2].requires_grad_(False)  # frozen: no gradient to reduce
+    groups = buckets(params, 2)
+    assert [[id(p) for p in g] for g in groups] == [[id(params[4]), id(params[3])], [id(params[1])], [id(params[0])]]
+    assert [len(g) for g in buckets(params, 8)] == [2, 2]  # 1 MiB first (5 floats and 1/4 MiB), then the rest
+    assert buckets(params, 0) is None
+
+
 def test_export_round_trip_gives_same_logits(tmp_path):
     spec = spec_for({"kind": "cnn", "channels": [4], "hidden": [8]})
     ds = load_dataset(DataSpec(source="digits"), image=True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+os.environ["HOROVOD_TIMELINE"] = "DYNAMIC"  # a timeline started and stopped by a test
 hvd.init()
 CL = torch.channels_last
 
@@ -118,3 +119,51 @@ def test_a_rank_waiting_for_its_peer_sleeps_instead_of_spinning():
         time.sleep(1.0)  # the wait measured on rank 0: at least this long
         hvd.allreduce(torch.ones(1), name="wait.late")
         assert waiting.is_file()
+
+
+def test_an_idle_rank_does_not_negotiate_every_cycle_time():
+    """IDLE_WAIT_FIXES: with no collective outstanding, the background thread sleeps until
+    one is enqueued (or IDLE_WAIT_MS passes) instead of negotiating an empty cycle every
+    cycle time (1 ms: about a thousand in the second below). Cycles marked in rank 0's
+    timeline; the collectives around the pause still complete."""
+    from hvdtrain.horovod_build.fixes import IDLE_WAIT_MS
+    timeline = Path(os.environ["HVDTRAIN_TEST_OUT"]) / "idle-timeline.json"
+    assert os.environ.get("HOROVOD_CYCLE_TIME", "1") == "1"
+    hvd.start_timeline(str(timeline), mark_cycles=True)
+    torch.testing.assert_close(hvd.allreduce(torch.ones(2), name="idle.before"), torch.ones(2))
+    time.sleep(1.0)
+    torch.testing.assert_close(hvd.allreduce(torch.ones(2), name="idle.after"), torch.ones(2))
+    hvd.stop_timeline()
+    if hvd.rank() == 0:
+        cycles = timeline.read_text().count('"CYCLE_START"')
+        # about one wake-up per IDLE_WAIT_MS (50 in the second), far from a thousand; at
+        # least a few: shutdown and the stall check still run while idle
+        assert 5 <= cycles <= 3 * 1000 / IDLE_WAIT_MS, cycles
+
+
+def test_gradients_in_buckets_are_the_per_gradient_averages():
+    """hvdtrain's buckets (grouped allreduces started from the backward pass, first bucket
+    at 1 MiB) train as Horovod's per-gradient allreduces do; a frozen parameter stays out."""
+    from hvdtrain.backends.torch import buckets
+
+    def steps(bucket_mb: float) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(600, 500), nn.ReLU(), nn.Linear(500, 300), nn.ReLU(), nn.Linear(300, 3))
+        net[0].bias.requires_grad_(False)
+        groups = buckets(list(net.parameters()), bucket_mb)
+        optimizer = hvd.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+                                             named_parameters=net.named_parameters(), groups=groups)
+        generator = torch.Generator().manual_seed(200 + hvd.rank())
+        for _ in range(3):
+            optimizer.zero_grad()
+            x, y = torch.randn(8, 600, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+            nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+        return groups, [p.detach().clone() for p in net.parameters()]
+
+    (none, per_gradient), (groups, bucketed) = steps(0), steps(2)
+    assert none is None and [len(g) for g in groups] == [4, 1]  # 605 KB under the first 1 MiB; 1.2 MB
+    for a, b in zip(per_gradient, bucketed):
+        torch.testing.assert_close(a, b)
+    gathered = hvd.allgather_object(bucketed, name="buckets.weights")
+    assert all(torch.equal(a, b) for a, b in zip(*gathered))
