@@ -8,12 +8,12 @@ from .sections import (NonNegativeInt, Activation, SKLEARN_DATASETS, REGRESSION_
                        DEFAULT_LOSS, Section, Width, Seed, MLPSpec, CNNSpec, CustomModelSpec, ModelSpec,
                        EntrySpec, SyntheticSpec, CleanSpec, IMAGE_SUFFIXES, IMAGE_KINDS, IMAGE_SOURCES,
                        LAZY_SOURCES, DataSpec, OptimizerSpec, METRICS, EarlyStoppingSpec, TargetSpec,
-                       TrainSpec, SlurmSpec, LogSpec, ElasticSpec, HorovodSpec, CheckpointSpec, ResourcesSpec)
+                       TrainSpec, SlurmSpec, LogSpec, MlflowSpec, ElasticSpec, HorovodSpec, CheckpointSpec, ResourcesSpec)
 
 __all__ = ['Activation', 'CNNSpec', 'CheckpointSpec', 'CleanSpec', 'CustomModelSpec', 'DEFAULT_LOSS',
            'DataSpec', 'EarlyStoppingSpec', 'ElasticSpec', 'EntrySpec', 'HorovodSpec', 'IMAGE_KINDS',
            'IMAGE_SOURCES', 'IMAGE_SUFFIXES', 'ImportPath', 'JobSpec', 'LAZY_SOURCES', 'LOSSES', 'LogSpec',
-           'METRICS', 'MLPSpec', 'ModelSpec', 'NonNegativeInt', 'OptimizerSpec', 'REGRESSION_DATASETS',
+           'METRICS', 'MLPSpec', 'MlflowSpec', 'ModelSpec', 'NonNegativeInt', 'OptimizerSpec', 'REGRESSION_DATASETS',
            'ResourcesSpec', 'SKLEARN_DATASETS', 'Section', 'Seed', 'SlurmSpec', 'SyntheticSpec', 'TargetSpec',
            'TrainSpec', 'Width', 'apply_override', 'describe', 'dump', 'load_spec', 'model_from_dict',
            'path_problems', 'read_yaml', 'reference_problems', 'user_path', 'valid_keys', 'validate']

@@ -306,6 +306,13 @@ class SlurmSpec(Section):
         default=10, description="how often the ranks agree on whether a stop was asked for (one small allreduce)")
 
 
+class MlflowSpec(Section):
+    tracking_uri: str = Field(min_length=1, description=(
+        "the MLflow tracking server (http://host:5000, or a file: / sqlite: store)"))
+    experiment: str | None = Field(default=None, min_length=1, description="default: the spec's name")
+    run_name: str | None = Field(default=None, min_length=1, description="default: the spec's name")
+
+
 class LogSpec(Section):
     level: Literal["quiet", "normal", "verbose"] = Field(default="normal", description=(
         "quiet: the final line only; verbose: also rank and pipeline details"))
@@ -314,6 +321,10 @@ class LogSpec(Section):
     tensorboard: bool = Field(default=False, description="event files in <output>/tensorboard")
     every_steps: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
         default=20, description="tensorboard: the training loss and lr every this many steps")
+    mlflow: MlflowSpec | None = Field(default=None, description=(
+        "MLflow tracking from rank 0: the resolved spec as parameters, every epoch's record as "
+        "metrics, curves.png, summary.json and the model as artifacts; a resumed run goes on in "
+        "the same MLflow run"))
 
 
 class ElasticSpec(Section):

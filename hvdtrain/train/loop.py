@@ -23,6 +23,7 @@ from .preflight import check_consistency
 from .progress import Progress
 from .run_dir import finish, prepare_run_dir
 from .steer import Steering
+from .tracking import Tracker
 from .watchdog import Watchdog
 
 
@@ -44,6 +45,8 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start:
                 f"{spec.data.prefetch}; lr {target_lr:g} after scaling, schedule {spec.optimizer.schedule}")
     record: dict[str, Any] = {}
     steering = Steering.from_dict(start.steering)
+    resumed = (start.epoch, start.step) != (0, 0)
+    tracker = Tracker(spec.log.mlflow, spec, resumed, say) if comm.rank == 0 and spec.log.mlflow else None
     shown = Progress(spec, comm.rank, comm.size, per_epoch, say)
     started: list[float] = []  # the seconds from launch to this run's first batch
     watch = Watchdog(spec.horovod.hang_seconds, comm, Path(spec.output)).start() if spec.horovod.hang_seconds else None
@@ -61,9 +64,13 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start:
                                time.perf_counter() - began, say, steering=steering,
                                startup=started.pop() if started else None)
             shown.end_epoch(record)
-    except BaseException:
+            if tracker is not None:
+                tracker.epoch(record)
+    except BaseException as err:
         if watch is not None:
             watch.stop()
+        if tracker is not None:
+            tracker.finish("KILLED" if isinstance(err, preempt.Preempted) else "FAILED")
         raise
     finally:
         shown.close()
@@ -73,9 +80,15 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start:
     try:
         digest = check_consistency(comm, steps)
         summary = finish(spec, dataset, comm, steps, record, digest, steering)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
     finally:
         if watch is not None:
             watch.stop()
+    if tracker is not None:
+        tracker.finish("FINISHED")
     if comm.rank == 0 and summary["final"]:
         say(f"final {final_metrics(spec.task, summary['final'])}")
     return summary

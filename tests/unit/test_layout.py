@@ -127,7 +127,7 @@ def test_data_modules_import_only_the_layers_below_them():
 
 
 TRAIN_LAYERS = {"contract": 0, "checkpoint": 0, "preempt": 0, "metrics": 0, "startup": 0, "lr": 1, "steer": 1,
-                "watchdog": 1, "progress": 1, "curves": 1, "preflight": 2, "resume": 2, "validation": 2, "epoch_end": 3,
+                "watchdog": 1, "progress": 1, "curves": 1, "tracking": 1, "preflight": 2, "resume": 2, "validation": 2, "epoch_end": 3,
                 "run_dir": 4, "loop": 5, "elastic": 6, "__init__": 7}
 
 
