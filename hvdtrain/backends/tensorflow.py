@@ -31,7 +31,7 @@ from .. import plugins  # noqa: E402
 from ..data import Batch, Dataset, Preprocessing  # noqa: E402
 from ..errors import UserError  # noqa: E402
 from ..train import startup
-from ..train.contract import Steps, Training, horovod_comm, step_seed  # noqa: E402
+from ..train.contract import Steps, Training, bucket_indices, horovod_comm, step_seed  # noqa: E402
 from ..train.elastic import run_elastic  # noqa: E402
 from ..train.loop import run_epochs  # noqa: E402
 from ..train.lr import scaled_lr  # noqa: E402
@@ -207,6 +207,10 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
     params = model.trainable_variables
     compression = hvd.Compression.fp16 if spec.horovod.fp16_compression else hvd.Compression.none
     op = hvd.Adasum if spec.horovod.adasum else hvd.Average
+    # Horovod's tape allreduces the gradients in buckets, one grouped allreduce each (as the torch backend)
+    found = None if spec.horovod.adasum else bucket_indices(
+        [int(np.prod(p.shape)) * tf.as_dtype(p.dtype).size for p in params], spec.horovod.bucket_mb)
+    groups = None if found is None else [[params[i] for i in group] for group in found]
     # (inputs, labels, a float scalar: the lr or a pass's share of its group)
     label_type = tf.int64 if dataset.preprocessing.task == "classification" else tf.float32
     prep = dataset.preprocessing
@@ -247,7 +251,7 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
         """One batch: Horovod's tape allreduces the gradients, then the update."""
         with tf.GradientTape() as tape:
             loss = loss_of(x, y, True)
-        tape = hvd.DistributedGradientTape(tape, compression=compression, op=op)
+        tape = hvd.DistributedGradientTape(tape, compression=compression, op=op, groups=groups)
         apply(tape.gradient(loss, params), lr)
         return loss
 

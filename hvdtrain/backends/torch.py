@@ -20,7 +20,7 @@ from ..data import Batch, Dataset, Preprocessing
 from ..errors import UserError
 from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, TrainSpec, model_from_dict
 from ..train import startup
-from ..train.contract import Comm, Steps, Training, horovod_comm, step_seed
+from ..train.contract import Comm, Steps, Training, bucket_indices, horovod_comm, step_seed
 from ..train.elastic import run_elastic
 from ..train.loop import run_epochs
 from ..train.lr import scaled_lr
@@ -153,27 +153,11 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
                     make_comm=lambda: horovod_comm(hvd, torch.from_numpy, hierarchical))
 
 
-FIRST_BUCKET_MB = 1.0  # the first bucket's cap, as DDP's: the first allreduce starts early in backward
-
-
 def buckets(params: list[torch.Tensor], bucket_mb: float) -> list[list[torch.Tensor]] | None:
-    """The gradients' buckets for Horovod's grouped allreduces (`horovod.bucket_mb`): the
-    trainable parameters in reverse order (backward computes the last layers' gradients
-    first), cut where a bucket would pass the cap, the first one at FIRST_BUCKET_MB. Each
-    bucket is one negotiation and one fused allreduce, started from the backward pass once
-    its last gradient is computed; None (bucket_mb 0): one allreduce per gradient."""
-    if not bucket_mb:
-        return None
-    groups: list[list[torch.Tensor]] = [[]]
-    size, cap = 0, min(FIRST_BUCKET_MB, bucket_mb) * 2**20
-    for param in reversed([p for p in params if p.requires_grad]):
-        nbytes = param.numel() * param.element_size()
-        if groups[-1] and size + nbytes > cap:
-            groups.append([])
-            size, cap = 0, bucket_mb * 2**20
-        groups[-1].append(param)
-        size += nbytes
-    return [group for group in groups if group]
+    """The trainable parameters in buckets for Horovod's grouped allreduces (`bucket_indices`)."""
+    trainable = [p for p in params if p.requires_grad]
+    found = bucket_indices([p.numel() * p.element_size() for p in trainable], bucket_mb)
+    return None if found is None else [[trainable[i] for i in group] for group in found]
 
 
 def placed(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:

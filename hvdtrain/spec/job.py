@@ -69,9 +69,7 @@ class JobSpec(Section):
         torch_only = [k for k, on in (("train.compile", self.train.compile),
                                       ("train.compile_mode", self.train.compile_mode != "default"),
                                       ("train.channels_last", self.train.channels_last),
-                                      ("optimizer.fused", self.optimizer.fused is not None),
-                                      ("horovod.bucket_mb", self.horovod.bucket_mb !=
-                                       type(self.horovod).model_fields["bucket_mb"].default)) if on]
+                                      ("optimizer.fused", self.optimizer.fused is not None)) if on]
         if torch_only and self.backend != "torch":
             raise ValueError(f"{' and '.join(torch_only)}: torch backend settings (TensorFlow's steps are "
                              "already compiled graphs, with images in channels-last order)")

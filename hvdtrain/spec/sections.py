@@ -368,11 +368,11 @@ class HorovodSpec(Section):
     cycle_time_ms: Annotated[float, Field(gt=0, le=10_000)] = Field(
         default=1.0, description="how often Horovod's background thread batches tensors (ms)")
     bucket_mb: Annotated[float, Field(ge=0, le=4096)] = Field(
-        default=25, description=("torch: gradients allreduced in buckets of about this many MiB, each "
-                                 "one grouped allreduce started from the backward pass once its "
-                                 "gradients are all computed (DDP's rule: in reverse order of the "
-                                 "model's parameters, the first bucket at most 1 MiB); 0: one "
-                                 "allreduce per gradient, as Horovod's optimizer does by default"))
+        default=25, description=("gradients allreduced in buckets of about this many MiB, each one "
+                                 "grouped allreduce (DDP's rule: in reverse order of the model's "
+                                 "parameters, the first bucket at most 1 MiB; torch starts each from "
+                                 "the backward pass once its gradients are computed); 0: one allreduce "
+                                 "per gradient, as Horovod's optimizer and tape do by default"))
     autotune: bool = Field(default=False, description="let Horovod tune fusion and cycle time")
     autotune_log: Path | None = Field(default=None, description="CSV of autotune's trials")
     timeline: Path | None = Field(default=None, description="write Horovod's Chrome-trace timeline here")

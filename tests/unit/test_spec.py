@@ -80,8 +80,6 @@ def test_compile_and_channels_last_are_torch_settings():
     found = problems(dict(BASE, backend="tensorflow", train={"compile_mode": "max-autotune-no-cudagraphs"},
                           optimizer={"fused": True}))
     assert len(found) == 1 and "train.compile_mode and optimizer.fused: torch backend settings" in found[0]
-    found = problems(dict(BASE, backend="tensorflow", horovod={"bucket_mb": 0}))
-    assert len(found) == 1 and "horovod.bucket_mb: torch backend settings" in found[0]
     assert "compile_mode" in problems(dict(BASE, backend="torch", train={"compile_mode": "reduce-overhead"}))[0]
 
 
