@@ -208,7 +208,7 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
     compression = hvd.Compression.fp16 if spec.horovod.fp16_compression else hvd.Compression.none
     op = hvd.Adasum if spec.horovod.adasum else hvd.Average
     # Horovod's tape allreduces the gradients in buckets, one grouped allreduce each (as the torch backend)
-    found = None if spec.horovod.adasum else bucket_indices(
+    found = None if spec.horovod.adasum or spec.horovod.elastic else bucket_indices(
         [int(np.prod(p.shape)) * tf.as_dtype(p.dtype).size for p in params], spec.horovod.bucket_mb)
     groups = None if found is None else [[params[i] for i in group] for group in found]
     # (inputs, labels, a float scalar: the lr or a pass's share of its group)

@@ -138,7 +138,10 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     optimizer = hvd.DistributedOptimizer(
         make_optimizer(spec.optimizer, model.parameters(), lr, on_gpu=use_cuda),
         named_parameters=model.named_parameters(),
-        groups=None if spec.horovod.adasum else buckets(list(model.parameters()), spec.horovod.bucket_mb),
+        # buckets agreed by a broadcast when the optimizer is built, which a worker joining a
+        # running elastic job would call alone: elastic training reduces gradient by gradient
+        groups=None if spec.horovod.adasum or spec.horovod.elastic else buckets(
+            list(model.parameters()), spec.horovod.bucket_mb),
         compression=hvd.Compression.fp16 if spec.horovod.fp16_compression else hvd.Compression.none,
         backward_passes_per_step=spec.horovod.backward_passes_per_step,
         op=hvd.Adasum if spec.horovod.adasum else hvd.Average)

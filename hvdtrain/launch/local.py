@@ -325,6 +325,10 @@ def run_arguments(parser) -> None:
     parser.add_argument("--ssh-port", type=int, help="ssh port of the hosts")
     parser.add_argument("--ssh-identity-file", help="ssh key for the hosts")
     parser.add_argument("--network-interfaces", metavar="NIC,...", help="interfaces for the ranks' traffic")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="one run per value, one after another, each in its own directory under the "
+                             "spec's output (repeatable: every combination); `hvdtrain status OUTPUT` "
+                             "lists them, best first")
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument("-q", "--quiet", action="store_true", help="only the final line (log.level=quiet)")
     loudness.add_argument("-v", "--verbose", action="store_true", help="also data and checkpoint details "
@@ -333,13 +337,8 @@ def run_arguments(parser) -> None:
 
 def run(args) -> int:
     """`hvdtrain run`: check the spec, start the ranks, say how the run ended."""
-    import json
-    import time
-
     from ..backends import keras_environment, require_framework
     from ..spec import load_spec
-    from ..train.metrics import final_metrics
-    os.environ["HVDTRAIN_LAUNCHED_AT"] = str(time.time())  # the ranks' start-up is timed from here
     if args.np is not None and args.np < 1:
         raise UserError("-np must be at least 1")
     if args.quiet or args.verbose:  # an override, so that every rank gets it
@@ -353,7 +352,17 @@ def run(args) -> int:
     hosts = Hosts(args.hosts, Path(args.hostfile) if args.hostfile else None, args.mpi, args.ssh_port,
                   Path(args.ssh_identity_file) if args.ssh_identity_file else None, args.network_interfaces)
     ranks = args.np or hosts.slots() or spec.resources.workers
-    code = launch(spec, args.spec, args.overrides, ranks, hosts)
+    if args.sweep:
+        return run_sweep(args, ranks, hosts)
+    return run_one(spec, args.spec, args.overrides, ranks, hosts)
+
+
+def run_one(spec: JobSpec, spec_path: str, overrides: list[str], ranks: int, hosts: Hosts) -> int:
+    import json
+
+    from ..train.metrics import final_metrics
+    os.environ["HVDTRAIN_LAUNCHED_AT"] = str(time.time())  # the ranks' start-up is timed from here
+    code = launch(spec, spec_path, overrides, ranks, hosts)
     if code == 0 and spec.entry is not None:
         print(f"{spec.name}: {spec.entry.script or spec.entry.module} finished on {ranks} ranks")
     summary = Path(spec.output) / "summary.json"
@@ -362,6 +371,26 @@ def run(args) -> int:
         print(f"{spec.name}: {final_metrics(spec.task, final)} after {final['epoch']} epochs; "
               f"run dir {spec.output}")
     return code
+
+
+def run_sweep(args, ranks: int, hosts: Hosts) -> int:
+    """The sweep's runs one after another (a failed run does not stop the others); the
+    table of all at the end; the first failure's exit status."""
+    from ..spec import load_spec
+    from . import sweep
+    base, runs = sweep.plan(args.spec, args.overrides, args.sweep)
+    directory = sweep.write_plan(base, runs, args.spec, args.overrides, "local")
+    codes = []
+    for number, one in enumerate(runs, start=1):
+        print(f"sweep run {number}/{len(runs)}: {one.name}", flush=True)
+        overrides = [*args.overrides, *one.overrides]
+        codes.append(run_one(load_spec(args.spec, overrides), args.spec, overrides, ranks, hosts))
+    print(sweep.table(directory), flush=True)
+    failed = [(one.name, code) for one, code in zip(runs, codes) if code]
+    if failed:
+        print(f"{len(failed)} of {len(runs)} runs failed: " + ", ".join(f"{n} (exit {c})" for n, c in failed),
+              file=sys.stderr)
+    return failed[0][1] if failed else 0
 
 
 LAUNCHER = Launcher(name="local", verbs=(

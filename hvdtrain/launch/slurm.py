@@ -22,6 +22,7 @@ from ..spec import JobSpec
 from ..train import preempt
 from .common import Launcher, Verb, emit, rank_command, template
 from .srun import MODES, prepare_rank
+from .sweep import SWEEP_FILE, SweepRun
 
 TEMPLATE = "hvdtrain.sbatch"
 
@@ -32,9 +33,11 @@ def render(spec: JobSpec, spec_path: Path, overrides: list[str], *, nodes: int =
            partition: str | None = None, mode: str = "gloo", account: str | None = None,
            qos: str | None = None, mem: str | None = None, constraint: str | None = None,
            exclusive: bool = False, sbatch_args: list[str] = (), container_image: str | None = None,
-           container_mounts: str | None = None) -> str:
+           container_mounts: str | None = None, sweep: list[SweepRun] = (), array_limit: int | None = None) -> str:
     """The template with its {{...}} fields filled; lines of empty fields are dropped,
-    and {{#flag}} ... {{/flag}} blocks ({{^flag}}: where it is off) kept or dropped."""
+    and {{#flag}} ... {{/flag}} blocks ({{^flag}}: where it is off) kept or dropped. A
+    sweep's runs become one job array: task i runs sweep[i] (its overrides after
+    `overrides`), at most array_limit at a time."""
     if mode not in MODES:
         raise UserError(f"launch mode {mode!r}: choose one of {', '.join(MODES)}")
     if nodes < 1:
@@ -48,23 +51,35 @@ def render(spec: JobSpec, spec_path: Path, overrides: list[str], *, nodes: int =
         tasks_per_node = gpus_per_node or max(1, math.ceil(spec.resources.workers / nodes))
     if tasks_per_node < 1 or gpus_per_node < 0:
         raise UserError("--tasks-per-node must be at least 1 and --gpus-per-node at least 0")
-    command = rank_command(spec_path.resolve(), overrides)
+    if array_limit is not None and (not sweep or array_limit < 1):
+        raise UserError("--array-limit: with --sweep, and at least 1")
+    command = shlex.join(rank_command(spec_path.resolve(), overrides))
+    marker = shlex.quote(str((Path.cwd() / spec.output / preempt.MARKER).resolve()))
+    if sweep:  # each task adds its run's overrides; its stop marker is in its run directory
+        command += ' "${run_args[@]}"'
+        marker = '"$run_marker"'
     fields = {
         "name": spec.name, "nodes": nodes, "tasks_per_node": tasks_per_node,
         "cpus_per_task": cpus_per_task or spec.resources.cpus_per_worker,
         "gpus_per_node": gpus_per_node or None, "time": time_limit, "partition": partition,
         "workdir": Path.cwd(), "mode": mode, "srun_mpi": "pmix" if mode == "mpi" else "none",
-        "command": shlex.join(command), "account": account, "qos": qos, "mem": mem,
+        "command": command, "account": account, "qos": qos, "mem": mem,
         "constraint": constraint, "exclusive": "" if exclusive else None,
         "sbatch_args": "\n".join(f"#SBATCH {shlex.quote(a)}" for a in sbatch_args) or None,
         "container": "".join(f" {o}" for o in (
             f"--container-image={shlex.quote(container_image)}" if container_image else "",
             f"--container-mounts={shlex.quote(container_mounts)}" if container_mounts else "") if o),
         "signal_seconds": spec.slurm.signal_seconds, "max_restarts": spec.slurm.max_restarts,
-        "marker": shlex.quote(str((Path.cwd() / spec.output / preempt.MARKER).resolve())),
-        "exit_preempted": preempt.EXIT_PREEMPTED,
+        "marker": marker, "exit_preempted": preempt.EXIT_PREEMPTED,
+        "array": f"0-{len(sweep) - 1}" + (f"%{array_limit}" if array_limit else "") if sweep else None,
+        "log_pattern": "slurm-%x-%A_%a.out" if sweep else "slurm-%x-%j.out",
+        "sweep_dir": Path.cwd() / spec.output,
+        "sweep_cases": "\n".join(
+            f"    {i}) run_args=({shlex.join(run.overrides)}); "
+            f"run_marker={shlex.quote(str((Path.cwd() / run.output / preempt.MARKER).resolve()))} ;;"
+            for i, run in enumerate(sweep)),
     }
-    flags = {"requeue": spec.slurm.requeue}
+    flags = {"requeue": spec.slurm.requeue, "sweep": bool(sweep)}
     for arg in sbatch_args:
         if not arg.startswith("--"):
             raise UserError(f"--sbatch-arg {arg!r}: give an sbatch option such as --mail-type=END")
@@ -97,9 +112,11 @@ DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FA
         "BOOT_FAIL", "DEADLINE")
 
 
-def submit(script: Path, wait: bool, run_dir: Path | None = None, name: str | None = None) -> int:
+def submit(script: Path, wait: bool, run_dir: Path | None = None, name: str | None = None,
+           sweep: list[SweepRun] = ()) -> int:
     """sbatch the script; with wait, block until the job ends and return its exit status.
-    The job id and its log are recorded in run_dir for `hvdtrain status` and `logs`."""
+    The job id and its log are recorded in run_dir for `hvdtrain status` and `logs`; a
+    sweep's array task i in sweep[i]'s run directory as well."""
     sbatch = shutil.which("sbatch")
     if not sbatch:
         raise UserError("sbatch not found: run on a Slurm login node, or render the script "
@@ -109,9 +126,12 @@ def submit(script: Path, wait: bool, run_dir: Path | None = None, name: str | No
     first = proc.stdout.readline()  # the job id comes at once, before --wait waits
     job = first.strip().split(";")[0]
     if job and run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / JOB_RECORD).write_text(json.dumps({"job": job, "script": str(script.resolve()),
-                                                      "log": str(Path.cwd() / f"slurm-{name}-{job}.out")}))
+        records = [(run_dir, job, f"slurm-{name}-{job}{'_*' if sweep else ''}.out")] + [
+            (Path(run.output), f"{job}_{i}", f"slurm-{name}-{job}_{i}.out") for i, run in enumerate(sweep)]
+        for directory, job_id, log in records:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / JOB_RECORD).write_text(json.dumps({"job": job_id, "script": str(script.resolve()),
+                                                            "log": str(Path.cwd() / log)}))
     if job:
         print(f"submitted job {job} ({script})", flush=True)
     rest, err = proc.communicate()
@@ -200,32 +220,55 @@ def script_arguments(parser, submitting: bool = False) -> None:
     parser.add_argument("--mode", choices=list(MODES), default="gloo",
                         help="gloo: ranks from SLURM_* and a rendezvous server (default); "
                              "mpi: srun --mpi=pmix")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="one Slurm job array, a task per value, each run in its own directory under "
+                             "the spec's output (repeatable: every combination); `hvdtrain status OUTPUT` "
+                             "lists them, best first")
+    parser.add_argument("--array-limit", type=int, metavar="N", help="--sweep: at most N tasks at a time")
     parser.add_argument("-o", "--output", help="write the script here")
     if submitting:
         parser.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its status")
 
 
-def script_of(args) -> tuple[str, JobSpec]:
+def script_of(args) -> tuple[str, JobSpec, list[SweepRun]]:
     from ..spec import load_spec
-    spec = load_spec(args.spec, args.overrides)
+    from . import sweep
+    spec, runs = sweep.plan(args.spec, args.overrides, args.sweep) if args.sweep else \
+        (load_spec(args.spec, args.overrides), [])
     return render(spec, Path(args.spec), args.overrides, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
                   gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, time_limit=args.time,
                   partition=args.partition, mode=args.mode, account=args.account, qos=args.qos,
                   mem=args.mem, constraint=args.constraint, exclusive=args.exclusive,
                   sbatch_args=args.sbatch_arg, container_image=args.container_image,
-                  container_mounts=args.container_mounts), spec
+                  container_mounts=args.container_mounts, sweep=runs, array_limit=args.array_limit), spec, runs
 
 
 def submit_script(args) -> int:
-    text, spec = script_of(args)
+    from . import sweep
+    text, spec, runs = script_of(args)
     script = Path(args.output or Path(spec.output) / "hvdtrain.sbatch")
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(text)
-    return submit(script, args.wait, Path(spec.output), spec.name)
+    if runs:
+        sweep.write_plan(spec, runs, args.spec, args.overrides, "slurm")
+    return submit(script, args.wait, Path(spec.output), spec.name, runs)
+
+
+def array_states(directory: Path) -> dict[str, str]:
+    """Each run of a sweep submitted as a job array: its task's state, where Slurm knows it."""
+    states = {}
+    for run in json.loads((Path(directory) / SWEEP_FILE).read_text())["runs"]:
+        found = Path(run["output"]) / JOB_RECORD
+        fields = job_fields(json.loads(found.read_text())["job"]) if found.is_file() else {}
+        if fields.get("JobState"):
+            states[run["name"]] = fields["JobState"]
+    return states
 
 
 def print_status(args) -> int:
-    print(status(Path(args.run_dir)))
+    from . import sweep
+    directory = Path(args.run_dir)
+    print(sweep.table(directory, array_states(directory)) if sweep.is_sweep(directory) else status(directory))
     return 0
 
 
@@ -244,7 +287,8 @@ LAUNCHER = Launcher(name="slurm", prepare_rank=prepare_rank, verbs=(
          arguments=script_arguments, call=lambda args: emit(script_of(args)[0], args.output)),
     Verb(path=("submit", "slurm"), help="sbatch the script (written to -o FILE, default <output>/hvdtrain.sbatch)",
          arguments=lambda parser: script_arguments(parser, submitting=True), call=submit_script),
-    Verb(path=("status",), help="the Slurm job a run was submitted as: state, restarts, last epoch",
+    Verb(path=("status",), help="the Slurm job a run was submitted as (state, restarts, last epoch), or a "
+                                "sweep's runs, best first",
          arguments=lambda parser: parser.add_argument("run_dir"), call=print_status),
     Verb(path=("logs",), help="the log of the Slurm job a run was submitted as",
          arguments=logs_arguments, call=print_logs),

@@ -372,7 +372,8 @@ class HorovodSpec(Section):
                                  "grouped allreduce (DDP's rule: in reverse order of the model's "
                                  "parameters, the first bucket at most 1 MiB; torch starts each from "
                                  "the backward pass once its gradients are computed); 0: one allreduce "
-                                 "per gradient, as Horovod's optimizer and tape do by default"))
+                                 "per gradient, as Horovod's optimizer and tape do by default, and as "
+                                 "elastic training and Adasum do"))
     autotune: bool = Field(default=False, description="let Horovod tune fusion and cycle time")
     autotune_log: Path | None = Field(default=None, description="CSV of autotune's trials")
     timeline: Path | None = Field(default=None, description="write Horovod's Chrome-trace timeline here")

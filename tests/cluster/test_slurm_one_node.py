@@ -7,6 +7,7 @@ import time
 
 import psutil
 import pytest
+import yaml
 
 from tests.conftest import ROOT
 
@@ -162,3 +163,35 @@ def test_warned_job_checkpoints_within_the_epoch_requeues_and_completes_on_the_u
     assert shown.returncode == 0 and f"job {job}: COMPLETED  restarts 1" in shown.stdout, shown.stdout + shown.stderr
     logged = slurm_one_node.hvdtrain("logs", slurm_one_node.jobs / "warned", "-f")
     assert logged.returncode == 0 and logged.stdout == text
+
+
+def test_a_sweep_is_one_job_array_with_a_run_directory_per_task(slurm_one_node, figure):
+    """submit slurm --sweep: one array job, a task per value (one at a time here), each run
+    in its own directory; `hvdtrain status` on the sweep's directory lists the tasks' states
+    and each run's best val_loss, best first; status and logs also work on one run."""
+    sweep_dir = slurm_one_node.jobs / "sweep"
+    result = slurm_one_node.hvdtrain("submit", "slurm", MLP, "--tasks-per-node", "2", "--wait",
+                                     "--sweep", "optimizer.lr=0.01,0.1", "--array-limit", "1",
+                                     f"output={sweep_dir}", "train.epochs=3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = re.search(r"submitted job (\d+)", result.stdout).group(1)
+    assert "#SBATCH --array=0-1%1" in (sweep_dir / "hvdtrain.sbatch").read_text()
+    losses = {}
+    for task, name in enumerate(("lr=0.01", "lr=0.1")):
+        run = sweep_dir / name
+        assert slurm_one_node.state(f"{job}_{task}") == "COMPLETED"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["workers"] == 2 and summary["epochs"] == 3
+        assert yaml.safe_load((run / "spec.yaml").read_text())["optimizer"]["lr"] == float(name.split("=")[1])
+        losses[name] = min(json.loads(line)["val_loss"] for line in (run / "metrics.jsonl").read_text().splitlines())
+        log = (slurm_one_node.jobs / f"slurm-digits-mlp-torch-{job}_{task}.out").read_text()
+        assert "final validation accuracy" in log
+        shown = slurm_one_node.hvdtrain("status", run)
+        assert f"job {job}_{task}: COMPLETED" in shown.stdout, shown.stdout + shown.stderr
+        assert slurm_one_node.hvdtrain("logs", run).stdout == log
+    table = slurm_one_node.hvdtrain("status", sweep_dir)
+    assert table.returncode == 0, table.stderr
+    rows = [line.split() for line in table.stdout.splitlines()[1:]]
+    best_first = sorted(losses, key=losses.get)
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [(n, "COMPLETED", "3/3", f"{losses[n]:.4f}") for n in best_first]
+    figure(f"slurm sweep: array job {job}, 2 tasks COMPLETED; best {best_first[0]} (val_loss {losses[best_first[0]]:.4f})")

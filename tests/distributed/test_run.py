@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+import yaml
 from sklearn.datasets import load_digits
 
 from hvdtrain.train import checkpoint
@@ -146,3 +147,27 @@ def test_failing_rank_fails_the_job_with_its_message(cli, tmp_path, backend):
     assert f"{bad}:3: column 'b' holds 'oops', not a number" in result.stderr
     assert re.search(r"training failed: rank [01] exited with status 2", result.stderr)
     assert "Traceback" not in result.stderr
+
+
+def test_a_sweep_runs_each_value_in_its_own_directory_and_lists_them(cli, tmp_path):
+    """hvdtrain run --sweep: one run after another, each with its value and directory; the
+    table at the end and `hvdtrain status` on the sweep's directory, best first."""
+    out = tmp_path / "sweep"
+    result = cli("run", example("mlp", "torch"), "-np", "2", "--sweep", "optimizer.lr=0.002,0.05",
+                 f"output={out}", "train.epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sweep run 1/2: lr=0.002" in result.stdout and "sweep run 2/2: lr=0.05" in result.stdout
+    best = {}
+    for name, lr in (("lr=0.002", 0.002), ("lr=0.05", 0.05)):
+        assert yaml.safe_load((out / name / "spec.yaml").read_text())["optimizer"]["lr"] == lr
+        records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in records] == [1, 2] and (out / name / "summary.json").is_file()
+        best[name] = min(r["val_loss"] for r in records)
+    shown = cli("status", out)
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split() for line in shown.stdout.splitlines()[1:]]
+    assert rows == [[n, "done", "2/2", f"{best[n]:.4f}"] for n in sorted(best, key=best.get)]
+    assert shown.stdout in result.stdout  # the same table ended the sweep
+    bad = cli("run", example("mlp", "torch"), "--sweep", "optimizer.lr=0.1,-2", f"output={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and "optimizer.lr" in bad.stderr and not (tmp_path / "bad").exists()
+
