@@ -66,6 +66,9 @@ class JobSpec(Section):
         if steered and self.horovod.elastic is not None:
             raise ValueError(f"{', '.join(steered)}: not with elastic training (its state would not "
                              "reach workers that join)")
+        if self.log.mlflow is not None and self.horovod.elastic is not None:
+            raise ValueError("log.mlflow: not with elastic training (its workers, rank 0 among them, "
+                             "change on a reset)")
         torch_only = [k for k, on in (("train.compile", self.train.compile),
                                       ("train.compile_mode", self.train.compile_mode != "default"),
                                       ("train.channels_last", self.train.channels_last),

@@ -202,3 +202,14 @@ def test_a_resolved_spec_loads_again_as_it_was(backend):
     spec = validate(dict(BASE, backend=backend))
     again = validate(yaml.safe_load(dump(spec)))
     assert again == spec
+
+
+def test_mlflow_tracking_needs_a_uri_and_no_elastic_training():
+    tracked = dict(BASE, log={"mlflow": {"tracking_uri": "http://127.0.0.1:5000"}})
+    spec = validate(tracked)
+    assert spec.log.mlflow.experiment is None and spec.log.mlflow.run_name is None
+    assert "log.mlflow.tracking_uri" in problems(dict(BASE, log={"mlflow": {"experiment": "x"}}))[0]
+    elastic = {"elastic": {"max_workers": 2, "discovery": "/bin/true"}}
+    found = problems(dict(tracked, horovod=elastic))
+    assert len(found) == 1 and "log.mlflow: not with elastic training" in found[0]
+
