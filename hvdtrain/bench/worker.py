@@ -46,7 +46,7 @@ def cycle(batches: list, count: int, start: int) -> list:
 
 class Counts:
     """What a rank did in a window, counted as it happens: optimizer steps and
-    gradient allreduces (tensors handed to the communication library)."""
+    gradient allreduces (tensors or buckets handed to the communication library)."""
 
     def __init__(self):
         self.optimizer_steps = 0
@@ -67,8 +67,10 @@ def count_torch_optimizer(optimizer, counts: Counts, horovod: bool) -> None:
     group = optimizer.param_groups[0]
     counts.optimizer = {"name": type(optimizer).__name__, "lr": group["lr"],
                         **{k: group[k] for k in ("momentum", "weight_decay") if k in group}}
-    if horovod:
+    if horovod:  # one a gradient, or one a bucket (horovod.bucket_mb), as DDP counts its buckets
         optimizer._allreduce_grad_async = counts.counting(optimizer._allreduce_grad_async, "allreduces")
+        optimizer._grouped_allreduce_grad_async = counts.counting(optimizer._grouped_allreduce_grad_async,
+                                                                  "allreduces")
 
 
 def train_hvdtrain(spec, backend_name: str):
