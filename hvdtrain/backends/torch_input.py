@@ -5,6 +5,7 @@ GPU; JPEG files decoded by nvJPEG on request (`data.decode: gpu`)."""
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Callable, Iterable
 
 import numpy as np
@@ -158,7 +159,8 @@ def decode_on_gpu(data: DataSpec | None, device: torch.device) -> bool:
 
 def gpu_decoded(batches: Iterable, samples: Samples, epoch: int | None, device: torch.device) -> Iterable:
     """Batches of JPEG bytes (`EncodedImages.encoded_batch`) decoded by nvJPEG on a side
-    stream, cropped, resized (bilinear, antialiased, as PIL resizes) and flipped there:
+    stream, cropped, resized (bilinear, antialiased, as PIL resizes) and flipped there
+    (`cropped_batch`, a handful of kernels for the batch):
     (uint8 [n, 3, H, W], labels) on the GPU with the event that marks them ready. A batch
     nvJPEG cannot decode is decoded on the CPU, where data.on_bad_file applies."""
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -174,24 +176,75 @@ def gpu_decoded(batches: Iterable, samples: Samples, epoch: int | None, device: 
                 yield (to_device(x, device), to_device(y, device)), stream.record_event()
                 continue
             x = torch.empty((len(parts["indices"]), 3, *size), dtype=torch.uint8, device=device)
-            for image, box, flip, at in zip(images, parts["box"].tolist(), parts["flip"].tolist(),
-                                            parts["at"].tolist()):
-                x[at] = cropped(image, box, flip, size)
+            if len(images):
+                x[parts["at"].to(device)] = cropped_batch(images, parts["box"], parts["flip"], size)
             if len(parts["pixels_at"]):
                 x[parts["pixels_at"].to(device)] = parts["pixels"].to(device, non_blocking=True)
             yield (x, to_device(y, device)), stream.record_event()
 
 
-def cropped(image: torch.Tensor, box: list[float], flip: bool, size: list[int]) -> torch.Tensor:
-    """The box of a decoded image [3, h, w], resized to size and flipped if asked."""
-    left, top = int(box[0]), int(box[1])
-    right, bottom = max(left + 1, round(box[2])), max(top + 1, round(box[3]))
-    crop = image[:, top:bottom, left:right]
-    if tuple(crop.shape[1:]) != tuple(size):
-        crop = torch.nn.functional.interpolate(crop[None].float(), size=tuple(size), mode="bilinear",
-                                               antialias=True, align_corners=False)[0]
-        crop = crop.round_().clamp_(0, 255).to(torch.uint8)
-    return crop.flip(-1) if flip else crop
+PAD_BYTES = 512 << 20  # at most this much float32 a group of decoded images is padded into at once
+MAX_SUBSAMPLES = 4  # per output pixel and axis when shrinking (the antialiasing's samples)
+
+
+def cropped_batch(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
+                  size: list[int]) -> torch.Tensor:
+    """Decoded images (uint8 [3, h, w], any sizes) cut to their boxes (left, top,
+    right, bottom, in their pixels), resized to size and flipped left-right where
+    asked: uint8 [n, 3, H, W], in a handful of kernels for a whole group of images
+    rather than several an image (a batch of 256 launched one image at a time could
+    not keep up with the step it feeds).
+    Each output pixel is the mean of k x k bilinear samples spread over its footprint
+    in the box (k: the batch's largest shrink factor, rounded up, at most
+    MAX_SUBSAMPLES): bilinear where the box is enlarged, antialiased where it is
+    shrunk, as PIL's and torchvision's antialiased resizes are; samples are clamped
+    to the image's own pixels, as at the image's edges. Images are padded into one
+    float tensor a group at a time (groups of similar size, at most PAD_BYTES)."""
+    import torch.nn.functional as F
+    n, (height, width) = len(images), size
+    device = images[0].device if n else boxes.device
+    out = torch.empty((n, 3, height, width), dtype=torch.uint8, device=device)
+    if n == 0:
+        return out
+    boxes, flips = torch.as_tensor(boxes), torch.as_tensor(flips)
+    shapes = [tuple(image.shape[1:]) for image in images]
+    shrink = max(max((b[2] - b[0]) / width, (b[3] - b[1]) / height) for b in boxes.tolist())
+    boxes, flips = boxes.to(device, torch.float32), flips.to(device)
+    k = max(1, min(MAX_SUBSAMPLES, math.ceil(shrink - 1e-6)))
+    order = sorted(range(n), key=lambda i: shapes[i][0] * shapes[i][1])
+    group: list[int] = []
+    for position, i in enumerate(order):
+        group.append(i)
+        last = position == n - 1
+        if not last:
+            h = max(shapes[j][0] for j in group + [order[position + 1]])
+            w = max(shapes[j][1] for j in group + [order[position + 1]])
+            if (len(group) + 1) * 3 * h * w * 4 <= PAD_BYTES:
+                continue
+        at = torch.tensor(group, device=device)
+        if len({shapes[j] for j in group}) == 1:
+            padded = torch.stack([images[j] for j in group]).float()
+        else:
+            h, w = max(shapes[j][0] for j in group), max(shapes[j][1] for j in group)
+            padded = torch.empty((len(group), 3, h, w), dtype=torch.float32, device=device)
+            for slot, j in enumerate(group):
+                padded[slot, :, :shapes[j][0], :shapes[j][1]].copy_(images[j])
+        extent = torch.tensor([shapes[j] for j in group], dtype=torch.float32, device=device)  # (h, w)
+        box, flip = boxes[at], flips[at]
+        fy = (torch.arange(height * k, device=device) + 0.5) / (height * k)
+        fx = (torch.arange(width * k, device=device) + 0.5) / (width * k)
+        fx = torch.where(flip[:, None], 1 - fx, fx)
+        # positions in each image's pixels (pixel i spans [i, i + 1]), kept within its pixel centres
+        ys = (box[:, 1:2] + fy * (box[:, 3:4] - box[:, 1:2])).clamp(min=0.5).minimum(extent[:, :1] - 0.5)
+        xs = (box[:, 0:1] + fx * (box[:, 2:3] - box[:, 0:1])).clamp(min=0.5).minimum(extent[:, 1:] - 0.5)
+        grid = torch.stack(torch.broadcast_tensors(
+            (2 * xs / padded.shape[3] - 1)[:, None, :], (2 * ys / padded.shape[2] - 1)[:, :, None]), dim=-1)
+        sampled = F.grid_sample(padded, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if k > 1:
+            sampled = F.avg_pool2d(sampled, k)
+        out[at] = sampled.round_().clamp_(0, 255).to(torch.uint8)
+        group = []
+    return out
 
 
 def threaded(batches: Iterable[Batch], depth: int) -> Iterable[Batch]:

@@ -48,6 +48,7 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
               "val_loss": totals[0] / len(dataset.val),
               **{f"val_{m}": v for m, v in task_scores(dataset, totals[2:]).items()},
               "lr": lr, "samples_per_s": train[1] / elapsed, "seconds": elapsed,
+              "train_samples_per_s": train[1] / max(train_seconds, 1e-9),
               "peak_rss_mb": peak_rss}
     if startup is not None:  # the slowest rank's seconds to its first batch, and its phases
         _, record["startup_s"], record["startup_phases"] = max(gathered, key=lambda g: g[1])
