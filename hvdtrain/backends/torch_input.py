@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..data import ArraySamples, Batch, Samples, loader_failure
+from ..data.image_samples import EncodedImages
 from ..errors import DataError, UserError
 from ..spec import IMAGE_SOURCES, DataSpec
 
@@ -44,6 +45,14 @@ class BatchReader(torch.utils.data.Dataset):
         indices, epoch = item
         if self.encoded:
             return self.samples.encoded_batch(np.asarray(indices), epoch)
+        if isinstance(self.samples, EncodedImages) and torch.utils.data.get_worker_info() is not None:
+            # decoded straight into shared memory, as torch's own collation does in a loader
+            # process: the batch then reaches the training process without another copy
+            shape = (len(indices), 3, *self.samples.preprocessing.image_size)
+            storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+            out = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+            _, y = self.samples.batch(np.asarray(indices), epoch, out=out.numpy())
+            return out, y
         return self.samples.batch(np.asarray(indices), epoch)
 
 
@@ -169,8 +178,8 @@ def gpu_decoded(batches: Iterable, samples: Samples, epoch: int | None, device: 
     for parts, y in batches:
         with torch.cuda.stream(stream):
             try:
-                images = decode_jpeg(list(parts["jpeg"]), mode=ImageReadMode.RGB, device=device) \
-                    if len(parts["jpeg"]) else []
+                images = decode_jpeg(jpeg_files(parts["jpeg"], parts["ends"]), mode=ImageReadMode.RGB,
+                                     device=device) if len(parts["ends"]) else []
             except RuntimeError:
                 x, y = samples.batch(parts["indices"].numpy(), epoch)
                 yield (to_device(x, device), to_device(y, device)), stream.record_event()
@@ -185,6 +194,12 @@ def gpu_decoded(batches: Iterable, samples: Samples, epoch: int | None, device: 
 
 PAD_BYTES = 512 << 20  # at most this much float32 a group of decoded images is padded into at once
 MAX_SUBSAMPLES = 4  # per output pixel and axis when shrinking (the antialiasing's samples)
+
+
+def jpeg_files(packed: torch.Tensor, ends: torch.Tensor) -> list[torch.Tensor]:
+    """The files packed one after another in one (pinned) array, as views of it."""
+    starts = [0, *ends.tolist()[:-1]]
+    return [packed[start:end] for start, end in zip(starts, ends.tolist())]
 
 
 def cropped_batch(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,

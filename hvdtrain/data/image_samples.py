@@ -45,38 +45,52 @@ class EncodedImages:
     def name(self, i: int) -> str:
         raise NotImplementedError
 
-    def batch(self, indices: np.ndarray, epoch: int | None = None) -> Batch:
+    def batch(self, indices: np.ndarray, epoch: int | None = None, out: np.ndarray | None = None) -> Batch:
+        """The decoded batch at indices (a training epoch's draws, or the evaluation
+        transform); out: a uint8 [n, 3, H, W] array to decode into (a loader process's
+        shared memory: the batch is not copied again on its way to the training process)."""
         size, augment = self.preprocessing.image_size, self.preprocessing.augment
-        pixels, bad = {}, []
-        for i in map(int, indices):
+        x = out if out is not None else np.empty((len(indices), 3, *size), np.uint8)
+        indices = [int(i) for i in indices]
+        row_of, bad = {}, []  # an index read (a padded batch repeats some) -> its row
+        for row, i in enumerate(indices):
+            if i in row_of:
+                x[row] = x[row_of[i]]
+                continue
             try:
-                pixels[i] = read_image(self.encoded(i), size, augment, epoch is not None,
-                                       sample_rng(self.seed, epoch, i), name=self.name(i))
+                x[row] = read_image(self.encoded(i), size, augment, epoch is not None,
+                                    sample_rng(self.seed, epoch, i), name=self.name(i))
+                row_of[i] = row
             except DataError as err:
                 if self.on_bad_file == "fail":
                     raise DataError(f"{err} ({where(epoch)}; data.on_bad_file: skip goes on without "
                                     "it)") from None
-                bad.append(i)
+                bad.append(row)
                 if i not in self.named:
                     self.named.add(i)
                     print(f"hvdtrain: skipped {err} ({where(epoch)})", file=sys.stderr, flush=True)
         if bad:
             with self.skipped.get_lock():
                 self.skipped.value += len(bad)
-            good = list(pixels)
+            good = list(row_of.items())
             if not good:
-                raise DataError(f"{self.name(bad[0])}: no sample of its batch of {len(indices)} could be "
-                                f"read ({where(epoch)}); data.on_bad_file: skip needs one")
-            stand_in = dict(zip(bad, (good[k % len(good)] for k in range(len(bad)))))
-            indices = [stand_in.get(int(i), int(i)) for i in indices]
-        return np.stack([pixels[int(i)] for i in indices]), self.y[np.asarray(indices, dtype=np.int64)]
+                raise DataError(f"{self.name(indices[bad[0]])}: no sample of its batch of {len(indices)} could "
+                                f"be read ({where(epoch)}); data.on_bad_file: skip needs one")
+            for k, row in enumerate(bad):  # the batch keeps its size: the next good samples stand in
+                indices[row], source = good[k % len(good)]
+                x[row] = x[source]
+        return x, self.y[np.asarray(indices, dtype=np.int64)]
 
     def encoded_batch(self, indices: np.ndarray, epoch: int | None = None) -> tuple[dict, np.ndarray]:
-        """The batch at indices for decoding on the GPU: each JPEG's bytes with its crop box
-        and flip (`jpeg`, `box`, `flip`, its place in the batch `at`), drawn as `batch`
+        """The batch at indices for decoding on the GPU: the JPEGs' bytes one after another
+        in one array (`jpeg`; file k is jpeg[ends[k - 1]:ends[k]], `ends`), each with its
+        crop box and flip (`box`, `flip`, its place in the batch `at`), drawn as `batch`
         draws them; a file of another format, or one whose header does not read, decoded
         here (`pixels` at `pixels_at`, as `batch` decodes it: data.on_bad_file applies).
-        The labels; `indices` for decoding the batch here when the GPU cannot."""
+        The labels; `indices` for decoding the batch here when the GPU cannot.
+        One array, not one per file: a loader process hands each array to the training
+        process through shared memory of its own, and 256 of them a batch cost more
+        than decoding it."""
         size, augment = self.preprocessing.image_size, self.preprocessing.augment
         jpegs, boxes, flips, at, others = [], [], [], [], []
         for position, i in enumerate(map(int, indices)):
@@ -89,12 +103,14 @@ class EncodedImages:
             if found is None:
                 others.append(position)
                 continue
-            # a writable copy: torch warns, once per loader worker, on wrapping read-only bytes
-            jpegs.append(np.frombuffer(bytearray(found[0]), dtype=np.uint8))
+            jpegs.append(found[0])
             boxes.append(found[1])
             flips.append(found[2])
             at.append(position)
-        parts = {"jpeg": jpegs, "box": np.asarray(boxes, np.float32).reshape(-1, 4),
+        ends = np.cumsum([len(j) for j in jpegs], dtype=np.int64)
+        # writable: torch warns, once per loader process, on wrapping read-only bytes
+        packed = np.frombuffer(bytearray(b"".join(jpegs)), dtype=np.uint8)
+        parts = {"jpeg": packed, "ends": ends, "box": np.asarray(boxes, np.float32).reshape(-1, 4),
                  "flip": np.asarray(flips, bool), "at": np.asarray(at, np.int64),
                  "pixels_at": np.asarray(others, np.int64), "indices": np.asarray(indices, np.int64)}
         y = self.y[np.asarray(indices, dtype=np.int64)]

@@ -124,7 +124,7 @@ def test_batches_for_the_gpu_carry_the_draws_the_cpu_path_makes(tmp_path):
     does it (here by torch on the CPU), a sample is the picture the CPU path gives."""
     import torch
 
-    from hvdtrain.backends.torch_input import cropped_batch
+    from hvdtrain.backends.torch_input import cropped_batch, jpeg_files
     root = tmp_path / "pictures"
     for k, name in enumerate(("a", "b")):
         (root / name).mkdir(parents=True)
@@ -140,13 +140,14 @@ def test_batches_for_the_gpu_carry_the_draws_the_cpu_path_makes(tmp_path):
         expected, expected_labels = samples.batch(rows, epoch)
         np.testing.assert_array_equal(labels, expected_labels)
         png = [i for i in rows if samples.paths[i].suffix == ".png"]
-        assert parts["pixels_at"].tolist() == png and len(parts["jpeg"]) == len(rows) - len(png)
+        assert parts["pixels_at"].tolist() == png and len(parts["ends"]) == len(rows) - len(png)
         np.testing.assert_array_equal(parts["pixels"], expected[png])
         decoded = [torch.from_numpy(np.asarray(Image.open(samples.paths[at]).convert("RGB")).transpose(2, 0, 1).copy())
                    for at in parts["at"]]
-        for data, at in zip(parts["jpeg"], parts["at"]):
-            assert data.tobytes() == samples.paths[at].read_bytes()
-            assert data.flags.writeable  # torch warns, in every loader process, on wrapping read-only bytes
+        assert parts["jpeg"].flags.writeable  # torch warns, in every loader process, on wrapping read-only bytes
+        files = jpeg_files(torch.from_numpy(parts["jpeg"]), torch.from_numpy(parts["ends"]))
+        for data, at in zip(files, parts["at"]):
+            assert data.numpy().tobytes() == samples.paths[at].read_bytes()
         # the whole batch at once, images of several sizes padded together
         pixels = cropped_batch(decoded, parts["box"], parts["flip"], [32, 32]).numpy().astype(int)
         for k, at in enumerate(parts["at"]):
