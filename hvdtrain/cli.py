@@ -37,7 +37,7 @@ def cmd_bench(args) -> int:
     except ValueError:
         raise UserError(f"--ranks {args.ranks!r} / --data-sizes {args.data_sizes!r}: expected numbers "
                         "such as 1,2") from None
-    output = Path(args.output) if args.output else Path(spec.output) / "bench"
+    output = Path(args.output) if args.output else spec.run_dir / "bench"
     if args.input:
         if args.overrides:
             raise UserError("--input benches the spec file as it is: give it no key.path=value overrides")

@@ -46,6 +46,8 @@ def type_name(annotation) -> str:
         return type_name(args[0]) + bounds([c for m in args[1:] for c in getattr(m, "metadata", [m])])
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         named = [type_name(a) for a in args if a is not type(None)]
+        if named == ["path", "str"]:  # a location: a local path or a URL (hvdtrain.storage)
+            return "path or URL"
         return " or ".join(named)
     if origin in (list, tuple):
         return f"list of {type_name(args[0])}" if args else "list"

@@ -10,8 +10,12 @@ entry here. numpy only: the backends' loaders turn samples into batches.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
+from .. import storage
+from ..errors import DataError
+from ..horovod_build.build import cache_root
 from ..spec import DataSpec
 from . import arrays, custom, images, shards
 from .arrays import csv_features, read_csv_rows, read_npz, synthetic
@@ -33,8 +37,35 @@ READERS: dict[str, Reader] = {
 
 def load_dataset(spec: DataSpec, image: bool = False, task: str = "classification") -> Dataset:
     """The spec's data, cleaned, split (stratified for classes), standardised and
-    shaped for the model (image: samples as [C, H, W])."""
-    return READERS[spec.source](spec, image, task)
+    shaped for the model (image: samples as [C, H, W]). Data at a URL is read from
+    this node's copy (`fetched`)."""
+    return READERS[spec.source](fetched(spec), image, task)
+
+
+def fetched(spec: DataSpec) -> DataSpec:
+    """The spec with data.path (and data.labels) at a URL replaced by this node's copy
+    in data.cache_dir (a .npy's labels, y.npy beside it, fetched with it)."""
+    if not storage.is_url(spec.path):
+        return spec
+    cache = spec.cache_dir or cache_root() / "data"
+    limit = spec.cache_max_gb * 1e9
+    labels = spec.labels
+    if spec.memory_mapped and labels is None:
+        labels = f"{str(spec.path).rsplit('/', 1)[0]}/y.npy"
+    def fetch(key: str, url: str) -> Path:
+        try:
+            return storage.fetch(url, cache, limit)
+        except Exception as err:  # noqa: BLE001 -- each store's library raises its own
+            raise DataError(f"{key}: cannot fetch {url}: {storage.describe(err)}") from None
+
+    path = fetch("data.path", str(spec.path))
+    if storage.is_url(labels):
+        labels = fetch("data.labels" if spec.labels is not None else "data.path's labels (y.npy beside it)", labels)
+    if spec.memory_mapped and spec.labels is None and labels is not None:
+        local = path.with_name("y.npy")  # where the .npy reader looks for its labels
+        if not local.exists():
+            local.symlink_to(labels)
+    return spec.model_copy(update={"path": path, "labels": labels if spec.labels is not None else None})
 
 
 __all__ = ["READERS", "ArraySamples", "Batch", "Dataset", "Preprocessing", "Samples", "csv_features",

@@ -284,7 +284,7 @@ STOP_GRACE_SECONDS = 10
 def stopped(spec: JobSpec, number: int) -> int:
     """The job was stopped (a signal to this process, or to the ranks): what was kept."""
     from ..train import checkpoint
-    marker = Path(spec.output) / preempt.MARKER
+    marker = spec.run_dir / preempt.MARKER
     latest = checkpoint.list_checkpoints(spec.checkpoint.dir)
     where = f"after {marker.read_text().strip()}" if marker.exists() else "before a checkpoint was agreed"
     print(f"hvdtrain: stopped{' by ' + signal_name(number) if number else ''} {where}; "
@@ -365,7 +365,7 @@ def run_one(spec: JobSpec, spec_path: str, overrides: list[str], ranks: int, hos
     code = launch(spec, spec_path, overrides, ranks, hosts)
     if code == 0 and spec.entry is not None:
         print(f"{spec.name}: {spec.entry.script or spec.entry.module} finished on {ranks} ranks")
-    summary = Path(spec.output) / "summary.json"
+    summary = spec.run_dir / "summary.json"
     if code == 0 and spec.entry is None and summary.exists():
         final = json.loads(summary.read_text())["final"]
         print(f"{spec.name}: {final_metrics(spec.task, final)} after {final['epoch']} epochs; "

@@ -54,7 +54,7 @@ def render(spec: JobSpec, spec_path: Path, overrides: list[str], *, nodes: int =
     if array_limit is not None and (not sweep or array_limit < 1):
         raise UserError("--array-limit: with --sweep, and at least 1")
     command = shlex.join(rank_command(spec_path.resolve(), overrides))
-    marker = shlex.quote(str((Path.cwd() / spec.output / preempt.MARKER).resolve()))
+    marker = shlex.quote(str((Path.cwd() / spec.run_dir / preempt.MARKER).resolve()))
     if sweep:  # each task adds its run's overrides; its stop marker is in its run directory
         command += ' "${run_args[@]}"'
         marker = '"$run_marker"'
@@ -73,7 +73,7 @@ def render(spec: JobSpec, spec_path: Path, overrides: list[str], *, nodes: int =
         "marker": marker, "exit_preempted": preempt.EXIT_PREEMPTED,
         "array": f"0-{len(sweep) - 1}" + (f"%{array_limit}" if array_limit else "") if sweep else None,
         "log_pattern": "slurm-%x-%A_%a.out" if sweep else "slurm-%x-%j.out",
-        "sweep_dir": Path.cwd() / spec.output,
+        "sweep_dir": Path.cwd() / spec.run_dir,
         "sweep_cases": "\n".join(
             f"    {i}) run_args=({shlex.join(run.overrides)}); "
             f"run_marker={shlex.quote(str((Path.cwd() / run.output / preempt.MARKER).resolve()))} ;;"
@@ -246,12 +246,12 @@ def script_of(args) -> tuple[str, JobSpec, list[SweepRun]]:
 def submit_script(args) -> int:
     from . import sweep
     text, spec, runs = script_of(args)
-    script = Path(args.output or Path(spec.output) / "hvdtrain.sbatch")
+    script = Path(args.output or spec.run_dir / "hvdtrain.sbatch")
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(text)
     if runs:
         sweep.write_plan(spec, runs, args.spec, args.overrides, "slurm")
-    return submit(script, args.wait, Path(spec.output), spec.name, runs)
+    return submit(script, args.wait, spec.run_dir, spec.name, runs)
 
 
 def array_states(directory: Path) -> dict[str, str]:

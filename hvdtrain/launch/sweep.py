@@ -11,6 +11,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import storage
 from ..errors import UserError
 from ..spec import JobSpec, load_spec
 
@@ -54,6 +55,9 @@ def plan(spec_path: str, overrides: list[str], sweeps: list[str]) -> tuple[JobSp
     if any(k == "output" for k in keys):
         raise UserError("--sweep output: each run's output is a directory under the spec's output")
     base = load_spec(spec_path, overrides)
+    if storage.is_url(base.output):
+        raise UserError(f"--sweep: output {base.output} is a URL; a sweep's runs need a local directory "
+                        "(checkpoint.dir may be a URL)")
     short = [k.rsplit(".", 1)[-1] for k in keys]
     labels = short if len(set(short)) == len(short) else keys
     runs = []

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from .. import storage
 from ..errors import SpecError
 from ..plugins import IMPORT_PATH, import_paths, missing_module, module_file, reference_problem
 from .sections import (SKLEARN_DATASETS, REGRESSION_DATASETS, LOSSES, DEFAULT_LOSS, Section, MLPSpec, CNNSpec,
@@ -45,7 +46,18 @@ class JobSpec(Section):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     log: LogSpec = Field(default_factory=LogSpec)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
-    output: Path | None = Field(default=None, description="run directory; default runs/<name>")
+    output: Path | str | None = Field(default=None, description=(
+        "run directory, or a URL (s3://bucket/prefix, gs://..., any filesystem fsspec knows) that the run "
+        "directory is copied to at each epoch's end and at the end (written on rank 0's node under the "
+        "cache directory meanwhile); default runs/<name>"))
+
+    _location = field_validator("output")(lambda value: None if value is None else storage.location(value))
+
+    @property
+    def run_dir(self) -> Path:
+        """Where rank 0 writes the run directory on its node: output itself, or for a URL
+        the staging directory copied to it."""
+        return storage.staging_dir(self.output) if storage.is_url(self.output) else Path(self.output)
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
@@ -86,7 +98,7 @@ class JobSpec(Section):
         if self.output is None:
             self.output = Path("runs") / self.name
         if self.checkpoint.dir is None:
-            self.checkpoint.dir = self.output / "checkpoints"
+            self.checkpoint.dir = storage.join(self.output, "checkpoints")
         return self
 
     def _task_rules(self) -> None:
@@ -165,9 +177,18 @@ def path_problems(spec: JobSpec) -> list[str]:
     data = spec.data.path if spec.data else None
     folder = spec.data is not None and spec.data.source == "image_folder"
     labels = spec.data.labels if spec.data else None
-    if labels is not None and not labels.is_file():
+    for key, url in (("data.path", data), ("data.labels", labels)):
+        if storage.is_url(url):
+            problem = storage.read_problem(url)
+            if problem:
+                problems.append(f"{key}: {problem}")
+    if storage.is_url(data):
+        pass  # checked above; fetched into data.cache_dir when the ranks load it
+    elif labels is not None and not storage.is_url(labels) and not labels.is_file():
         problems.append(f"data.labels: {str(labels)!r} is not a file")
-    if data is not None and spec.data.source == "webdataset":
+    if storage.is_url(data):
+        pass
+    elif data is not None and spec.data.source == "webdataset":
         pass  # a directory, a brace pattern or a list of shards: the reader names a missing one
     elif data is not None:
         if not data.exists():
@@ -181,6 +202,11 @@ def path_problems(spec: JobSpec) -> list[str]:
         elif not os.access(data, os.R_OK):
             problems.append(f"data.path: {str(data)!r} is not readable")
     for key, directory in (("output", spec.output), ("checkpoint.dir", spec.checkpoint.dir)):
+        if storage.is_url(directory):
+            problem = storage.access_problem(directory)
+            if problem:
+                problems.append(f"{key}: {problem}")
+            continue
         existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
         if existing is not None and not existing.is_dir():
             problems.append(f"{key}: {str(existing)!r} exists and is not a directory")

@@ -2,11 +2,12 @@
 checks, as pydantic models (the job as a whole, and loading it, are `job`)."""
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .. import storage
 from ..plugins import IMPORT_PATH
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -95,14 +96,21 @@ LAZY_SOURCES = (*IMAGE_SOURCES, "custom")  # read by the loader's workers, batch
 class DataSpec(Section):
     source: Literal["digits", "iris", "wine", "breast_cancer", "diabetes", "file", "synthetic",
                     "image_folder", "webdataset", "custom"]
-    path: Path | None = Field(default=None, description=(
+    path: Path | str | None = Field(default=None, description=(
+        "a local path, or a URL (s3://bucket/key, any filesystem fsspec knows: fetched once per node into "
+        "data.cache_dir); "
         "file: .npz (arrays x, y), .csv, or .npy (x, memory-mapped; labels in y.npy beside it); "
         "image_folder: a directory with one folder of PNG/JPEG files per class, or train/ and val/ "
         "folders of such; webdataset: uncompressed tar shards of (image, .cls) samples: a directory "
         "(train-*.tar and val-*.tar as `hvdtrain shards` writes, else its *.tar), a brace pattern "
         "(train-{000000..000099}.tar) or a comma list"))
-    labels: Path | None = Field(default=None, description=".npy labels for a .npy data.path "
-                                                          "(default: y.npy in its directory)")
+    labels: Path | str | None = Field(default=None, description=".npy labels for a .npy data.path "
+                                                                "(default: y.npy in its directory)")
+    cache_dir: Path | None = Field(default=None, description=(
+        "where data at a URL is kept on each node (fetched once, by one rank, again only where the "
+        "objects changed); default: <cache directory>/data (HVDTRAIN_CACHE, else ~/.cache/hvdtrain)"))
+    cache_max_gb: Annotated[float, Field(gt=0, le=1_000_000)] = Field(
+        default=100.0, description="the most data at a URL fetched into data.cache_dir")
     label_column: str = Field(default="label", description="csv column holding the label (class or target)")
     image_shape: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
         default=None, min_length=3, max_length=3,
@@ -162,9 +170,16 @@ class DataSpec(Section):
         "held out before the validation split; only the final summary and `hvdtrain evaluate` see it"))
     seed: Seed = 0
 
+    _location = field_validator("path", "labels")(lambda value: None if value is None else storage.location(value))
+
+    @property
+    def suffix(self) -> str:
+        """data.path's extension, lower case (of a URL too)."""
+        return PurePosixPath(str(self.path)).suffix.lower() if self.path is not None else ""
+
     @property
     def memory_mapped(self) -> bool:
-        return self.source == "file" and self.path is not None and self.path.suffix.lower() == ".npy"
+        return self.source == "file" and self.suffix == ".npy"
 
     @model_validator(mode="after")
     def _source_fields(self) -> "DataSpec":
@@ -172,9 +187,9 @@ class DataSpec(Section):
             kind = {"file": "an .npz, .csv or .npy file", "image_folder": "a directory of class folders",
                     "webdataset": "tar shards: a directory, a brace pattern or a list"}[self.source]
             raise ValueError(f"source {self.source!r} needs data.path ({kind})")
-        if self.source == "file" and self.path.suffix.lower() not in (".npz", ".csv", ".npy"):
+        if self.source == "file" and self.suffix not in (".npz", ".csv", ".npy"):
             raise ValueError(f"data.path must end in .npz, .csv or .npy, got {str(self.path)!r}")
-        if self.categorical and (self.source != "file" or self.path.suffix.lower() != ".csv"):
+        if self.categorical and (self.source != "file" or self.suffix != ".csv"):
             raise ValueError("data.categorical names columns of a .csv file (source 'file')")
         if self.source not in ("file", *IMAGE_SOURCES) and self.path is not None:
             raise ValueError(f"data.path is only read with source 'file', 'image_folder' or 'webdataset', "
@@ -387,12 +402,16 @@ class HorovodSpec(Section):
 
 
 class CheckpointSpec(Section):
-    dir: Path | None = Field(default=None, description="default: <output>/checkpoints")
+    dir: Path | str | None = Field(default=None, description=(
+        "a directory or a URL (s3://bucket/prefix...: each checkpoint one object, then its commit marker); "
+        "default: <output>/checkpoints"))
     every_epochs: Annotated[int, Field(gt=0, le=100_000)] = 1
     every_steps: Annotated[int, Field(gt=0, le=100_000_000)] | None = Field(default=None, description=(
         "also checkpoint every this many steps within an epoch (with the loader's position: "
         "a resumed run goes on from that step)"))
     keep_last: Annotated[int, Field(gt=0, le=1000)] = 3
+
+    _location = field_validator("dir")(lambda value: None if value is None else storage.location(value))
 
 
 class ResourcesSpec(Section):

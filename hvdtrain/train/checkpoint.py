@@ -3,7 +3,11 @@
 Layout: a magic line, one JSON header line (epoch, spec, payload sha256 and
 length, free-form metadata) and the backend's payload bytes. A file is only
 ever seen complete: it is written to a temporary name, flushed to disk and
-renamed. Loading skips, with a warning, any file that fails its checks.
+renamed. In object storage (checkpoint.dir a URL), which has no rename, a
+checkpoint is one object written whole, then a commit marker beside it
+(`<name>.committed`, holding its hash); only checkpoints with their marker are
+listed, and pruning removes the marker first. Loading skips, with a warning, any
+file that fails its checks.
 """
 from __future__ import annotations
 
@@ -18,12 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import storage
 from ..errors import WriteError
 
 MAGIC = b"HVDTRAIN-CHECKPOINT 1\n"
 # epoch-000003.ckpt: after 3 epochs; epoch-000003-step-000120.ckpt: and 120 steps of the 4th
 BEST = "best.ckpt"
 NAME = re.compile(r"^epoch-(\d{6})(?:-step-(\d{9}))?\.ckpt$")
+COMMITTED = ".committed"  # in object storage: the marker that makes a checkpoint visible
+Location = Path | str  # a directory, or a URL (train.storage)
 
 
 class CheckpointError(Exception):
@@ -36,39 +43,65 @@ class Checkpoint:
     step: int  # steps of the next epoch completed (a checkpoint within an epoch), else 0
     payload: bytes
     meta: dict[str, Any]
-    path: Path
+    path: Location
 
 
-def checkpoint_path(directory: Path, epoch: int, step: int = 0) -> Path:
-    return Path(directory) / (f"epoch-{epoch:06d}-step-{step:09d}.ckpt" if step else f"epoch-{epoch:06d}.ckpt")
+def checkpoint_path(directory: Location, epoch: int, step: int = 0) -> Location:
+    return storage.join(directory, f"epoch-{epoch:06d}-step-{step:09d}.ckpt" if step else f"epoch-{epoch:06d}.ckpt")
 
 
-def save(directory: Path, epoch: int, payload: bytes, meta: dict[str, Any], keep_last: int,
-         step: int = 0) -> Path:
+def save(directory: Location, epoch: int, payload: bytes, meta: dict[str, Any], keep_last: int,
+         step: int = 0) -> Location:
     """Write the checkpoint after `epoch` epochs (and `step` steps of the next)
     atomically, then drop all but the newest keep_last."""
     target = write(checkpoint_path(directory, epoch, step), epoch, payload, meta, step)
     for old in list_checkpoints(directory)[:-keep_last]:
-        old.unlink(missing_ok=True)
+        remove(old)
     return target
 
 
-def save_best(directory: Path, epoch: int, payload: bytes, meta: dict[str, Any]) -> Path:
+def save_best(directory: Location, epoch: int, payload: bytes, meta: dict[str, Any]) -> Location:
     """The best epoch's weights, kept apart from the rotation (and never resumed from)."""
-    return write(Path(directory) / BEST, epoch, payload, meta)
+    return write(storage.join(directory, BEST), epoch, payload, meta)
 
 
-def load_best(directory: Path) -> Checkpoint | None:
-    path = Path(directory) / BEST
+def load_best(directory: Location) -> Checkpoint | None:
+    path = storage.join(directory, BEST)
     try:
-        return load(path) if path.is_file() else None
-    except CheckpointError as err:
+        return load(path) if exists(path) else None
+    except (CheckpointError, OSError) as err:
         print(f"hvdtrain: not exporting the best epoch: {err}", file=sys.stderr)
         return None
 
 
-def write(target: Path, epoch: int, payload: bytes, meta: dict[str, Any], step: int = 0) -> Path:
-    """One checkpoint file, written atomically (temporary name, fsync, rename)."""
+def exists(path: Location) -> bool:
+    if storage.is_url(path):
+        fs, where = storage.filesystem(path)
+        return fs.isfile(where) and fs.isfile(where + COMMITTED)
+    return Path(path).is_file()
+
+
+def remove(path: Location) -> None:
+    if storage.is_url(path):
+        fs, where = storage.filesystem(path)
+        fs.rm_file(where + COMMITTED)  # invisible first, then gone
+        fs.rm_file(where)
+    else:
+        Path(path).unlink(missing_ok=True)
+
+
+def encoded(epoch: int, payload: bytes, meta: dict[str, Any], step: int) -> tuple[bytes, str]:
+    """A checkpoint's bytes (magic, header, payload) and its payload's hash."""
+    digest = hashlib.sha256(payload).hexdigest()
+    header = dict(meta, epoch=epoch, step=step, sha256=digest, length=len(payload))
+    return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload, digest
+
+
+def write(target: Location, epoch: int, payload: bytes, meta: dict[str, Any], step: int = 0) -> Location:
+    """One checkpoint file, written atomically (temporary name, fsync, rename), or one
+    object and then its commit marker."""
+    if storage.is_url(target):
+        return write_object(target, *encoded(epoch, payload, meta, step))
     directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
     header = dict(meta, epoch=epoch, step=step, sha256=hashlib.sha256(payload).hexdigest(),
@@ -93,6 +126,28 @@ def write(target: Path, epoch: int, payload: bytes, meta: dict[str, Any], step: 
     return target
 
 
+def write_object(target: str, data: bytes, digest: str) -> str:
+    """A checkpoint in object storage: the object (one upload, seen whole or not at all),
+    then its commit marker; a failure removes what was written and names the last
+    committed checkpoint."""
+    fs, where = storage.filesystem(target)
+    try:
+        fs.pipe_file(where, data)
+        fs.pipe_file(where + COMMITTED, digest.encode())
+    except Exception as err:  # noqa: BLE001 -- each store's library raises its own
+        for leftover in (where + COMMITTED, where):
+            try:
+                fs.rm_file(leftover)
+            except Exception:  # noqa: BLE001 -- not there, or the store is unreachable
+                pass
+        kept = [p for p in list_checkpoints(target.rsplit("/", 1)[0]) if p != target] if not isinstance(
+            err, PermissionError) else []
+        raise WriteError(f"could not write checkpoint {target}: {storage.describe(err)}; the last committed "
+                         f"checkpoint is {kept[-1] if kept else 'none found'}: the same command resumes from "
+                         "it") from None
+    return target
+
+
 def write_error(target: Path, err: OSError) -> WriteError:
     """Writing `target` failed: what failed, and the checkpoint a rerun resumes from."""
     kept = [p for p in list_checkpoints(target.parent) if p != target]
@@ -113,16 +168,32 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint files, oldest first (by epoch, then step within it)."""
-    if not Path(directory).is_dir():
-        return []
-    found = [(NAME.match(p.name), p) for p in Path(directory).iterdir()]
+def list_checkpoints(directory: Location) -> list[Location]:
+    """Checkpoint files (in object storage: those committed), oldest first (by epoch,
+    then step within it)."""
+    if storage.is_url(directory):
+        fs, where = storage.filesystem(directory)
+        try:
+            names = {n.rsplit("/", 1)[-1] for n in fs.ls(where, detail=False, refresh=True)}
+        except FileNotFoundError:
+            return []
+        found = [(NAME.match(n), storage.join(directory, n)) for n in names if n + COMMITTED in names]
+    else:
+        if not Path(directory).is_dir():
+            return []
+        found = [(NAME.match(p.name), p) for p in Path(directory).iterdir()]
     return [p for _, p in sorted(((int(m[1]), int(m[2] or 0)), p) for m, p in found if m)]
 
 
-def load(path: Path) -> Checkpoint:
-    data = Path(path).read_bytes()
+def read_bytes(path: Location) -> bytes:
+    if storage.is_url(path):
+        fs, where = storage.filesystem(path)
+        return fs.cat_file(where)
+    return Path(path).read_bytes()
+
+
+def load(path: Location) -> Checkpoint:
+    data = read_bytes(path)
     if not data.startswith(MAGIC):
         raise CheckpointError(f"{path}: not an hvdtrain checkpoint")
     end = data.find(b"\n", len(MAGIC))
@@ -136,10 +207,11 @@ def load(path: Path) -> Checkpoint:
     if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
         raise CheckpointError(f"{path}: integrity hash mismatch (file altered or corrupt)")
     meta = {k: v for k, v in header.items() if k not in ("epoch", "step", "sha256", "length")}
-    return Checkpoint(int(header["epoch"]), int(header.get("step", 0)), payload, meta, Path(path))
+    return Checkpoint(int(header["epoch"]), int(header.get("step", 0)), payload, meta,
+                      path if storage.is_url(path) else Path(path))
 
 
-def latest_valid(directory: Path, warn=lambda msg: print(msg, file=sys.stderr)) -> Checkpoint | None:
+def latest_valid(directory: Location, warn=lambda msg: print(msg, file=sys.stderr)) -> Checkpoint | None:
     """The newest checkpoint that passes its checks; broken ones are reported."""
     for path in reversed(list_checkpoints(directory)):
         try:

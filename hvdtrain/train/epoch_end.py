@@ -72,7 +72,7 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
 
 def log_epoch(spec: JobSpec, record: dict[str, Any], progress: Callable[[str], None]) -> None:
     """Rank 0: the epoch's line and its record in metrics.jsonl."""
-    path = Path(spec.output) / "metrics.jsonl"
+    path = spec.run_dir / "metrics.jsonl"
     with writing(path), open(path, "a") as log:
         log.write(json.dumps(record) + "\n")
     workers = f"  ({record['workers']} workers)" if "workers" in record else ""

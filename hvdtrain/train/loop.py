@@ -21,7 +21,7 @@ from .lr import lr_schedule, scaled_lr
 from .metrics import final_metrics
 from .preflight import check_consistency
 from .progress import Progress
-from .run_dir import finish, prepare_run_dir
+from .run_dir import finish, prepare_run_dir, publish
 from .steer import Steering
 from .tracking import Tracker
 from .watchdog import Watchdog
@@ -49,7 +49,7 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start:
     tracker = Tracker(spec.log.mlflow, spec, resumed, say) if comm.rank == 0 and spec.log.mlflow else None
     shown = Progress(spec, comm.rank, comm.size, per_epoch, say)
     started: list[float] = []  # the seconds from launch to this run's first batch
-    watch = Watchdog(spec.horovod.hang_seconds, comm, Path(spec.output)).start() if spec.horovod.hang_seconds else None
+    watch = Watchdog(spec.horovod.hang_seconds, comm, spec.run_dir).start() if spec.horovod.hang_seconds else None
     try:
         for epoch in range(start.epoch, spec.train.epochs):
             if steering.stopped:  # every rank holds the same records, so all stop here
@@ -66,11 +66,15 @@ def run_epochs(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start:
             shown.end_epoch(record)
             if tracker is not None:
                 tracker.epoch(record)
+            if comm.rank == 0:
+                publish(spec)
     except BaseException as err:
         if watch is not None:
             watch.stop()
         if tracker is not None:
             tracker.finish("KILLED" if isinstance(err, preempt.Preempted) else "FAILED")
+        if comm.rank == 0:
+            publish(spec)  # what the run has written so far (a warning if that fails too)
         raise
     finally:
         shown.close()
@@ -151,7 +155,7 @@ def train_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, start
                 say(f"checkpoint: epoch {epoch + 1}, step {end}/{per_epoch}")
         if stop:
             if comm.rank == 0:
-                (Path(spec.output) / preempt.MARKER).write_text(f"epoch {epoch + 1}, step {end}\n")
+                (spec.run_dir / preempt.MARKER).write_text(f"epoch {epoch + 1}, step {end}\n")
                 say(f"stopping on request after step {end} of epoch {epoch + 1}: the rerun goes on from here")
             # every rank waits for rank 0's checkpoint before any of them ends the job step
             comm.allreduce_sum(np.zeros(1), "hvdtrain.stopped")

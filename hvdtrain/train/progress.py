@@ -80,7 +80,7 @@ class Progress:
         self.spec, self.size, self.per_epoch, self.say = spec, size, per_epoch, say
         self.shown = rank == 0 and spec.log.level != "quiet"
         self.tty = self.shown and sys.stderr.isatty()
-        self.events = EventLog(Path(spec.output) / TENSORBOARD_DIR) if rank == 0 and spec.log.tensorboard else None
+        self.events = EventLog(spec.run_dir / TENSORBOARD_DIR) if rank == 0 and spec.log.tensorboard else None
         if self.events is not None:
             self.events.text("spec", "```\n" + dump(spec) + "\n```")
         self.bar: tqdm | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import storage
 from ..errors import UserError
 from ..spec import JobSpec
 from . import checkpoint
@@ -47,7 +48,12 @@ def load_latest(spec: JobSpec, steps: Steps) -> tuple[Position, str | None]:
 
 def writable_problem(spec: JobSpec) -> str | None:
     """Why the run dir or checkpoint dir cannot be written, found before training."""
-    for directory in (Path(spec.output), Path(spec.checkpoint.dir)):
+    for directory in dict.fromkeys((spec.output, spec.run_dir, spec.checkpoint.dir)):
+        if storage.is_url(directory):
+            problem = storage.access_problem(directory)
+            if problem:
+                return f"{'checkpoint.dir' if directory == spec.checkpoint.dir else 'output'}: {problem}"
+            continue
         try:
             directory.mkdir(parents=True, exist_ok=True)
             with open(directory / ".write-test", "wb") as probe:

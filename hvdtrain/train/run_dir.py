@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..data import Dataset
-from ..errors import writing
+from .. import storage
+from ..errors import UserError, WriteError, writing
 from ..spec import JobSpec, dump
 from . import checkpoint, preempt
 from .contract import Comm, Steps, alone
@@ -18,10 +20,20 @@ from .steer import Steering, monitored
 from .validation import evaluate, task_scores
 
 
+FETCHED = ["metrics.jsonl", "mlflow.json"]  # what a rerun takes from an output URL before it goes on
+
+
 def prepare_run_dir(spec: JobSpec, start_epoch: int) -> None:
-    """Write the resolved spec; keep only metrics of epochs the checkpoint covers."""
-    out = Path(spec.output)
+    """Write the resolved spec; keep only metrics of epochs the checkpoint covers. With
+    an output URL, what it holds of an earlier run comes first (a rerun on another node
+    goes on with the same metrics and MLflow run)."""
+    out = spec.run_dir
     out.mkdir(parents=True, exist_ok=True)
+    if storage.is_url(spec.output):
+        try:
+            storage.download(spec.output, out, FETCHED)
+        except Exception as err:  # noqa: BLE001 -- each store's library raises its own
+            raise UserError(f"output: cannot read {spec.output}: {storage.describe(err)}") from None
     (out / preempt.MARKER).unlink(missing_ok=True)  # this run goes on from the stop
     (out / "spec.yaml").write_text(dump(spec))
     log = out / "metrics.jsonl"
@@ -57,14 +69,31 @@ def finish(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, record: di
             stats, loss = evaluate(dataset, alone(), steps, max(spec.train.batch_size, 256), dataset.test)
             summary["test"] = {"samples": len(dataset.test), "loss": loss / len(dataset.test),
                                **task_scores(dataset, stats)}
-        model_dir = Path(spec.output) / "model"
+        model_dir = spec.run_dir / "model"
         with writing(model_dir):
             model_dir.mkdir(parents=True, exist_ok=True)
             steps.export(model_dir)
             dataset.preprocessing.save(model_dir / "preprocessing.json")
             (model_dir / "spec.yaml").write_text(dump(spec))
-        with writing(Path(spec.output) / "summary.json"):
-            (Path(spec.output) / "summary.json").write_text(json.dumps(summary, indent=2))
-        if (Path(spec.output) / "metrics.jsonl").is_file():
-            plot_runs([Path(spec.output)], Path(spec.output) / CURVES)
+        with writing(spec.run_dir / "summary.json"):
+            (spec.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if (spec.run_dir / "metrics.jsonl").is_file():
+            plot_runs([spec.run_dir], spec.run_dir / CURVES)
+        publish(spec, final=True)
     return summary
+
+
+def publish(spec: JobSpec, final: bool = False) -> None:
+    """Rank 0: copy the run directory to its output URL (nothing for a local output).
+    At an epoch's end a failure costs a warning (the next epoch's copy, or the last,
+    carries it); the last copy's failure stops the run, naming where the files are."""
+    if not storage.is_url(spec.output):
+        return
+    try:
+        storage.upload(spec.run_dir, spec.output)
+    except Exception as err:  # noqa: BLE001 -- each store's library raises its own
+        if final:
+            raise WriteError(f"could not copy the run directory to {spec.output}: {storage.describe(err)}; "
+                             f"its files are in {spec.run_dir} on this node") from None
+        print(f"hvdtrain: warning: could not copy the run directory to {spec.output} "
+              f"({storage.describe(err)}); trying again at the next epoch's end", file=sys.stderr, flush=True)

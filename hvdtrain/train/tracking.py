@@ -52,7 +52,7 @@ class Tracker:
             raise UserError("log.mlflow: the mlflow package is not installed "
                             "(pip install 'hvdtrain[mlflow]')") from None
         self.say, self.uri, self.failed = say, section.tracking_uri, False
-        self.output = Path(spec.output)
+        self.output = spec.run_dir
         self.client = MlflowClient(tracking_uri=self.uri)
         kept = self.output / RUN_FILE
         previous = json.loads(kept.read_text()) if resumed and kept.is_file() else {}
