@@ -241,7 +241,9 @@ def cropped_batch(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.
             padded = torch.stack([images[j] for j in group]).float()
         else:
             h, w = max(shapes[j][0] for j in group), max(shapes[j][1] for j in group)
-            padded = torch.empty((len(group), 3, h, w), dtype=torch.float32, device=device)
+            # zeros: a sample at an image's last pixel centre weighs the pixel beyond it by 0,
+            # and 0 x whatever uninitialised memory held (NaN) would not be 0
+            padded = torch.zeros((len(group), 3, h, w), dtype=torch.float32, device=device)
             for slot, j in enumerate(group):
                 padded[slot, :, :shapes[j][0], :shapes[j][1]].copy_(images[j])
         extent = torch.tensor([shapes[j] for j in group], dtype=torch.float32, device=device)  # (h, w)
