@@ -4,7 +4,7 @@ Layers, imports running one way: `types` (samples, preprocessing, data set) <-
 `split` (labels, splits, shapes) and `sharding` (what each rank reads) <- `npy`,
 `transforms` (what an image becomes) and the indexes (`folder_index`,
 `shard_index`) <- `image_samples` (encoded images, decoded a batch at a time) <-
-the readers (`arrays`, `images`, `shards`, `custom`) <- this table. A reader takes the
+the readers (`arrays`, `images`, `shards`, `tables`, `custom`) <- this table. A reader takes the
 spec's data section and gives a `Dataset`; a new source is one module and one
 entry here. numpy only: the backends' loaders turn samples into batches.
 """
@@ -17,7 +17,7 @@ from .. import storage
 from ..errors import DataError
 from ..horovod_build.build import cache_root
 from ..spec import DataSpec
-from . import arrays, custom, images, shards
+from . import arrays, custom, images, shards, tables
 from .arrays import csv_features, read_csv_rows, read_npz, synthetic
 from .sharding import eval_shard, shard_batches, steps_per_epoch
 from .split import image_input, random_split, stratified_split
@@ -31,6 +31,8 @@ READERS: dict[str, Reader] = {
     "file": arrays.load,  # .npz and .csv in memory; .npy memory-mapped (data.npy)
     "image_folder": images.load,
     "webdataset": shards.load,  # tar shards of images, read at each member's offset
+    "parquet": tables.load,  # columnar files, a row group at a time
+    "hf_dataset": tables.load,  # a Hugging Face dataset's Arrow files (save_to_disk), memory-mapped
     "custom": custom.load,
 }
 

@@ -175,7 +175,8 @@ def path_problems(spec: JobSpec) -> list[str]:
     if spec.entry is not None and spec.entry.script is not None and not spec.entry.script.is_file():
         problems.append(f"entry.script: {str(spec.entry.script)!r} is not a file")
     data = spec.data.path if spec.data else None
-    folder = spec.data is not None and spec.data.source == "image_folder"
+    folder = spec.data is not None and spec.data.source in ("image_folder", "hf_dataset")
+    file_or_folder = spec.data is not None and spec.data.source == "parquet"
     labels = spec.data.labels if spec.data else None
     for key, url in (("data.path", data), ("data.labels", labels)):
         if storage.is_url(url):
@@ -194,8 +195,8 @@ def path_problems(spec: JobSpec) -> list[str]:
         if not data.exists():
             problems.append(f"data.path: {str(data)!r} does not exist")
         elif folder and not data.is_dir():
-            problems.append(f"data.path: {str(data)!r} is not a directory (image_folder)")
-        elif folder:
+            problems.append(f"data.path: {str(data)!r} is not a directory ({spec.data.source})")
+        elif folder or (file_or_folder and data.is_dir()):
             pass
         elif not data.is_file():
             problems.append(f"data.path: {str(data)!r} is not a regular file")

@@ -90,12 +90,13 @@ class CleanSpec(Section):
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_KINDS = "/".join(s[1:].upper() for s in IMAGE_SUFFIXES)  # PNG/JPG/JPEG, for messages
 IMAGE_SOURCES = ("image_folder", "webdataset")  # encoded images, decoded by the loader
-LAZY_SOURCES = (*IMAGE_SOURCES, "custom")  # read by the loader's workers, batch by batch
+TABLE_SOURCES = ("parquet", "hf_dataset")  # columnar files, read a group of rows at a time
+LAZY_SOURCES = (*IMAGE_SOURCES, *TABLE_SOURCES, "custom")  # read by the loader's workers, batch by batch
 
 
 class DataSpec(Section):
     source: Literal["digits", "iris", "wine", "breast_cancer", "diabetes", "file", "synthetic",
-                    "image_folder", "webdataset", "custom"]
+                    "image_folder", "webdataset", "parquet", "hf_dataset", "custom"]
     path: Path | str | None = Field(default=None, description=(
         "a local path, or a URL (s3://bucket/key, any filesystem fsspec knows: fetched once per node into "
         "data.cache_dir); "
@@ -103,7 +104,8 @@ class DataSpec(Section):
         "image_folder: a directory with one folder of PNG/JPEG files per class, or train/ and val/ "
         "folders of such; webdataset: uncompressed tar shards of (image, .cls) samples: a directory "
         "(train-*.tar and val-*.tar as `hvdtrain shards` writes, else its *.tar), a brace pattern "
-        "(train-{000000..000099}.tar) or a comma list"))
+        "(train-{000000..000099}.tar) or a comma list; parquet: a .parquet file or a directory of them; "
+        "hf_dataset: a directory a Hugging Face dataset was saved to (save_to_disk)"))
     labels: Path | str | None = Field(default=None, description=".npy labels for a .npy data.path "
                                                                 "(default: y.npy in its directory)")
     cache_dir: Path | None = Field(default=None, description=(
@@ -143,6 +145,9 @@ class DataSpec(Section):
     args: dict[str, Any] = Field(default_factory=dict, description="custom: keyword arguments for the loader")
     synthetic: SyntheticSpec | None = None
     standardize: bool = Field(default=True, description="zero mean, unit variance from the training split")
+    columns: list[str] | None = Field(default=None, max_length=100_000, description=(
+        "parquet, hf_dataset: the feature columns (default: every column but label_column); lists of "
+        "numbers give one feature per element"))
     categorical: list[str] = Field(default_factory=list, max_length=10_000, description=(
         "csv columns of text categories, one-hot encoded (one feature per category)"))
     clean: CleanSpec = Field(default_factory=CleanSpec, description=(
@@ -183,16 +188,23 @@ class DataSpec(Section):
 
     @model_validator(mode="after")
     def _source_fields(self) -> "DataSpec":
-        if self.source in ("file", *IMAGE_SOURCES) and self.path is None:
+        if self.source in ("file", *IMAGE_SOURCES, *TABLE_SOURCES) and self.path is None:
             kind = {"file": "an .npz, .csv or .npy file", "image_folder": "a directory of class folders",
-                    "webdataset": "tar shards: a directory, a brace pattern or a list"}[self.source]
+                    "webdataset": "tar shards: a directory, a brace pattern or a list",
+                    "parquet": "a .parquet file or a directory of them",
+                    "hf_dataset": "a directory written by save_to_disk"}[self.source]
             raise ValueError(f"source {self.source!r} needs data.path ({kind})")
         if self.source == "file" and self.suffix not in (".npz", ".csv", ".npy"):
             raise ValueError(f"data.path must end in .npz, .csv or .npy, got {str(self.path)!r}")
-        if self.categorical and (self.source != "file" or self.suffix != ".csv"):
-            raise ValueError("data.categorical names columns of a .csv file (source 'file')")
-        if self.source not in ("file", *IMAGE_SOURCES) and self.path is not None:
-            raise ValueError(f"data.path is only read with source 'file', 'image_folder' or 'webdataset', "
+        csv = self.source == "file" and self.suffix == ".csv"
+        if self.categorical and self.source not in TABLE_SOURCES and not csv:
+            raise ValueError("data.categorical names columns of a .csv file (source 'file'), or of a parquet "
+                             "or hf_dataset source")
+        if self.columns is not None and self.source not in TABLE_SOURCES:
+            raise ValueError("data.columns names the feature columns of a parquet or hf_dataset source")
+        if self.source not in ("file", *IMAGE_SOURCES, *TABLE_SOURCES) and self.path is not None:
+            raise ValueError(f"data.path is only read with source 'file', 'image_folder', 'webdataset', "
+                             f"'parquet' or 'hf_dataset', "
                              f"not {self.source!r}")
         if self.labels is not None and not self.memory_mapped:
             raise ValueError("data.labels names the labels of a .npy data.path")

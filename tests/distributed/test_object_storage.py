@@ -181,3 +181,42 @@ def test_bad_credentials_a_missing_bucket_and_a_missing_key_are_bad_input(tmp_pa
     assert named in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert time.monotonic() - began < 60
+
+
+def test_parquet_files_under_a_prefix_are_fetched_once_per_node_and_trained_on(tmp_path, s3):
+    """A directory of Parquet files in the bucket (the wine set, a text column one-hot):
+    2 ranks on one node fetch it once into data.cache_dir and train to high accuracy; a
+    rerun fetches nothing, and after one object changes, only that one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_wine
+    wine = load_wine()
+    colour = np.random.default_rng(0).choice(["red", "white"], len(wine.target))
+    table = pa.table({**{f"f{i}": wine.data[:, i] for i in range(wine.data.shape[1])}, "colour": colour,
+                      "label": np.array(wine.target_names)[wine.target]})
+    fs = bucket(s3)
+    for part, rows in enumerate((slice(0, 90), slice(90, None))):
+        sink = io.BytesIO()
+        pq.write_table(table[rows], sink, row_group_size=30)
+        fs.pipe_file(f"{BUCKET}/tables/wine/part-{part}.parquet", sink.getvalue())
+    cache = tmp_path / "cache"
+    args = [MLP, "data.source=parquet", f"data.path=s3://{BUCKET}/tables/wine", "data.categorical=[colour]",
+            f"data.cache_dir={cache}", "data.workers=2", "train.epochs=25", f"output={tmp_path / 'run'}"]
+    first = run(args, s3)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final"]["val_accuracy"] >= 0.9, summary["final"]
+    local = [p for p in cache.rglob("*.parquet")]
+    assert sorted(p.name for p in local) == ["part-0.parquet", "part-1.parquet"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in local}
+
+    again = run([*args, "train.epochs=26"], s3)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in local} == stamps  # nothing fetched again
+    sink = io.BytesIO()
+    pq.write_table(table[90:], sink, row_group_size=20)
+    fs.pipe_file(f"{BUCKET}/tables/wine/part-1.parquet", sink.getvalue())
+    third = run([*args, "train.epochs=27"], s3)
+    assert third.returncode == 0, third.stderr[-3000:]
+    now = {p.name: p.stat().st_mtime_ns for p in local}
+    assert now["part-0.parquet"] == stamps["part-0.parquet"] and now["part-1.parquet"] != stamps["part-1.parquet"]
