@@ -90,28 +90,28 @@ def remove(path: Location) -> None:
         Path(path).unlink(missing_ok=True)
 
 
-def encoded(epoch: int, payload: bytes, meta: dict[str, Any], step: int) -> tuple[bytes, str]:
-    """A checkpoint's bytes (magic, header, payload) and its payload's hash."""
+def header_line(epoch: int, payload: bytes, meta: dict[str, Any], step: int) -> tuple[bytes, str]:
+    """A checkpoint's header line (after its magic line, before its payload) and the
+    payload's hash."""
     digest = hashlib.sha256(payload).hexdigest()
     header = dict(meta, epoch=epoch, step=step, sha256=digest, length=len(payload))
-    return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload, digest
+    return json.dumps(header, sort_keys=True).encode() + b"\n", digest
 
 
 def write(target: Location, epoch: int, payload: bytes, meta: dict[str, Any], step: int = 0) -> Location:
     """One checkpoint file, written atomically (temporary name, fsync, rename), or one
     object and then its commit marker."""
+    header, digest = header_line(epoch, payload, meta, step)
     if storage.is_url(target):
-        return write_object(target, *encoded(epoch, payload, meta, step))
+        return write_object(target, header, payload, digest)
     directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
-    header = dict(meta, epoch=epoch, step=step, sha256=hashlib.sha256(payload).hexdigest(),
-                  length=len(payload))
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=directory)
         with os.fdopen(fd, "wb") as handle:
             handle.write(MAGIC)
-            handle.write(json.dumps(header, sort_keys=True).encode() + b"\n")
+            handle.write(header)
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
@@ -126,13 +126,19 @@ def write(target: Location, epoch: int, payload: bytes, meta: dict[str, Any], st
     return target
 
 
-def write_object(target: str, data: bytes, digest: str) -> str:
-    """A checkpoint in object storage: the object (one upload, seen whole or not at all),
-    then its commit marker; a failure removes what was written and names the last
-    committed checkpoint."""
+def write_object(target: str, header: bytes, payload: bytes, digest: str) -> str:
+    """A checkpoint in object storage: a marker of the same name withdrawn first, the
+    object uploaded, then its commit marker; a failure removes what was written and
+    names the last committed checkpoint. Until its marker exists no reader lists it,
+    whatever the store shows of an upload cut short."""
     fs, where = storage.filesystem(target)
     try:
-        fs.pipe_file(where, data)
+        if fs.exists(where + COMMITTED):
+            fs.rm_file(where + COMMITTED)
+        with fs.open(where, "wb") as handle:
+            handle.write(MAGIC)
+            handle.write(header)
+            handle.write(payload)
         fs.pipe_file(where + COMMITTED, digest.encode())
     except Exception as err:  # noqa: BLE001 -- each store's library raises its own
         for leftover in (where + COMMITTED, where):
