@@ -54,6 +54,7 @@ def fetched(spec: DataSpec) -> DataSpec:
     labels = spec.labels
     if spec.memory_mapped and labels is None:
         labels = f"{str(spec.path).rsplit('/', 1)[0]}/y.npy"
+
     def fetch(key: str, url: str) -> Path:
         try:
             return storage.fetch(url, cache, limit)

@@ -183,25 +183,20 @@ def path_problems(spec: JobSpec) -> list[str]:
             problem = storage.read_problem(url)
             if problem:
                 problems.append(f"{key}: {problem}")
-    if storage.is_url(data):
-        pass  # checked above; fetched into data.cache_dir when the ranks load it
-    elif labels is not None and not storage.is_url(labels) and not labels.is_file():
+    if labels is not None and not storage.is_url(labels) and not labels.is_file():
         problems.append(f"data.labels: {str(labels)!r} is not a file")
-    if storage.is_url(data):
+    if data is None or storage.is_url(data) or spec.data.source == "webdataset":
+        pass  # a URL: checked above; shards (a brace pattern, a list): the reader names a missing one
+    elif not data.exists():
+        problems.append(f"data.path: {str(data)!r} does not exist")
+    elif folder and not data.is_dir():
+        problems.append(f"data.path: {str(data)!r} is not a directory ({spec.data.source})")
+    elif folder or (file_or_folder and data.is_dir()):
         pass
-    elif data is not None and spec.data.source == "webdataset":
-        pass  # a directory, a brace pattern or a list of shards: the reader names a missing one
-    elif data is not None:
-        if not data.exists():
-            problems.append(f"data.path: {str(data)!r} does not exist")
-        elif folder and not data.is_dir():
-            problems.append(f"data.path: {str(data)!r} is not a directory ({spec.data.source})")
-        elif folder or (file_or_folder and data.is_dir()):
-            pass
-        elif not data.is_file():
-            problems.append(f"data.path: {str(data)!r} is not a regular file")
-        elif not os.access(data, os.R_OK):
-            problems.append(f"data.path: {str(data)!r} is not readable")
+    elif not data.is_file():
+        problems.append(f"data.path: {str(data)!r} is not a regular file")
+    elif not os.access(data, os.R_OK):
+        problems.append(f"data.path: {str(data)!r} is not readable")
     for key, directory in (("output", spec.output), ("checkpoint.dir", spec.checkpoint.dir)):
         if storage.is_url(directory):
             problem = storage.access_problem(directory)
