@@ -11,6 +11,7 @@ import numpy as np
 from .. import plugins
 from ..backends import get_backend
 from ..data import Preprocessing, csv_features, read_csv_rows, read_npz
+from ..data.tables import features
 from ..data.transforms import read_image
 from ..errors import DataError, UserError
 from ..spec import IMAGE_KINDS, IMAGE_SUFFIXES
@@ -27,8 +28,8 @@ def image_files(path: Path) -> list[Path]:
 
 
 def read_inputs(path: Path, prep: Preprocessing) -> np.ndarray:
-    """Raw features from .npz (array x) or .csv (the training feature columns, by name;
-    other columns such as the label are ignored); for a model trained on image files,
+    """Raw features from .npz (array x), .csv or .parquet (the training feature columns,
+    by name; other columns such as the label are ignored); for a model trained on image files,
     images (a file, or a folder of them) resized as in training."""
     if prep.image_size:
         if not path.exists() or (path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES):
@@ -38,14 +39,31 @@ def read_inputs(path: Path, prep: Preprocessing) -> np.ndarray:
         raise DataError(f"{path}: no such file")
     if path.suffix.lower() == ".npz":
         return read_npz(path, need_labels=False)[0]
-    if path.suffix.lower() != ".csv":
-        raise DataError(f"{path}: expected a .npz or .csv file")
-    header, rows = read_csv_rows(path)
     columns = prep.columns or prep.feature_names
+    if path.suffix.lower() == ".parquet":
+        return parquet_features(path, columns, prep.categories)
+    if path.suffix.lower() != ".csv":
+        raise DataError(f"{path}: expected a .npz, .csv or .parquet file")
+    header, rows = read_csv_rows(path)
     missing = [n for n in columns if n not in header]
     if missing:
         raise DataError(f"{path}: missing feature columns {', '.join(missing[:5])}")
     return csv_features(path, header, rows, columns, prep.categories)[0]
+
+
+def parquet_features(path: Path, columns: list[str], categories: dict[str, list[str]]) -> np.ndarray:
+    """The training feature columns of a Parquet file, as a parquet source reads them."""
+    try:
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'hvdtrain[parquet]'") from None
+    except Exception as err:  # noqa: BLE001 -- pyarrow raises several kinds
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    missing = [n for n in columns if n not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing feature columns {', '.join(missing[:5])}")
+    return features(table, columns, categories)
 
 
 def model_dir_of(run_dir: Path) -> Path:

@@ -206,6 +206,13 @@ def test_parquet_files_under_a_prefix_are_fetched_once_per_node_and_trained_on(t
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final"]["val_accuracy"] >= 0.9, summary["final"]
+    # predict reads a Parquet file of the same columns (the label column ignored)
+    pq.write_table(table, tmp_path / "all.parquet")
+    predicted = subprocess.run([sys.executable, "-m", "hvdtrain", "predict", tmp_path / "run", tmp_path / "all.parquet"],
+                               capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    labels = predicted.stdout.split()  # one predicted class a row
+    assert np.mean(np.array(labels) == np.array(wine.target_names)[wine.target]) >= 0.9
     local = [p for p in cache.rglob("*.parquet")]
     assert sorted(p.name for p in local) == ["part-0.parquet", "part-1.parquet"]
     stamps = {p.name: p.stat().st_mtime_ns for p in local}
