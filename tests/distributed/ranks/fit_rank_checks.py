@@ -54,7 +54,7 @@ def test_ranks_end_identical_with_identical_metrics(name, overrides, floor):
     assert hvd.size() == 2
     assert same_on_every_rank(own_digest, f"{name}.digest")
     assert own_digest == summary["weights_digest"]
-    timing = ("seconds", "samples_per_s")  # each rank's own clock
+    timing = ("seconds", "samples_per_s", "train_samples_per_s")  # each rank's own clock
     allreduced = {k: v for k, v in summary["final"].items() if k not in timing}
     assert set(allreduced) >= {"train_loss", "val_loss", "val_accuracy", "val_f1"}
     assert same_on_every_rank(allreduced, f"{name}.final")
