@@ -171,3 +171,29 @@ def test_decoding_on_the_gpu_needs_one_and_torch(tmp_path):
         validate({**raw, "backend": "tensorflow"})
     with pytest.raises(SpecError, match="data.decode applies to image files"):
         validate({**BASE, "data": {"source": "digits", "decode": "cpu"}})
+
+
+def test_a_loader_process_decodes_into_shared_memory_the_batch_the_samples_give(tmp_path):
+    """With loader processes, a batch of image files is decoded straight into shared
+    memory: what arrives holds the same pixels and labels as the samples' own batch,
+    a repeated sample (a padded batch's) included."""
+    import torch
+
+    from hvdtrain.backends.torch_input import make_loader
+    root = image_folder(tmp_path / "img", per_class=4)
+    spec = validate({**BASE, "data": {"source": "image_folder", "path": str(root), "image_size": 16,
+                                      "workers": 1}}).data
+    samples = load_dataset(spec, image=True).train
+    batches = [np.array([0, 3, 1, 0]), np.arange(len(samples))[::-1].copy()]
+    loader = make_loader(spec, torch.device("cpu"))
+    try:
+        got = list(loader(samples, batches, 2))
+    finally:
+        loader.close()
+    assert len(got) == 2
+    for (x, y), indices in zip(got, batches):
+        assert isinstance(x, torch.Tensor) and x.dtype == torch.uint8
+        expected, labels = samples.batch(indices, 2)
+        np.testing.assert_array_equal(x.numpy(), expected)
+        np.testing.assert_array_equal(np.asarray(y), labels)
+    np.testing.assert_array_equal(got[0][0][0].numpy(), got[0][0][3].numpy())
