@@ -66,10 +66,15 @@ def filesystem(url: str):
     return fsspec.core.url_to_fs(url)
 
 
+def local_name(url: str) -> str:
+    """A file name for what is kept of `url` on this node: readable, and unique by its hash."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[1])[-80:]
+    return f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+
+
 def staging_dir(url: str) -> Path:
     """Where a run whose output is `url` writes its run directory on this node."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[1])[-80:]
-    return cache_root() / "runs" / f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    return cache_root() / "runs" / local_name(url)
 
 
 def describe(err: BaseException) -> str:
@@ -121,8 +126,7 @@ def fetch(url: str, cache: Path, max_bytes: float) -> Path:
     if total > max_bytes:
         raise ValueError(f"{url} holds {total / 1e9:.1f} GB, more than data.cache_max_gb "
                          f"({max_bytes / 1e9:g} GB) allows")
-    target = cache / re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[1])[-80:]
-    target = target.with_name(f"{target.name}-{hashlib.sha256(url.encode()).hexdigest()[:12]}")
+    target = cache / local_name(url)
     target.mkdir(parents=True, exist_ok=True)
     stamp = {(p[len(path):].lstrip("/") if directory else p.rsplit("/", 1)[-1]):
              [int(i.get("size") or 0), str(i.get("ETag") or i.get("etag") or i.get("mtime") or "")]

@@ -47,12 +47,10 @@ def load_latest(spec: JobSpec, steps: Steps) -> tuple[Position, str | None]:
 
 
 def writable_problem(spec: JobSpec) -> str | None:
-    """Why the run dir or checkpoint dir cannot be written, found before training."""
-    for directory in dict.fromkeys((spec.output, spec.run_dir, spec.checkpoint.dir)):
+    """Why the run dir or checkpoint dir cannot be written, found before training. A URL
+    was written to when the rank loaded the spec (path_problems in spec/job.py), a moment before."""
+    for directory in dict.fromkeys((spec.run_dir, spec.checkpoint.dir)):
         if storage.is_url(directory):
-            problem = storage.access_problem(directory)
-            if problem:
-                return f"{'checkpoint.dir' if directory == spec.checkpoint.dir else 'output'}: {problem}"
             continue
         try:
             directory.mkdir(parents=True, exist_ok=True)

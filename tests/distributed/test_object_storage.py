@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import ROOT, missing, require_module
+from tests.conftest import ROOT, free_port, hvdtrain, missing, require_module
 from tests.distributed.test_faults import DEADLINE_S, rank_process, wait_for_file
 from tests.output import Lines
 
@@ -28,11 +28,6 @@ MLP = ROOT / "examples" / "digits-mlp-torch.yaml"
 USER_CODE = ROOT / "tests" / "data" / "user_code"
 BUCKET = "hvdtrain-runs"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +85,8 @@ def bucket(env):
                              skip_instance_cache=True)
 
 
-def run(args, env, **kwargs):
-    return subprocess.run([sys.executable, "-m", "hvdtrain", "run", *map(str, args)], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, **kwargs)
+def run(args, env):
+    return hvdtrain("run", *args, env=env)
 
 
 def test_a_run_in_a_bucket_killed_resumes_from_its_committed_checkpoints_exactly(tmp_path, s3, figure):
@@ -208,8 +202,7 @@ def test_parquet_files_under_a_prefix_are_fetched_once_per_node_and_trained_on(t
     assert summary["final"]["val_accuracy"] >= 0.9, summary["final"]
     # predict reads a Parquet file of the same columns (the label column ignored)
     pq.write_table(table, tmp_path / "all.parquet")
-    predicted = subprocess.run([sys.executable, "-m", "hvdtrain", "predict", tmp_path / "run", tmp_path / "all.parquet"],
-                               capture_output=True, text=True, timeout=300)
+    predicted = hvdtrain("predict", tmp_path / "run", tmp_path / "all.parquet", timeout=300)
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     labels = predicted.stdout.split()  # one predicted class a row
     assert np.mean(np.array(labels) == np.array(wine.target_names)[wine.target]) >= 0.9

@@ -5,7 +5,6 @@ build); a stranger PUTs and GETs the ranks' keys while they start. It is refused
 logged, and the job trains to its accuracy."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,16 +14,11 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.distributed
 MLP = ROOT / "examples" / "digits-mlp-torch.yaml"
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_a_strangers_requests_are_refused_and_the_job_trains(tmp_path, figure):

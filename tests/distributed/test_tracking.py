@@ -1,7 +1,6 @@
 """log.mlflow against a real MLflow tracking server, started once for these tests
 (`mlflow server` on localhost: a SQLite store, artifacts served by the server)."""
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -10,16 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import missing, require_module
+from tests.conftest import free_port, missing, require_module
 from tests.distributed.test_run import example
 
 pytestmark = pytest.mark.distributed
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
