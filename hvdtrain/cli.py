@@ -60,6 +60,12 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .results.predict import generate
+    print(generate(Path(args.run_dir), args.prompt, args.tokens))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .results.evaluation import evaluate_run
     evaluate_run(Path(args.run_dir), Path(args.data) if args.data else None,
@@ -169,8 +175,14 @@ def parser() -> argparse.ArgumentParser:
     predict = verb("predict", cmd_predict, "predict with an exported model", spec=False)
     predict.add_argument("run_dir", help="run directory (or its model/ folder)")
     predict.add_argument("input", help=".npz (array x), .csv with the feature columns, or (a model trained "
-                         "on an image folder) an image file or a folder of them")
+                         "on an image folder) an image file or a folder of them, or (on text) a .csv, .jsonl or "
+                         ".parquet file with the text column, or a .txt file of one text per line")
     predict.add_argument("-o", "--output", help="write predictions and probabilities as CSV")
+    generate = verb("generate", cmd_generate, "continue a prompt with an exported language model "
+                    "(the most likely token each time)", spec=False)
+    generate.add_argument("run_dir", help="run directory (or its model/ folder)")
+    generate.add_argument("prompt", help="the text to continue")
+    generate.add_argument("-n", "--tokens", type=int, default=50, help="how many tokens to add (default 50)")
     evaluate = verb("evaluate", cmd_evaluate, "an exported model on the run's held-out test split or on "
                     "labelled data: metrics, a per-class table and confusion.png", spec=False)
     evaluate.add_argument("run_dir", help="run directory (or its model/ folder)")

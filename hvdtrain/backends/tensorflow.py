@@ -251,7 +251,10 @@ def make_steps(spec: JobSpec, model: keras.Model, optimizer: keras.optimizers.Op
         """One batch: Horovod's tape allreduces the gradients, then the update."""
         with tf.GradientTape() as tape:
             loss = loss_of(x, y, True)
-        tape = hvd.DistributedGradientTape(tape, compression=compression, op=op, groups=groups)
+        # sparse_as_dense: an Embedding's gradient (IndexedSlices) allreduced as a dense tensor, as DDP
+        # does; Horovod's grouped allreduce of IndexedSlices inside a tf.function fails (no dense_shape)
+        tape = hvd.DistributedGradientTape(tape, compression=compression, op=op, groups=groups,
+                                           sparse_as_dense=True)
         apply(tape.gradient(loss, params), lr)
         return loss
 

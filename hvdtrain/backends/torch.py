@@ -18,7 +18,7 @@ from . import import_horovod
 from .. import plugins
 from ..data import Batch, Dataset, Preprocessing
 from ..errors import UserError
-from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, TrainSpec, model_from_dict
+from ..spec import CNNSpec, CustomModelSpec, JobSpec, MLPSpec, OptimizerSpec, TrainSpec, is_transformers, model_from_dict
 from ..train import startup
 from ..train.contract import Comm, Steps, Training, bucket_indices, horovod_comm, step_seed
 from ..train.elastic import run_elastic
@@ -26,6 +26,7 @@ from ..train.loop import run_epochs
 from ..train.lr import scaled_lr
 from ..train.preflight import built_on_every_rank, preflight
 from ..train.resume import resume
+from . import text_models
 from .torch_input import make_loader, to_device
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -71,18 +72,24 @@ def build_model(model: MLPSpec | CNNSpec, input_shape: list[int], num_classes: i
 
 
 def make_model(section: MLPSpec | CNNSpec | CustomModelSpec, dataset: Dataset) -> nn.Module:
-    """The model section's: built in, or from the user's builder."""
-    shape, outputs = dataset.preprocessing.input_shape, dataset.outputs
+    """The model section's: built in, from the user's builder, or a Hugging Face class
+    built from its config (on text, taking token ids: `text_models`)."""
+    prep = dataset.preprocessing
+    shape, outputs = prep.input_shape, dataset.outputs
     if not isinstance(section, CustomModelSpec):
         return build_model(section, shape, outputs)
+    if is_transformers(section):
+        return text_models.build(section, prep)
     model = plugins.build_model(section, shape, outputs)
     if not isinstance(model, nn.Module):
         raise UserError(f"model.builder: {section.builder} returned a {type(model).__name__}, "
                         "not a torch.nn.Module")
-    return model
+    return text_models.wrapped(model, prep) if prep.text else model
 
 
-def make_loss(loss: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_loss(loss: str, prep: Preprocessing) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if prep.task == "language_modeling" and loss == "cross_entropy":
+        return text_models.next_token_loss(prep.pad_id if prep.ignore_pad else None)
     return LOSSES[loss] if loss in LOSSES else plugins.load_loss(loss)
 
 
@@ -129,7 +136,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
     # User code may fail on one rank only: every rank learns of it before any other collective.
     model, loss_fn = built_on_every_rank(
         comm, lambda: (placed(make_model(spec.model, dataset), device, spec.train.channels_last),
-                       make_loss(spec.loss)),
+                       make_loss(spec.loss, dataset.preprocessing)),
         elastic=spec.horovod.elastic is not None)
     # Horovod: scale the learning rate by the number of workers (the loop sets it
     # at every step from the same rule, with warm-up).
@@ -334,7 +341,9 @@ def make_steps(spec: JobSpec, model: nn.Module, optimizer, loss_fn, device: torc
         model.eval()
         with torch.no_grad(), autocast():
             out = forward(inputs(x)).float()
-            return out.cpu().numpy(), float(loss_of(out, to_device(y, device))) * len(y)
+            loss = float(loss_of(out, to_device(y, device))) * len(y)
+            # a language model's outputs at every position: its most likely tokens (not [n, length, vocab])
+            return (out.argmax(-1) if out.ndim == 3 else out).cpu().numpy(), loss
 
     def export(directory: Path) -> None:
         save_model(model, spec, directory, example)
@@ -383,12 +392,16 @@ def save_model(model: nn.Module, spec: JobSpec, directory: Path, example: np.nda
     """A deployable model, no Horovod needed: weights plus what rebuilds the network
     (the spec's model section; for a custom model its builder and the directories
     its code came from), and for a custom model also a `torch.export` program
-    (program.pt2) that loads without the user's code."""
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, directory / "weights.pt")
+    (program.pt2) that loads without the user's code. A Hugging Face model: its
+    save_pretrained files and tokenizer instead (`text_models.save`)."""
+    if not isinstance(model, text_models.TextModel):
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, directory / "weights.pt")
     # the directories user code came from: a custom model's, or data.augment's (predict)
     config = {"backend": "torch", "task": spec.task, "model": spec.model.model_dump(mode="json"),
               "import_paths": plugins.added_paths()}
-    if isinstance(spec.model, CustomModelSpec):
+    if isinstance(model, text_models.TextModel):  # save_pretrained's files and the tokenizer
+        config.update(text_models.save(model, directory))
+    elif isinstance(spec.model, CustomModelSpec):
         config["program"] = None if example is None else export_program(model, example, directory / PROGRAM)
     (directory / "model.json").write_text(json.dumps(config))
 
@@ -412,6 +425,8 @@ def export_program(model: nn.Module, example: np.ndarray, path: Path) -> str | N
 def load_model(directory: Path) -> Callable[[np.ndarray], np.ndarray]:
     """The exported model as a function from preprocessed inputs to outputs (on CPU)."""
     config = json.loads((directory / "model.json").read_text())
+    if config.get("transformers"):
+        return text_models.load_model(directory, config["transformers"])
     cpu = torch.device("cpu")
     if config.get("program") and (directory / config["program"]).is_file():
         program = torch.export.load(directory / config["program"]).module()

@@ -383,10 +383,10 @@ def bench(s: Settings, log=print) -> dict:
     from ..horovod_build.build import mpi_version
     from ..spec import load_spec
     spec = load_spec(s.spec, s.overrides)
-    if spec.entry is not None or spec.task != "classification" or spec.loss != "cross_entropy":
-        raise UserError("hvdtrain bench compares hand-written loops that train a classifier with "
-                        "cross-entropy: give it a spec without entry, with task classification "
-                        "and loss cross_entropy")
+    if spec.entry is not None or spec.task == "regression" or spec.loss != "cross_entropy":
+        raise UserError("hvdtrain bench compares hand-written loops that train a classifier (or a language "
+                        "model) with cross-entropy: give it a spec without entry, with task classification "
+                        "or language_modeling and loss cross_entropy")
     unknown = set(s.impls) - set(TRAIN_IMPLS)
     if unknown:
         raise UserError(f"unknown implementation(s) {sorted(unknown)}: choose from {', '.join(TRAIN_IMPLS)}")

@@ -139,7 +139,7 @@ def train_horovod(spec, placement: str):
     import horovod.torch as hvd
     import torch
 
-    from ..backends.torch import make_model, make_optimizer, placed
+    from ..backends.torch import make_loss, make_model, make_optimizer, placed
     hvd.init()
     torch.set_num_threads(THREADS)
     device = device_for(spec, hvd.local_rank())
@@ -160,12 +160,13 @@ def train_horovod(spec, placement: str):
     def total(value: float) -> float:
         synchronize(device)
         return float(hvd.allreduce(torch.tensor([value], dtype=torch.float64), op=hvd.Sum, name="bench.sum")[0])
-    run = plain_steps(spec, model, optimizer, batches, device, placement)
+    run = plain_steps(spec, model, optimizer, batches, device, placement,
+                      loss_fn=make_loss(spec.loss, dataset.preprocessing))
     return hvd.rank(), hvd.size(), run, total, [len(y) for _, y in batches], lambda: vars(counts).copy()
 
 
 def plain_steps(spec, model, optimizer, batches: list, device, placement: str, no_sync=None,
-                whole_step: bool = False):
+                whole_step: bool = False, loss_fn=None):
     """The step loop of Horovod's and PyTorch's examples. placement "resident": every
     batch on the device before timing; "host": each batch copied from (pinned) host
     memory inside the step, the way a DataLoader feeds a loop. Backward passes per
@@ -175,7 +176,7 @@ def plain_steps(spec, model, optimizer, batches: list, device, placement: str, n
     and one pass per step, torch.compile's version of the whole step as users write it
     (zero_grad, forward, loss, backward, optimizer step; dynamo compiles the forward and
     loss with their backward as one graph and the optimizer's update as another);
-    train.channels_last: images in channels-last order."""
+    train.channels_last: images in channels-last order; loss_fn: the task's (next tokens'), as users write it."""
     import contextlib
 
     import torch
@@ -183,6 +184,7 @@ def plain_steps(spec, model, optimizer, batches: list, device, placement: str, n
     passes = spec.horovod.backward_passes_per_step
     low = {"bf16": torch.bfloat16}.get(spec.train.precision)
     pin = device.type == "cuda"
+    loss_fn = loss_fn or F.cross_entropy
     from ..backends.torch import compiled, in_order
     forward = compiled(model, spec.train) if spec.train.compile and not whole_step else model
 
@@ -199,7 +201,7 @@ def plain_steps(spec, model, optimizer, batches: list, device, placement: str, n
         def step(x, y):
             optimizer.zero_grad()
             with torch.autocast(device.type, dtype=low, enabled=low is not None):
-                loss = F.cross_entropy(model(x), y)
+                loss = loss_fn(model(x), y)
             loss.backward()
             optimizer.step()
         step = compiled(step, spec.train)
@@ -222,7 +224,7 @@ def plain_steps(spec, model, optimizer, batches: list, device, placement: str, n
             last = (i + 1) % passes == 0 or i + 1 == count
             with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=low, enabled=low is not None):
-                    loss = F.cross_entropy(forward(x), y)
+                    loss = loss_fn(forward(x), y)
                 (loss.float() / min(passes, count - i // passes * passes)).backward()
             if last:
                 optimizer.step()
@@ -240,7 +242,7 @@ def train_ddp(spec, placement: str, communicate: bool = True):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
-    from ..backends.torch import make_model, make_optimizer, placed
+    from ..backends.torch import make_loss, make_model, make_optimizer, placed
     torch.set_num_threads(THREADS)
     device = device_for(spec, int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -268,7 +270,8 @@ def train_ddp(spec, placement: str, communicate: bool = True):
         dist.all_reduce(summed)
         return float(summed[0])
     # without communication, the plain PyTorch reference: with train.compile its whole step compiled
-    run = plain_steps(spec, model, optimizer, batches, device, placement, no_sync, whole_step=not communicate)
+    run = plain_steps(spec, model, optimizer, batches, device, placement, no_sync, whole_step=not communicate,
+                      loss_fn=make_loss(spec.loss, dataset.preprocessing))
     return rank, size, run, total, [len(y) for _, y in batches], lambda: vars(counts).copy()
 
 

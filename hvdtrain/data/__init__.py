@@ -4,7 +4,7 @@ Layers, imports running one way: `types` (samples, preprocessing, data set) <-
 `split` (labels, splits, shapes) and `sharding` (what each rank reads) <- `npy`,
 `transforms` (what an image becomes) and the indexes (`folder_index`,
 `shard_index`) <- `image_samples` (encoded images, decoded a batch at a time) <-
-the readers (`arrays`, `images`, `shards`, `tables`, `custom`) <- this table. A reader takes the
+the readers (`arrays`, `images`, `shards`, `tables`, `text`, `custom`) <- this table. A reader takes the
 spec's data section and gives a `Dataset`; a new source is one module and one
 entry here. numpy only: the backends' loaders turn samples into batches.
 """
@@ -17,7 +17,7 @@ from .. import storage
 from ..errors import DataError
 from ..horovod_build.build import cache_root
 from ..spec import DataSpec
-from . import arrays, custom, images, shards, tables
+from . import arrays, custom, images, shards, tables, text
 from .arrays import csv_features, read_csv_rows, read_npz, synthetic
 from .sharding import eval_shard, shard_batches, steps_per_epoch
 from .split import image_input, random_split, stratified_split
@@ -33,6 +33,7 @@ READERS: dict[str, Reader] = {
     "webdataset": shards.load,  # tar shards of images, read at each member's offset
     "parquet": tables.load,  # columnar files, a row group at a time
     "hf_dataset": tables.load,  # a Hugging Face dataset's Arrow files (save_to_disk), memory-mapped
+    "text": text.load,  # texts made token ids by a tokenizers tokenizer
     "custom": custom.load,
 }
 

@@ -59,9 +59,26 @@ class Preprocessing:
     target_std: float = 1.0
     image_size: list[int] = field(default_factory=list)  # image files: [H, W]; mean, std per channel
     augment: str = "none"  # image files: data.augment (predict and evaluate use its evaluation side)
+    # text: the tokenizer (tokenizers' JSON), how texts become ids (`data.text`), its special ids
+    text_column: str = ""
+    tokenizer: str = ""
+    max_length: int = 0
+    padding: str = ""
+    pad_id: int = 0
+    end_id: int = 0
+    start_id: int | None = None
+    ignore_pad: bool = True  # the padding token is no text's token: losses and metrics skip it
+    vocab_size: int = 0
+
+    @property
+    def text(self) -> bool:
+        return bool(self.tokenizer)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        """Model inputs (float32) of raw samples; images: RGB uint8 [n, 3, H, W]."""
+        """Model inputs (float32) of raw samples; images: RGB uint8 [n, 3, H, W]; text: token
+        ids (int64 [n, length]), as they are."""
+        if self.text:
+            return np.asarray(x, dtype=np.int64)
         if self.image_size:
             scale, shift = self.pixel_affine()
             return np.asarray(x, dtype=np.float32) * scale[:, None, None] - shift[:, None, None]
@@ -82,7 +99,10 @@ class Preprocessing:
 
     @property
     def outputs(self) -> int:
-        """Outputs of the model: one per class, or one value (regression)."""
+        """Outputs of the model: one per class, one value (regression), or one per token of the
+        vocabulary at each position (language modelling)."""
+        if self.task == "language_modeling":
+            return self.vocab_size
         return len(self.classes) if self.task == "classification" else 1
 
     def targets(self, outputs: np.ndarray) -> np.ndarray:
@@ -107,6 +127,7 @@ class Dataset:
     dropped_rows: int = 0
     test: Samples | None = None  # held out (data.test_fraction): the final summary and evaluate only
     skipped_before: int = field(default=0, repr=False)
+    fingerprint: str = ""  # what every rank must have read alike (text: its tokenizer's digest)
 
     def newly_skipped(self) -> int:
         """Files skipped (`data.on_bad_file: skip`) by this rank's reads since the last call."""

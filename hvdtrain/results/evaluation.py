@@ -101,6 +101,9 @@ def evaluate_run(run_dir: Path, data: Path | None, output: Path | None, log=prin
     model_dir = model_dir_of(run_dir)
     config = json.loads((model_dir / "model.json").read_text())
     prep = Preprocessing.load(model_dir / "preprocessing.json")
+    if prep.text:
+        raise UserError(f"{run_dir}: a model trained on text: its validation (and test) metrics are in "
+                        "metrics.jsonl and summary.json; `hvdtrain predict` classifies texts")
     if ":" in prep.augment:  # the user's transform, from where training found it
         plugins.add_import_paths(config.get("import_paths", []))
     spec_file = model_dir / "spec.yaml"

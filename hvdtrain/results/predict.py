@@ -12,9 +12,10 @@ from .. import plugins
 from ..backends import get_backend
 from ..data import Preprocessing, csv_features, read_csv_rows, read_npz
 from ..data.tables import features
+from ..data.text import encode, padded, table_rows
 from ..data.transforms import read_image
 from ..errors import DataError, UserError
-from ..spec import IMAGE_KINDS, IMAGE_SUFFIXES
+from ..spec import IMAGE_KINDS, IMAGE_SUFFIXES, TEXT_SUFFIXES
 
 
 def image_files(path: Path) -> list[Path]:
@@ -31,6 +32,8 @@ def read_inputs(path: Path, prep: Preprocessing) -> np.ndarray:
     """Raw features from .npz (array x), .csv or .parquet (the training feature columns,
     by name; other columns such as the label are ignored); for a model trained on image files,
     images (a file, or a folder of them) resized as in training."""
+    if prep.text:
+        return text_inputs(path, prep)
     if prep.image_size:
         if not path.exists() or (path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES):
             raise DataError(f"{path}: expected an image file ({', '.join(IMAGE_SUFFIXES)}) or a folder of them")
@@ -49,6 +52,49 @@ def read_inputs(path: Path, prep: Preprocessing) -> np.ndarray:
     if missing:
         raise DataError(f"{path}: missing feature columns {', '.join(missing[:5])}")
     return csv_features(path, header, rows, columns, prep.categories)[0]
+
+
+def texts_of(path: Path, prep: Preprocessing) -> list[str]:
+    """The texts to classify: the training text column of a .csv, .jsonl or .parquet
+    file, or a .txt file's lines (one text each)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix.lower() == ".txt":
+        try:
+            texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: cannot read as UTF-8 text ({err})") from None
+    elif path.suffix.lower() in TEXT_SUFFIXES:
+        rows = table_rows(path, path.suffix.lower())
+        if rows and prep.text_column not in rows[0][1]:
+            raise DataError(f"{path}: no text column {prep.text_column!r} (the one the model trained on)")
+        texts = []
+        for where, row in rows:
+            value = row.get(prep.text_column)
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{path}:{where}: no text in column {prep.text_column!r}")
+            texts.append(value)
+    else:
+        raise DataError(f"{path}: expected a .csv, .jsonl, .parquet or .txt file of texts")
+    if not texts:
+        raise DataError(f"{path}: holds no text")
+    return texts
+
+
+def text_inputs(path: Path, prep: Preprocessing) -> np.ndarray:
+    """Texts as token ids, as in training (the model's tokenizer, cut and padded alike)."""
+    if prep.task == "language_modeling":
+        raise UserError("a language model continues text: hvdtrain generate RUN_DIR PROMPT")
+    from tokenizers import Tokenizer
+    return padded(encode(Tokenizer.from_str(prep.tokenizer), texts_of(path, prep), prep), prep)
+
+
+def generate(run_dir: Path, prompt: str, tokens: int) -> str:
+    """An exported language model's greedy continuation of prompt (torch, CPU)."""
+    if tokens < 1:
+        raise UserError(f"--tokens must be at least 1, got {tokens}")
+    from ..backends.text_models import generate as continued
+    return continued(model_dir_of(run_dir), prompt, tokens)
 
 
 def parquet_features(path: Path, columns: list[str], categories: dict[str, list[str]]) -> np.ndarray:
@@ -92,6 +138,8 @@ def predict(run_dir: Path, input_path: Path, output: Path | None) -> list[str]:
         labels = [prep.classes[i] for i in probs.argmax(axis=1)]
         header = ["prediction", *[f"p_{c}" for c in prep.classes]]
         rows = [[label, *[f"{p:.6f}" for p in row]] for label, row in zip(labels, probs)]
+    if prep.text:  # each row with its text
+        header, rows = [*header, prep.text_column], [[*row, text] for row, text in zip(rows, texts_of(input_path, prep))]
     if prep.image_size:  # each row names its image
         header, rows = ["file", *header], [[str(f), *row] for f, row in zip(image_files(input_path), rows)]
     if output is not None:

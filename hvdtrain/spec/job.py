@@ -18,8 +18,10 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_valid
 from .. import storage
 from ..errors import SpecError
 from ..plugins import IMPORT_PATH, import_paths, missing_module, module_file, reference_problem
-from .sections import (SKLEARN_DATASETS, REGRESSION_DATASETS, LOSSES, DEFAULT_LOSS, Section, MLPSpec, CNNSpec,
-                       CustomModelSpec, ModelSpec, EntrySpec, IMAGE_SOURCES, DataSpec, OptimizerSpec, METRICS,
+from .base import Section
+from .data_section import IMAGE_SOURCES, DataSpec
+from .sections import (SKLEARN_DATASETS, REGRESSION_DATASETS, LOSSES, DEFAULT_LOSS, MLPSpec, CNNSpec,
+                       CustomModelSpec, ModelSpec, EntrySpec, OptimizerSpec, METRICS,
                        TrainSpec, SlurmSpec, LogSpec, HorovodSpec, CheckpointSpec, ResourcesSpec)
 
 class JobSpec(Section):
@@ -34,7 +36,10 @@ class JobSpec(Section):
     code: list[Path] = Field(default_factory=list, max_length=64, description=(
         "directories to import user code from, besides the spec file's directory and the "
         "working directory"))
-    task: Literal["classification", "regression"] = "classification"
+    task: Literal["classification", "regression", "language_modeling"] = Field(default="classification", description=(
+        "classification (a class per sample: per image, row or text; `sequence_classification` is "
+        "the same), regression (a value per sample), or language_modeling (text: each position's "
+        "next token)"))
     loss: str | None = Field(default=None, description=(
         "cross_entropy (classification); mse, mae, huber (regression); or package.module:function "
         "taking (outputs, targets) and returning the batch's mean loss as a framework tensor. "
@@ -52,6 +57,11 @@ class JobSpec(Section):
         "cache directory meanwhile); default runs/<name>"))
 
     _location = field_validator("output")(lambda value: None if value is None else storage.location(value))
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _sequence_classification(cls, value):
+        return "classification" if value == "sequence_classification" else value
 
     @property
     def run_dir(self) -> Path:
@@ -131,6 +141,30 @@ class JobSpec(Section):
                              "backend decodes on the CPU: set data.decode: cpu or auto")
         if self.task == "regression" and self.data.source in IMAGE_SOURCES:
             raise ValueError(f"data.source {self.data.source!r} holds classes: task classification")
+        self._text_rules()
+
+    def _text_rules(self) -> None:
+        text, transformers = self.data.source == "text", is_transformers(self.model)
+        if self.task == "language_modeling" and not text:
+            raise ValueError(f"task language_modeling trains on text (data.source text), not {self.data.source!r}")
+        if text and self.task == "regression":
+            raise ValueError("data.source text: task classification (a label per text) or language_modeling")
+        if text and not isinstance(self.model, CustomModelSpec):
+            raise ValueError(f"data.source text gives token ids: model.kind custom (a transformers builder such as "
+                             f"transformers:AutoModelForCausalLM.from_config, or yours), not {self.model.kind!r}")
+        if transformers and not text:
+            raise ValueError(f"model.builder {self.model.builder}: a Hugging Face model trains on text (data.source text)")
+        if self.backend == "tensorflow" and transformers:
+            raise ValueError(f"model.builder {self.model.builder}: Hugging Face models train with backend torch; "
+                             "with tensorflow give a Keras model of your own on token ids")
+        if self.backend == "tensorflow" and self.task == "language_modeling":
+            raise ValueError("task language_modeling: backend torch only (the tensorflow backend trains a Keras "
+                             "model of yours on text with task classification)")
+
+
+def is_transformers(model) -> bool:
+    """A model section built by a Hugging Face class (transformers:AutoModel...from_config)."""
+    return isinstance(model, CustomModelSpec) and model.builder.split(":")[0].split(".")[0] == "transformers"
 
 
 def load_spec(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> JobSpec:
@@ -178,6 +212,9 @@ def path_problems(spec: JobSpec) -> list[str]:
     folder = spec.data is not None and spec.data.source in ("image_folder", "hf_dataset")
     file_or_folder = spec.data is not None and spec.data.source == "parquet"
     labels = spec.data.labels if spec.data else None
+    tokenizer = spec.data.tokenizer.file if spec.data is not None and spec.data.tokenizer else None
+    if tokenizer is not None and not tokenizer.is_file():
+        problems.append(f"data.tokenizer.file: {str(tokenizer)!r} is not a file")
     for key, url in (("data.path", data), ("data.labels", labels)):
         if storage.is_url(url):
             problem = storage.read_problem(url)

@@ -46,10 +46,12 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
     peak_rss = max(rss for rss, _, _ in gathered)
     record = {"epoch": epoch + 1, **extra, "train_loss": train[0] / max(train[1], 1),
               "val_loss": totals[0] / len(dataset.val),
-              **{f"val_{m}": v for m, v in task_scores(dataset, totals[2:]).items()},
+              **{f"val_{m}": v for m, v in task_scores(dataset, totals[2:], totals[0] / len(dataset.val)).items()},
               "lr": lr, "samples_per_s": train[1] / elapsed, "seconds": elapsed,
               "train_samples_per_s": train[1] / max(train_seconds, 1e-9),
               "peak_rss_mb": peak_rss}
+    if dataset.preprocessing.task == "language_modeling":  # every block holds max_length tokens
+        record["train_tokens_per_s"] = record["train_samples_per_s"] * dataset.preprocessing.max_length
     if startup is not None:  # the slowest rank's seconds to its first batch, and its phases
         _, record["startup_s"], record["startup_phases"] = max(gathered, key=lambda g: g[1])
     if spec.data is not None and spec.data.on_bad_file == "skip":

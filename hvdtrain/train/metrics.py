@@ -59,9 +59,25 @@ def regression_scores(sums: np.ndarray) -> dict[str, float]:
             "r2": 1.0 - sq_err / total if total > 0 else 0.0}
 
 
+def token_sums(predicted: np.ndarray, ids: np.ndarray, pad: int | None) -> np.ndarray:
+    """Language modelling: [tokens, correct] over each position's next token (the model's
+    most likely at each position, [n, length], against the block's own ids), padding
+    (pad) not counted."""
+    guess, target = np.asarray(predicted)[:, :-1], np.asarray(ids)[:, 1:]
+    counted = target != pad if pad is not None else np.ones(target.shape, dtype=bool)
+    return np.array([counted.sum(), ((guess == target) & counted).sum()], dtype=np.float64)
+
+
+def token_scores(sums: np.ndarray, loss: float) -> dict[str, float]:
+    """Perplexity (exp of the mean next-token loss) and the share of next tokens predicted."""
+    tokens, correct = (float(v) for v in sums)
+    return {"perplexity": float(np.exp(min(loss, 700.0))), "token_accuracy": correct / tokens if tokens else 0.0}
+
+
 # The validation metrics an epoch's line shows, by task (short name, record key).
 HEADLINE = {"classification": (("val_acc", "val_accuracy"), ("val_f1", "val_f1")),
-            "regression": (("val_mae", "val_mae"), ("val_r2", "val_r2"))}
+            "regression": (("val_mae", "val_mae"), ("val_r2", "val_r2")),
+            "language_modeling": (("val_ppl", "val_perplexity"), ("val_token_acc", "val_token_accuracy"))}
 
 
 def epoch_metrics(task: str, record: dict) -> str:
@@ -70,6 +86,9 @@ def epoch_metrics(task: str, record: dict) -> str:
 
 def final_metrics(task: str, record: dict) -> str:
     """The final validation metrics in words, for the last line of a run."""
+    if task == "language_modeling":
+        return (f"validation perplexity {record['val_perplexity']:.2f}, next-token accuracy "
+                f"{record['val_token_accuracy']:.4f}")
     if task == "regression":
         return (f"validation MAE {record['val_mae']:.4f}, RMSE {record['val_rmse']:.4f}, "
                 f"R2 {record['val_r2']:.4f}")

@@ -20,7 +20,8 @@ def preflight(train: TrainSpec, dataset: Dataset, comm: Comm, steps: Steps,
     check_world(comm, expected_size)
     mine = {"parameters": [list(map(str, p)) for p in steps.signature],
             "steps_per_epoch": steps_per_epoch(len(dataset.train), comm.size, train.batch_size, train.last_batch),
-            "training samples": len(dataset.train), "classes": dataset.num_classes}
+            "training samples": len(dataset.train), "classes": dataset.num_classes,
+            "data (the tokenizer's digest)": dataset.fingerprint[:16]}
     everyone = comm.allgather_object(mine, "hvdtrain.preflight")
     problems = []
     for rank, theirs in enumerate(everyone[1:], start=1):

@@ -123,12 +123,15 @@ class Progress:
         per_step = (now - self.began) / max(self.steps_run, 1)
         left = (self.spec.train.epochs - epoch - 1) * self.per_epoch + self.per_epoch - step
         rate = self.samples / max(now - self.began, 1e-9)
+        # a language model's samples are blocks of max_length tokens: its rate in tokens
+        unit, rate = ("tokens/s", rate * self.spec.data.tokenizer.max_length) \
+            if self.spec.task == "language_modeling" else ("samples/s", rate)
         if self.bar is not None:
-            self.bar.set_postfix({"loss": f"{loss:.4f}", "samples/s": f"{rate:.0f}"}, refresh=False)
+            self.bar.set_postfix({"loss": f"{loss:.4f}", unit: f"{rate:.0f}"}, refresh=False)
             self.last = now
         elif now - self.last >= self.spec.log.every_seconds and step < self.per_epoch:
             self.say(f"epoch {epoch + 1}/{self.spec.train.epochs}  step {step}/{self.per_epoch}  loss {loss:.4f}  "
-                     f"{rate:.0f} samples/s  ETA {duration(left * per_step)}")
+                     f"{rate:.0f} {unit}  ETA {duration(left * per_step)}")
             self.last = now
 
     def end_epoch(self, record: dict[str, Any]) -> None:

@@ -68,7 +68,7 @@ def finish(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, record: di
         if dataset.test is not None:  # the exported model on the held-out split, rank 0 alone
             stats, loss = evaluate(dataset, alone(), steps, max(spec.train.batch_size, 256), dataset.test)
             summary["test"] = {"samples": len(dataset.test), "loss": loss / len(dataset.test),
-                               **task_scores(dataset, stats)}
+                               **task_scores(dataset, stats, loss / len(dataset.test))}
         model_dir = spec.run_dir / "model"
         with writing(model_dir):
             model_dir.mkdir(parents=True, exist_ok=True)

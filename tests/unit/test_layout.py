@@ -103,7 +103,7 @@ def test_tensorflow_start_up_notices_are_hidden_on_any_cpu():
 
 
 DATA_LAYERS = {"types": 0, "split": 1, "sharding": 1, "npy": 2, "transforms": 2, "folder_index": 2,
-               "shard_index": 2, "image_samples": 3, "arrays": 4, "images": 4, "shards": 4, "tables": 4, "custom": 4,
+               "shard_index": 2, "image_samples": 3, "arrays": 4, "images": 4, "shards": 4, "tables": 4, "text": 4, "custom": 4,
                "write_shards": 5, "__init__": 5}
 
 
