@@ -6,7 +6,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, require_module
 
 pytestmark = pytest.mark.distributed
 
@@ -185,3 +185,29 @@ def test_compiled_steps_are_counted_and_not_recompiled_after_warm_up(impl, tmp_p
     assert report["graphs_compiled_in_warmup"] >= (2 if impl == "local" else 1)
     assert report["graphs_compiled_after_warmup"] == 0
     assert report["window_optimizer_steps"] == [5, 5]
+
+
+def test_a_language_model_is_benched_against_the_plain_loop(tmp_path):
+    """A GPT-2 config on the docstrings (benchmarks/gpt2-gpu.yaml, made small for a CPU):
+    hvdtrain's loop and the plain PyTorch loop (its next-token loss) do the same work."""
+    import subprocess
+
+    from benchmarks.docstrings import write
+    from hvdtrain.bench import env, launcher
+    require_module("transformers")
+    write(tmp_path / "docs.jsonl")
+    settings = [f"data.path={tmp_path / 'docs.jsonl'}", "resources.gpus_per_worker=0", "train.precision=fp32",
+                "train.batch_size=4", "model.args.n_layer=1", "model.args.n_embd=32", "model.args.n_head=2",
+                "data.tokenizer.vocab_size=500", "data.tokenizer.max_length=32", "model.args.n_positions=32"]
+    reports = {}
+    for impl in ("hvdtrain", "local"):
+        out = tmp_path / f"{impl}.json"
+        result = subprocess.run([*launcher(impl, 1), "train", impl, str(ROOT / "benchmarks" / "gpt2-gpu.yaml"),
+                                 str(out), "--windows", "1", "--steps", "3", "--warmup", "1",
+                                 *(f"--set={setting}" for setting in settings)],
+                                capture_output=True, text=True, env=dict(env(), HVDTRAIN_CACHE=str(tmp_path)),
+                                timeout=600, cwd=ROOT)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        reports[impl] = json.loads(out.read_text())
+    assert reports["hvdtrain"]["window_samples"] == reports["local"]["window_samples"] == [3 * 4]
+    assert reports["hvdtrain"]["window_optimizer_steps"] == reports["local"]["window_optimizer_steps"] == [3]
