@@ -59,7 +59,7 @@ class Preprocessing:
     target_std: float = 1.0
     image_size: list[int] = field(default_factory=list)  # image files: [H, W]; mean, std per channel
     augment: str = "none"  # image files: data.augment (predict and evaluate use its evaluation side)
-    # text: the tokenizer (tokenizers' JSON), how texts become ids (`data.text`), its special ids
+    # text: the tokenizer (tokenizers' JSON), how texts become ids (`data.tokenizer`), its special ids
     text_column: str = ""
     tokenizer: str = ""
     max_length: int = 0

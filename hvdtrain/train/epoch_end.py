@@ -20,7 +20,7 @@ from .contract import Comm, Position, Steps
 from .metrics import epoch_metrics
 from .startup import describe, phases as startup_phases
 from .steer import Steering
-from .validation import evaluate, task_scores
+from .validation import batch_size, evaluate, task_scores
 
 
 def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: int,
@@ -36,7 +36,7 @@ def end_epoch(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, epoch: 
     began = time.perf_counter()
     watchdog.progress("validation")
     steps.average_buffers()  # every rank validates and saves the same model
-    stats, val_loss = evaluate(dataset, comm, steps, max(spec.train.batch_size, 256))
+    stats, val_loss = evaluate(dataset, comm, steps, batch_size(spec))
     totals = comm.allreduce_sum(np.concatenate([[val_loss, dataset.newly_skipped()], stats]),
                                 f"hvdtrain.metrics.{epoch}")
     elapsed = train_seconds + time.perf_counter() - began

@@ -17,7 +17,7 @@ from . import checkpoint, preempt
 from .contract import Comm, Steps, alone
 from .curves import CURVES, plot_runs
 from .steer import Steering, monitored
-from .validation import evaluate, task_scores
+from .validation import batch_size, evaluate, task_scores
 
 
 FETCHED = ["metrics.jsonl", "mlflow.json"]  # what a rerun takes from an output URL before it goes on
@@ -66,7 +66,7 @@ def finish(spec: JobSpec, dataset: Dataset, comm: Comm, steps: Steps, record: di
             steps.load_state_bytes(best.payload)
             summary["exported_epoch"] = best.epoch
         if dataset.test is not None:  # the exported model on the held-out split, rank 0 alone
-            stats, loss = evaluate(dataset, alone(), steps, max(spec.train.batch_size, 256), dataset.test)
+            stats, loss = evaluate(dataset, alone(), steps, batch_size(spec), dataset.test)
             summary["test"] = {"samples": len(dataset.test), "loss": loss / len(dataset.test),
                                **task_scores(dataset, stats, loss / len(dataset.test))}
         model_dir = spec.run_dir / "model"

@@ -29,6 +29,12 @@ def evaluate(dataset: Dataset, comm: Comm, steps: Steps, batch_size: int,
     return stats, loss
 
 
+def batch_size(spec) -> int:
+    """Validation's batches: at least 256 samples, or a language model's training batch
+    (its logits, [batch, length, vocabulary], are the memory that bounds it)."""
+    return spec.train.batch_size if spec.task == "language_modeling" else max(spec.train.batch_size, 256)
+
+
 def host_labels(labels) -> np.ndarray:
     """A batch's labels as numpy, wherever the loader put them: the torch loader keeps
     them on the GPU when training there."""
