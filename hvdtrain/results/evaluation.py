@@ -2,7 +2,8 @@
 run's held-out test split (data.test_fraction, an image folder's test/, a
 loader's third set) or a labelled file or folder. Loss, accuracy, macro
 precision/recall/F1, a per-class table and a confusion-matrix picture (or
-MAE, RMSE, R2 for regression).
+MAE, RMSE, R2 for regression). A text classifier: its test split or a labelled
+.csv, .jsonl or .parquet file of texts.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..data.transforms import read_image
 from ..errors import DataError, UserError
 from ..spec import IMAGE_KINDS, DataSpec, load_spec
 from ..train.metrics import confusion, regression_scores, regression_sums, scores
+from ..data.text import table_rows
 from .predict import image_files, model_dir_of, read_inputs
 
 BATCH = 1024
@@ -44,6 +46,12 @@ def labelled_data(path: Path, prep: Preprocessing, data: DataSpec) -> tuple[np.n
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()
+    if prep.text:  # texts and labels: a .csv, .jsonl or .parquet file's text and label columns
+        rows = table_rows(path, suffix) if suffix in (".csv", ".jsonl", ".parquet") else []
+        if not rows or data.label_column not in rows[0][1]:
+            raise DataError(f"{path}: expected a .csv, .jsonl or .parquet file with the text column "
+                            f"{prep.text_column!r} and the label column {data.label_column!r}")
+        return read_inputs(path, prep), encode([str(r.get(data.label_column, "")).strip() for _, r in rows], prep, path)
     if suffix == ".npz":
         x, labels, _ = read_npz(path)
     elif suffix == ".npy":
@@ -101,9 +109,9 @@ def evaluate_run(run_dir: Path, data: Path | None, output: Path | None, log=prin
     model_dir = model_dir_of(run_dir)
     config = json.loads((model_dir / "model.json").read_text())
     prep = Preprocessing.load(model_dir / "preprocessing.json")
-    if prep.text:
-        raise UserError(f"{run_dir}: a model trained on text: its validation (and test) metrics are in "
-                        "metrics.jsonl and summary.json; `hvdtrain predict` classifies texts")
+    if prep.task == "language_modeling":
+        raise UserError(f"{run_dir}: a language model: its validation (and test) perplexity is in "
+                        "metrics.jsonl and summary.json; `hvdtrain generate` continues a prompt")
     if ":" in prep.augment:  # the user's transform, from where training found it
         plugins.add_import_paths(config.get("import_paths", []))
     spec_file = model_dir / "spec.yaml"
@@ -115,6 +123,9 @@ def evaluate_run(run_dir: Path, data: Path | None, output: Path | None, log=prin
                             "folder's test/, or a loader's third set): give labelled DATA")
         parts = [dataset.test.batch(np.arange(i, min(i + BATCH, len(dataset.test))))
                  for i in range(0, len(dataset.test), BATCH)]
+        if prep.text:  # each part padded to its longest text: all to the longest
+            width = max(p[0].shape[1] for p in parts)
+            parts = [(np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=prep.pad_id), y) for x, y in parts]
         x, y = np.concatenate([p[0] for p in parts]), np.concatenate([np.asarray(p[1]) for p in parts])
         x = prep.apply(x) if prep.image_size else x  # image files come as uint8 pixels
         source = "the run's test split"

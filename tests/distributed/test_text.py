@@ -169,6 +169,13 @@ output: {run}
            f"predict on 200 new texts {right:.3f}")
     assert right >= 0.95
 
+    # evaluate: the same texts with their labels
+    write_csv(tmp_path / "labelled.csv", fresh)
+    result = cli("evaluate", run, tmp_path / "labelled.csv", "-o", tmp_path / "evaluation")
+    assert result.returncode == 0, result.stderr[-2000:]
+    evaluation = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
+    assert evaluation["samples"] == 200 and evaluation["accuracy"] == pytest.approx(right)
+
     # transformers alone, from the exported directory, gives the same classes
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
