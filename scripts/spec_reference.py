@@ -65,8 +65,12 @@ def bounds(constraints: list) -> str:
 
 
 def kind_of(model: type[BaseModel]) -> str | None:
+    """The tag of a union's member (model.kind: a Literal of one value); None for a plain
+    section, whose `kind` field (if any) is a choice with a default (data.tokenizer.kind)."""
     field = model.model_fields.get("kind")
-    return typing.get_args(field.annotation)[0] if field is not None else None
+    if field is None or not field.is_required():
+        return None
+    return typing.get_args(field.annotation)[0]
 
 
 def default_of(field) -> str:
