@@ -30,11 +30,12 @@ def docstrings() -> list[str]:
     return texts
 
 
-def write(path: Path) -> int:
+def write(path: Path) -> list[str]:
+    """The docstrings, written to path as JSON lines ({"text": ...} each)."""
     texts = docstrings()
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return len(texts)
+    return texts
 
 
 if __name__ == "__main__":
-    print(f"{write(Path(sys.argv[1]))} docstrings in {sys.argv[1]}")
+    print(f"{len(write(Path(sys.argv[1])))} docstrings in {sys.argv[1]}")

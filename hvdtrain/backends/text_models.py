@@ -129,20 +129,19 @@ def save(model: TextModel, directory: Path) -> dict:
     return {"transformers": {"class": type(inner).__name__, "dir": HF_DIR}}
 
 
-def load(directory: Path, entry: dict) -> nn.Module:
+def load(directory: Path, entry: dict, prep: Preprocessing) -> nn.Module:
+    """An exported Hugging Face model (model.json's entry), wrapped as in training, in eval mode."""
     import transformers
     transformers.utils.logging.disable_progress_bar()  # no bar on stderr for loading the weights
     cls = getattr(transformers, entry["class"], None)
     if cls is None:
         raise UserError(f"{directory}: this transformers has no {entry['class']} (the model's class)")
-    prep = Preprocessing.load(directory / "preprocessing.json")
-    model = cls.from_pretrained(str(directory / entry["dir"]), local_files_only=True)
-    return TextModel(model, prep.pad_id, masked=prep.task == "classification").eval()
+    return wrapped(cls.from_pretrained(str(directory / entry["dir"]), local_files_only=True), prep).eval()
 
 
 def load_model(directory: Path, entry: dict) -> Callable[[np.ndarray], np.ndarray]:
     """An exported text model as a function from token ids to logits (CPU)."""
-    model = load(directory, entry)
+    model = load(directory, entry, Preprocessing.load(directory / "preprocessing.json"))
 
     def outputs(ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
@@ -163,7 +162,7 @@ def generate(directory: Path, prompt: str, tokens: int) -> str:
         raise UserError(f"{directory}: not a language model (task {prep.task}); `hvdtrain predict` classifies")
     from tokenizers import Tokenizer
     tokenizer = Tokenizer.from_str(prep.tokenizer)
-    model = load(directory, entry)
+    model = load(directory, entry, prep)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     if not ids:
         raise UserError("the prompt is empty: give some text to continue")

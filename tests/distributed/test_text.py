@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.docstrings import docstrings
+from benchmarks.docstrings import write
 from tests.conftest import require_module
 
 pytestmark = pytest.mark.distributed
@@ -57,9 +57,7 @@ def metrics(run: Path) -> list[dict]:
 
 def test_gpt2_language_model_on_the_standard_librarys_docstrings(tmp_path, cli, figure):
     require_module("transformers")
-    texts = docstrings()
-    with open(tmp_path / "docs.jsonl", "w") as handle:
-        handle.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    texts = write(tmp_path / "docs.jsonl")
     run = tmp_path / "lm"
     (tmp_path / "lm.yaml").write_text(f"""
 name: docstrings-gpt2
