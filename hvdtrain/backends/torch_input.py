@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import threading
+import time
 from typing import Callable, Iterable
 
 import numpy as np
@@ -75,7 +78,7 @@ def make_loader(data: DataSpec | None, device: torch.device) -> Callable[..., It
             loaders[id(samples)] = torch.utils.data.DataLoader(
                 BatchReader(samples, on_gpu), sampler=IndexBatches(), batch_size=None, num_workers=workers,
                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                prefetch_factor=prefetch if workers else None)
+                prefetch_factor=prefetch if workers else None, worker_init_fn=ends_with_its_rank)
         data_loader = loaders[id(samples)]
         data_loader.sampler.batches, data_loader.sampler.epoch = index_batches, epoch
         try:
@@ -112,6 +115,20 @@ def make_loader(data: DataSpec | None, device: torch.device) -> Callable[..., It
 
     loader.close = close
     return loader
+
+
+def ends_with_its_rank(worker_id: int) -> None:
+    """In a loader process: end it within a second of its rank's end, however the rank
+    ended (the watchdog's exit on a hang, SIGKILL). torch's own check runs only between
+    batches, so a loader stuck in a read outlived its rank and held the job's output
+    open; this one runs on a thread of its own."""
+    rank = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == rank:
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch, name="hvdtrain-rank-watch", daemon=True).start()
 
 
 def device_arrays(samples: Samples, device: torch.device, on_device: bool | None):

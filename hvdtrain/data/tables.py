@@ -60,11 +60,14 @@ class ParquetTable:
         return {**self.__dict__, "_open": {}}
 
     def read(self, group: int, columns: list[str]):
+        """One row group, read on this thread: Arrow's thread pool is not started, since
+        loader processes forked while it runs can deadlock in their first read (a rank
+        waited on one for 300 s); the loader processes read groups in parallel instead."""
         import pyarrow.parquet as pq
         f, g = self.groups[group]
         if f not in self._open:
             self._open[f] = pq.ParquetFile(self.files[f])
-        return self._open[f].read_row_group(g, columns=columns)
+        return self._open[f].read_row_group(g, columns=columns, use_threads=False)
 
 
 class DatasetTable:

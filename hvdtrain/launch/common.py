@@ -18,13 +18,18 @@ def rank_command(spec_path: str, overrides: list[str] = (), python: str | None =
 
 def is_rank(process, arguments: list[str] | None = None) -> bool:
     """A rank of the job: `python -m hvdtrain train ...` (rank_command), not horovodrun
-    nor its helpers, whose command lines hold it further on; with `arguments`, a rank
-    whose spec path and overrides are exactly these."""
+    nor its helpers, whose command lines hold it further on, nor the rank's loader
+    processes; with `arguments`, a rank whose spec path and overrides are exactly these."""
     try:
         line = process.cmdline()
     except Exception:  # gone, or not ours to read
         return False
-    return line[1:4] == ["-m", "hvdtrain", "train"] and (arguments is None or line[4:] == list(arguments))
+    if line[1:4] != ["-m", "hvdtrain", "train"] or (arguments is not None and line[4:] != list(arguments)):
+        return False
+    try:  # a rank's loader processes are forked from it and share its command line
+        return process.parent().cmdline()[1:4] != ["-m", "hvdtrain", "train"]
+    except Exception:  # an orphan: its rank is gone
+        return True
 
 
 def terminate_ranks(arguments: list[str] | None = None, host: str | None = None) -> list:
