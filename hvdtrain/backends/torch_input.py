@@ -18,6 +18,7 @@ from ..data import ArraySamples, Batch, Samples, loader_failure
 from ..data.image_samples import EncodedImages
 from ..errors import DataError, UserError
 from ..spec import IMAGE_SOURCES, DataSpec
+from ..train.watchdog import register_loader_stacks
 
 
 class IndexBatches(torch.utils.data.Sampler):
@@ -121,7 +122,9 @@ def ends_with_its_rank(worker_id: int) -> None:
     """In a loader process: end it within a second of its rank's end, however the rank
     ended (the watchdog's exit on a hang, SIGKILL). torch's own check runs only between
     batches, so a loader stuck in a read outlived its rank and held the job's output
-    open; this one runs on a thread of its own."""
+    open; this one runs on a thread of its own. The loader writes its stacks to stderr
+    when the watchdog asks its rank for stacks."""
+    register_loader_stacks()
     rank = os.getppid()
 
     def watch() -> None:

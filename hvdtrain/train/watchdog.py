@@ -23,6 +23,7 @@ import hmac
 import json
 import os
 import secrets
+import signal
 import socket
 import sys
 import tempfile
@@ -35,6 +36,8 @@ from ..errors import EXIT_HUNG
 from .contract import Comm
 
 _progress: dict[str, Any] = {"epoch": 0, "step": 0, "phase": "start-up"}
+LOADER_STACKS = signal.SIGUSR1  # a loader process (register_loader_stacks) writes its stacks to stderr
+LOADER_NAME = "pt_data_worker"  # how torch names its loader processes
 NO_STACK = "(no answer: the process is stopped or gone, or its host cannot be reached)\n"
 
 
@@ -144,11 +147,34 @@ def in_collective(stacks: str) -> bool:
 
 
 def own_stacks() -> str:
-    """Every thread's Python stack in this process, as faulthandler writes them."""
+    """Every thread's Python stack in this process, as faulthandler writes them; its
+    loader processes are asked to write theirs to the job's log (a rank waiting for a
+    batch is stuck where its loader is)."""
     with tempfile.TemporaryFile("w+") as handle:
         faulthandler.dump_traceback(file=handle, all_threads=True)
         handle.seek(0)
-        return handle.read()
+        stacks = handle.read()
+    loaders = []
+    try:
+        import psutil
+        for child in psutil.Process().children():
+            if child.name() == LOADER_NAME:  # one at a time, each under its own line
+                print(f"hvdtrain: the stacks of loader process {child.pid} (of the rank with pid {os.getpid()}):",
+                      file=sys.stderr, flush=True)
+                child.send_signal(LOADER_STACKS)
+                loaders.append(str(child.pid))
+                time.sleep(0.3)
+    except Exception:  # noqa: BLE001 -- a loader gone meanwhile; psutil missing
+        pass
+    if loaders:
+        stacks += f"\nLoader processes {', '.join(loaders)}: their stacks are in the job's log (stderr)\n"
+    return stacks
+
+
+def register_loader_stacks() -> None:
+    """In a loader process: write every thread's stack to stderr on LOADER_STACKS
+    (from C, so even a process stuck in a read answers)."""
+    faulthandler.register(LOADER_STACKS, all_threads=True)
 
 
 class _Server:

@@ -17,9 +17,10 @@ pytest.importorskip("torch")
 
 # a rank whose 2 loader processes are stuck in their first read (each sleeps 600 s)
 STUCK = textwrap.dedent("""
-    import sys, time
+    import sys, threading, time
     import numpy as np, torch
     from hvdtrain.backends.torch_input import make_loader
+    from hvdtrain.train.watchdog import own_stacks
     from hvdtrain.spec import DataSpec
 
     class Stuck:
@@ -29,15 +30,24 @@ STUCK = textwrap.dedent("""
         def batch(self, indices, epoch=None):
             time.sleep(600)
 
+    def stacks():  # what the watchdog's report reads of this rank, once the loaders are stuck
+        time.sleep(3)
+        print(own_stacks().splitlines()[-1], flush=True)
+
     loader = make_loader(DataSpec(source="synthetic", workers=2), torch.device("cpu"))
     batches = iter(loader(Stuck(), [np.arange(8), np.arange(8, 16)], 0))
     print("started", flush=True)
+    threading.Thread(target=stacks, daemon=True).start()
     next(batches)
 """)
 
 
 def test_loader_processes_stuck_in_a_read_end_within_seconds_of_their_rank(tmp_path):
-    rank = subprocess.Popen([sys.executable, "-c", STUCK], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    """...and before that, asked for stacks as the watchdog asks the rank, each writes
+    where it is stuck to the rank's stderr."""
+    log = tmp_path / "stderr"
+    rank = subprocess.Popen([sys.executable, "-c", STUCK], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            stderr=log.open("w"))
     workers = []
     try:
         assert rank.stdout.readline().strip() == "started"
@@ -46,7 +56,14 @@ def test_loader_processes_stuck_in_a_read_end_within_seconds_of_their_rank(tmp_p
             time.sleep(0.2)
         workers = psutil.Process(rank.pid).children()
         assert len(workers) == 2
-        time.sleep(2)  # both in their read
+        said = rank.stdout.readline()
+        assert said.startswith("Loader processes ") and all(str(w.pid) in said for w in workers), said
+        time.sleep(1)
+        text = log.read_text()
+        for worker in workers:
+            header = f"hvdtrain: the stacks of loader process {worker.pid} (of the rank with pid {rank.pid}):\n"
+            assert header in text, text
+            assert text.split(header)[1].split("hvdtrain: ")[0].count("in batch\n") == 1, text
         rank.send_signal(signal.SIGKILL)
         rank.wait(10)
         gone, alive = psutil.wait_procs(workers, timeout=5)
