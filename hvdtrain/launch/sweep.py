@@ -65,6 +65,9 @@ def plan(spec_path: str, overrides: list[str], sweeps: list[str]) -> tuple[JobSp
         name = ",".join(f"{label}={safe(value)}" for label, value in zip(labels, combination))
         output = str(Path(base.output) / name)
         extra = [f"{k}={v}" for k, v in zip(keys, combination)] + [f"output={output}"]
+        if str(base.checkpoint.dir) != str(storage.join(base.output, "checkpoints")) and "checkpoint.dir" not in keys:
+            # a checkpoint directory the spec names is shared by no two runs: each would resume the other's
+            extra.append(f"checkpoint.dir={storage.join(base.checkpoint.dir, name)}")
         load_spec(spec_path, [*overrides, *extra])  # SpecError names the key and value
         runs.append(SweepRun(name, extra, output))
     return base, runs

@@ -30,6 +30,19 @@ def test_the_grid_gives_each_run_its_overrides_and_directory(tmp_path):
     assert [r.name for r in runs] == ["lr=0.1,warmup_epochs=0", "lr=0.1,warmup_epochs=1"]
 
 
+def test_runs_share_no_checkpoint_directory_the_spec_names(tmp_path):
+    """Each run resumes from its checkpoint directory: one named in the spec gets a directory
+    per run under it (a URL likewise, by storage.join); unnamed, each run's is under its output."""
+    where = tmp_path / "ckpt"
+    _, runs = sweep.plan(str(MLP), [f"output={tmp_path}", f"checkpoint.dir={where}"], ["optimizer.lr=0.1,0.01"])
+    dirs = [sweep.load_spec(str(MLP), [f"checkpoint.dir={where}", *r.overrides]).checkpoint.dir for r in runs]
+    assert dirs == [where / "lr=0.1", where / "lr=0.01"]
+    _, runs = sweep.plan(str(MLP), [f"output={tmp_path}"], ["optimizer.lr=0.1,0.01"])
+    assert not any(o.startswith("checkpoint.dir=") for r in runs for o in r.overrides)
+    dirs = [sweep.load_spec(str(MLP), r.overrides).checkpoint.dir for r in runs]
+    assert dirs == [tmp_path / "lr=0.1" / "checkpoints", tmp_path / "lr=0.01" / "checkpoints"]
+
+
 def test_a_bad_value_stops_the_sweep_before_any_run_naming_it(tmp_path):
     with pytest.raises(SpecError, match="optimizer.lr"):
         sweep.plan(str(MLP), [f"output={tmp_path}"], ["optimizer.lr=0.1,-1"])
