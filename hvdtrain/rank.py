@@ -49,8 +49,11 @@ def main(spec_path: str, overrides: list[str]) -> int:
     from .plugins import add_import_paths, import_paths
     from .train.progress import require_tensorboard
 
+    from .data.image_samples import RANK_VARIABLES
+
     startup.mark("python")
-    spec = load_spec(spec_path, overrides)
+    rank = next((os.environ[v] for v in RANK_VARIABLES if v in os.environ), "0")
+    spec = load_spec(spec_path, overrides, writes=rank == "0")  # rank 0 writes output and checkpoints
     preempt.install()  # before anything slow: a stop asked for early is not lost
     apply_horovod_environment(spec.horovod)
     # What the launcher that started this rank sets up first (under srun: Horovod's rank

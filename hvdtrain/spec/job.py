@@ -167,16 +167,19 @@ def is_transformers(model) -> bool:
     return isinstance(model, CustomModelSpec) and model.builder.split(":")[0].split(".")[0] == "transformers"
 
 
-def load_spec(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> JobSpec:
+def load_spec(path: str | Path, overrides: list[str] = (), check_paths: bool = True,
+              writes: bool = True) -> JobSpec:
     """Read, override and validate a spec file; raise SpecError with every problem.
     check_paths: the data file and output dirs must be usable here (not so when
-    rendering for another machine, such as a Kubernetes image)."""
+    rendering for another machine, such as a Kubernetes image). writes: an output or
+    checkpoint.dir URL is probed with a write (rank 0 writes there; the other ranks
+    only read, and hundreds of them need not each write a probe)."""
     source = str(path)
     raw = read_yaml(Path(path))
     for item in overrides:
         apply_override(raw, item)
     spec = validate(raw, source)
-    problems = path_problems(spec) + reference_problems(spec, path) if check_paths else []
+    problems = path_problems(spec, writes) + reference_problems(spec, path) if check_paths else []
     if problems:
         raise SpecError(source, problems)
     return spec
@@ -201,7 +204,7 @@ def reference_problems(spec: JobSpec, spec_path: str | Path) -> list[str]:
     return problems
 
 
-def path_problems(spec: JobSpec) -> list[str]:
+def path_problems(spec: JobSpec, writes: bool = True) -> list[str]:
     problems = []
     for i, directory in enumerate(spec.code):
         if not directory.is_dir():
@@ -236,7 +239,7 @@ def path_problems(spec: JobSpec) -> list[str]:
         problems.append(f"data.path: {str(data)!r} is not readable")
     for key, directory in (("output", spec.output), ("checkpoint.dir", spec.checkpoint.dir)):
         if storage.is_url(directory):
-            problem = storage.access_problem(directory)
+            problem = storage.access_problem(directory) if writes else None
             if problem:
                 problems.append(f"{key}: {problem}")
             continue

@@ -48,7 +48,7 @@ def load_latest(spec: JobSpec, steps: Steps) -> tuple[Position, str | None]:
 
 def writable_problem(spec: JobSpec) -> str | None:
     """Why the run dir or checkpoint dir cannot be written, found before training. A URL
-    was written to when the rank loaded the spec (path_problems in spec/job.py), a moment before."""
+    was written to when rank 0 loaded the spec (path_problems in spec/job.py), a moment before."""
     for directory in dict.fromkeys((spec.run_dir, spec.checkpoint.dir)):
         if storage.is_url(directory):
             continue

@@ -5,7 +5,7 @@ import yaml
 
 from hvdtrain.errors import SpecError
 from hvdtrain.spec import CNNSpec, MLPSpec, apply_override, load_spec, validate
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, ROOT
 
 BASE = {"name": "job", "backend": "torch", "model": {"kind": "mlp"}, "data": {"source": "digits"}}
 
@@ -213,3 +213,17 @@ def test_mlflow_tracking_needs_a_uri_and_no_elastic_training():
     found = problems(dict(tracked, horovod=elastic))
     assert len(found) == 1 and "log.mlflow: not with elastic training" in found[0]
 
+
+
+def test_only_a_writing_rank_probes_an_output_url(tmp_path, monkeypatch):
+    """Rank 0 writes the run and its checkpoints: its load_spec probes an output URL with a
+    write; the other ranks' (writes=False) do not, so they need no write access."""
+    pytest.importorskip("s3fs")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    overrides = ["output=s3://hvdtrain-nowhere/run"]
+    with pytest.raises(SpecError, match="output: cannot write to s3://hvdtrain-nowhere/run"):
+        load_spec(ROOT / "examples" / "digits-mlp-torch.yaml", overrides)
+    spec = load_spec(ROOT / "examples" / "digits-mlp-torch.yaml", overrides, writes=False)
+    assert spec.output == "s3://hvdtrain-nowhere/run"
