@@ -28,7 +28,7 @@ BATCH = 1024
 
 def labelled_data(path: Path, prep: Preprocessing, data: DataSpec) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed inputs and labels (class indices, or standardised targets) of a
-    labelled file: .npz (x, y), .csv (the training columns and data.label_column),
+    labelled file: .npz (x, y), .csv or .parquet (the training columns and data.label_column),
     .npy (with y.npy beside it), or for an image model a folder of class folders."""
     if prep.image_size:
         if not path.is_dir():
@@ -66,11 +66,24 @@ def labelled_data(path: Path, prep: Preprocessing, data: DataSpec) -> tuple[np.n
             raise DataError(f"{path}: no label column {column!r} (columns: {', '.join(header)})")
         x = read_inputs(path, prep)
         labels = np.asarray([row[header.index(column)].strip() for _, row in rows])
+    elif suffix == ".parquet":  # the training feature columns and data.label_column, as a parquet source reads them
+        x = read_inputs(path, prep)
+        labels = parquet_labels(path, data.label_column)
     else:
-        raise DataError(f"{path}: expected .npz, .npy or .csv (or a folder of class folders)")
+        raise DataError(f"{path}: expected .npz, .npy, .csv or .parquet (or a folder of class folders)")
     if len(x) != len(labels):
         raise DataError(f"{path}: {len(x)} samples but {len(labels)} labels")
     return prep.apply(np.asarray(x)), encode(labels, prep, path)
+
+
+def parquet_labels(path: Path, column: str) -> np.ndarray:
+    """A Parquet file's label column, as the parquet source reads it (classes as text)."""
+    import pyarrow.parquet as pq  # read_inputs has read the file: pyarrow is there
+    names = pq.ParquetFile(path).schema_arrow.names
+    if column not in names:
+        raise DataError(f"{path}: no label column {column!r} (columns: {', '.join(names)})")
+    values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+    return np.asarray(["" if v is None else v for v in values], dtype=object)  # encode makes classes text
 
 
 def encode(labels, prep: Preprocessing, path: Path) -> np.ndarray:

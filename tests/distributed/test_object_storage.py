@@ -206,6 +206,13 @@ def test_parquet_files_under_a_prefix_are_fetched_once_per_node_and_trained_on(t
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     labels = predicted.stdout.split()  # one predicted class a row
     assert np.mean(np.array(labels) == np.array(wine.target_names)[wine.target]) >= 0.9
+    # evaluate scores the same file against its label column, agreeing with predict's classes
+    scored = hvdtrain("evaluate", tmp_path / "run", tmp_path / "all.parquet", "-o", tmp_path / "evaluation",
+                      timeout=300)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    report = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
+    assert report["samples"] == len(wine.target)
+    assert report["accuracy"] == pytest.approx(np.mean(np.array(labels) == np.array(wine.target_names)[wine.target]))
     local = [p for p in cache.rglob("*.parquet")]
     assert sorted(p.name for p in local) == ["part-0.parquet", "part-1.parquet"]
     stamps = {p.name: p.stat().st_mtime_ns for p in local}
