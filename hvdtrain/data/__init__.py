@@ -19,6 +19,7 @@ from ..horovod_build.build import cache_root
 from ..spec import DataSpec
 from . import arrays, custom, images, shards, tables, text
 from .arrays import csv_features, read_csv_rows, read_npz, synthetic
+from .shards import shard_list
 from .sharding import eval_shard, shard_batches, steps_per_epoch
 from .split import image_input, random_split, stratified_split
 from .types import ArraySamples, Batch, Dataset, Preprocessing, Samples, loader_failure
@@ -62,6 +63,19 @@ def fetched(spec: DataSpec) -> DataSpec:
         except Exception as err:  # noqa: BLE001 -- each store's library raises its own
             raise DataError(f"{key}: cannot fetch {url}: {storage.describe(err)}") from None
 
+    if spec.source == "webdataset" and storage.is_url(spec.path) and shard_list(str(spec.path)) != [str(spec.path)]:
+        # a brace pattern or list of shard URLs: each shard fetched, the reader given the local list
+        urls = shard_list(str(spec.path))
+        local = [fetch("data.path", url) for url in urls]
+        names = f"{urls[0].rsplit('/', 1)[0]}/classes.txt"  # the class names beside the shards, if there
+        if storage.read_problem(names) is None:
+            beside = local[0].parent / "classes.txt"  # where the reader looks for them
+            listed = fetch("data.path's classes.txt", names)
+            try:
+                beside.symlink_to(listed)
+            except FileExistsError:  # this node's copy, linked before (or by another rank now)
+                pass
+        return spec.model_copy(update={"path": ",".join(map(str, local))})
     path = fetch("data.path", str(spec.path))
     if storage.is_url(labels):
         labels = fetch("data.labels" if spec.labels is not None else "data.path's labels (y.npy beside it)", labels)

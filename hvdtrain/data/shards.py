@@ -76,17 +76,25 @@ def shard_paths(path: str) -> tuple[list[Path], list[Path]]:
         if not shards:
             raise DataError(f"{folder}: no .tar shards in the directory")
         return shards, []
-    try:
-        from braceexpand import braceexpand  # webdataset's own dependency
-    except ImportError:
-        raise DataError("data.path: a brace pattern or list of shards needs the webdataset package (pip "
-                        "install 'hvdtrain[webdataset]'), or give the shards' directory") from None
-    shards = [Path(p) for part in str(path).split(",") for p in braceexpand(part.strip())]
+    shards = [Path(p) for p in shard_list(str(path))]
     missing = [p for p in shards if not p.is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"data.path: shard {missing[0]} does not exist{more}")
     return shards, []
+
+
+def shard_list(pattern: str) -> list[str]:
+    """The shards a brace pattern (`train-{000000..000146}.tar`) or comma list names, in
+    order: local paths or URLs alike."""
+    if "{" not in pattern and "," not in pattern:
+        return [pattern]
+    try:
+        from braceexpand import braceexpand  # webdataset's own dependency
+    except ImportError:
+        raise DataError("data.path: a brace pattern or list of shards needs the webdataset package (pip "
+                        "install 'hvdtrain[webdataset]'), or give the shards' directory") from None
+    return [p for part in pattern.split(",") for p in braceexpand(part.strip())]
 
 
 def index(shards: list[Path], first: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -219,6 +219,9 @@ def path_problems(spec: JobSpec, writes: bool = True) -> list[str]:
     if tokenizer is not None and not tokenizer.is_file():
         problems.append(f"data.tokenizer.file: {str(tokenizer)!r} is not a file")
     for key, url in (("data.path", data), ("data.labels", labels)):
+        if storage.is_url(url) and key == "data.path" and spec.data.source == "webdataset" and \
+                ("{" in str(url) or "," in str(url)):
+            url = re.split(r"[{,]", str(url))[0].rsplit("/", 1)[0]  # shards: their prefix here, each when fetched
         if storage.is_url(url):
             problem = storage.read_problem(url)
             if problem:

@@ -227,3 +227,36 @@ def test_parquet_files_under_a_prefix_are_fetched_once_per_node_and_trained_on(t
     assert third.returncode == 0, third.stderr[-3000:]
     now = {p.name: p.stat().st_mtime_ns for p in local}
     assert now["part-0.parquet"] == stamps["part-0.parquet"] and now["part-1.parquet"] != stamps["part-1.parquet"]
+
+
+def test_webdataset_shards_named_by_a_brace_pattern_in_the_bucket(tmp_path, s3, monkeypatch):
+    """data.path s3://.../train-{000000..000002}.tar: each shard (and classes.txt beside them)
+    fetched into the cache and read as the same pattern on local files reads; a missing shard
+    is named by its URL."""
+    from hvdtrain.data import load_dataset
+    from hvdtrain.errors import DataError
+    from hvdtrain.spec import validate
+    from tests.data_sets import image_folder
+    images = image_folder(tmp_path / "colours", per_class=20, size=24, split=True, suffix=".jpg")
+    local = tmp_path / "shards"
+    made = hvdtrain("shards", images, local, "--per-shard", "16")
+    assert made.returncode == 0, made.stderr
+    fs = bucket(s3)
+    for shard in sorted(local.iterdir()):  # the shards and classes.txt
+        fs.put_file(str(shard), f"{BUCKET}/shards/{shard.name}")
+    for name, value in {**s3, "HVDTRAIN_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(name, value)
+
+    def loaded(path):
+        spec = validate({"name": "t", "backend": "torch", "model": {"kind": "cnn"},
+                         "data": {"source": "webdataset", "path": path, "image_size": 16}}).data
+        return load_dataset(spec, image=True)
+    pattern = "train-{000000..000002}.tar"
+    remote, here = loaded(f"s3://{BUCKET}/shards/{pattern}"), loaded(str(local / pattern))
+    assert (len(remote.train), len(remote.val)) == (len(here.train), len(here.val)) and len(remote.train) > 0
+    assert remote.preprocessing.classes == here.preprocessing.classes
+    np.testing.assert_array_equal(remote.train.y, here.train.y)
+    fetched = sorted(p.name for p in (tmp_path / "cache").rglob("train-*.tar"))
+    assert fetched == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    with pytest.raises(DataError, match=rf"data.path: cannot fetch s3://{BUCKET}/shards/train-000003.tar"):
+        loaded(f"s3://{BUCKET}/shards/train-{{000000..000003}}.tar")
