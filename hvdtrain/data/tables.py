@@ -14,6 +14,8 @@ a tar shard is: each rank reads whole groups, every sample once an epoch.
 """
 from __future__ import annotations
 
+import os
+
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ class ParquetTable:
         self.columns = schema or []
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._open: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:  # a loader process opens the files itself
         return {**self.__dict__, "_open": {}}
@@ -65,6 +68,8 @@ class ParquetTable:
         waited on one for 300 s); the loader processes read groups in parallel instead."""
         import pyarrow.parquet as pq
         f, g = self.groups[group]
+        if self._pid != os.getpid():  # a forked loader process: its own readers, not its rank's
+            self._open, self._pid = {}, os.getpid()
         if f not in self._open:
             self._open[f] = pq.ParquetFile(self.files[f])
         return self._open[f].read_row_group(g, columns=columns, use_threads=False)

@@ -124,3 +124,26 @@ def test_a_file_that_is_not_parquet_is_named(tmp_path):
     with pytest.raises(DataError, match="is not a dataset saved with save_to_disk"):
         require_module("datasets")
         load_dataset(DataSpec(source="hf_dataset", path=tmp_path))
+
+
+def test_a_forked_loader_process_reads_with_its_own_parquet_readers(tmp_path):
+    """A loader process is forked with its rank's open readers in memory: it opens its own
+    (sharing Arrow reader state across a fork is how forked readers deadlock)."""
+    import multiprocessing
+    import pyarrow as pa
+    pq.write_table(pa.table({"a": np.arange(100.0)}), tmp_path / "t.parquet", row_group_size=25)
+    table = tables.ParquetTable(tmp_path / "t.parquet")
+    assert table.read(0, ["a"]).num_rows == 25
+    table._open[0].rank_s = True  # the rank's reader, marked
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+
+    def child():
+        rows = table.read(1, ["a"]).column("a").to_pylist()
+        results.put((rows[0], hasattr(table._open[0], "rank_s")))
+    process = context.Process(target=child)
+    process.start()
+    first, shared = results.get(timeout=60)
+    process.join(60)
+    assert (first, shared) == (25.0, False)
+    assert hasattr(table._open[0], "rank_s")  # the rank keeps its own
