@@ -45,11 +45,10 @@ def apply_horovod_environment(knobs: HorovodSpec) -> None:
 def main(spec_path: str, overrides: list[str]) -> int:
     from .backends import get_backend
     from .data import image_input, load_dataset
+    from .data.image_samples import RANK_VARIABLES
     from .launch import prepare_rank
     from .plugins import add_import_paths, import_paths
     from .train.progress import require_tensorboard
-
-    from .data.image_samples import RANK_VARIABLES
 
     startup.mark("python")
     rank = next((os.environ[v] for v in RANK_VARIABLES if v in os.environ), "0")

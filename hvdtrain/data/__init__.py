@@ -63,9 +63,8 @@ def fetched(spec: DataSpec) -> DataSpec:
         except Exception as err:  # noqa: BLE001 -- each store's library raises its own
             raise DataError(f"{key}: cannot fetch {url}: {storage.describe(err)}") from None
 
-    if spec.source == "webdataset" and storage.is_url(spec.path) and shard_list(str(spec.path)) != [str(spec.path)]:
-        # a brace pattern or list of shard URLs: each shard fetched, the reader given the local list
-        urls = shard_list(str(spec.path))
+    urls = shard_list(str(spec.path)) if spec.source == "webdataset" else [str(spec.path)]
+    if urls != [str(spec.path)]:  # a brace pattern or list of shard URLs: each fetched, the reader given the list
         local = [fetch("data.path", url) for url in urls]
         names = f"{urls[0].rsplit('/', 1)[0]}/classes.txt"  # the class names beside the shards, if there
         if storage.read_problem(names) is None:

@@ -15,7 +15,6 @@ a tar shard is: each rank reads whole groups, every sample once an epoch.
 from __future__ import annotations
 
 import os
-
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
