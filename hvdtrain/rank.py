@@ -45,14 +45,13 @@ def apply_horovod_environment(knobs: HorovodSpec) -> None:
 def main(spec_path: str, overrides: list[str]) -> int:
     from .backends import get_backend
     from .data import image_input, load_dataset
-    from .data.image_samples import RANK_VARIABLES
+    from .data.image_samples import launched_rank
     from .launch import prepare_rank
     from .plugins import add_import_paths, import_paths
     from .train.progress import require_tensorboard
 
     startup.mark("python")
-    rank = next((os.environ[v] for v in RANK_VARIABLES if v in os.environ), "0")
-    spec = load_spec(spec_path, overrides, writes=rank == "0")  # rank 0 writes output and checkpoints
+    spec = load_spec(spec_path, overrides, writes=launched_rank() == "0")  # rank 0 writes output and checkpoints
     preempt.install()  # before anything slow: a stop asked for early is not lost
     apply_horovod_environment(spec.horovod)
     # What the launcher that started this rank sets up first (under srun: Horovod's rank

@@ -126,11 +126,15 @@ class EncodedImages:
         return int(self.skipped.value)
 
 
+def launched_rank() -> str:
+    """This process's rank as its launcher set it (also in a loader's worker process,
+    and before Horovod starts); "0" where none did."""
+    return next((os.environ[v] for v in RANK_VARIABLES if v in os.environ), "0")
+
+
 def where(epoch: int | None) -> str:
-    """This process's rank (from the launcher's variables, also in a loader's worker
-    process) and the epoch, for a message."""
-    rank = next((os.environ[v] for v in RANK_VARIABLES if v in os.environ), "0")
-    return f"rank {rank}, " + (f"epoch {epoch + 1}" if epoch is not None else "validation")
+    """This process's rank and the epoch, for a message."""
+    return f"rank {launched_rank()}, " + (f"epoch {epoch + 1}" if epoch is not None else "validation")
 
 
 def channel_statistics(samples: EncodedImages, train: np.ndarray, size: list[int],
