@@ -151,12 +151,15 @@ def run_training(s: Settings, scratch: Path, log, failures: list[dict], gpu: boo
                                  "window_allreduces": result["window_allreduces"],
                                  "startup_phases": result["startup_phases"],
                                  "graphs_compiled_in_warmup": result.get("graphs_compiled_in_warmup"),
-                                 "graphs_compiled_after_warmup": result.get("graphs_compiled_after_warmup")})
+                                 "graphs_compiled_after_warmup": result.get("graphs_compiled_after_warmup"),
+                                 "after_last_gradient_ms": result.get("after_last_gradient_ms")})
                     recompiled = result.get("graphs_compiled_after_warmup")
                     log(f"  {name:22s} {ranks} rank(s), round {round_ + 1}: "
                         f"{statistics.median(rates):9.1f} samples/s; to the first timed window "
                         f"{describe(result['startup_phases'])}"
-                        + (f"; {recompiled} graph(s) compiled after warm-up" if recompiled else ""))
+                        + (f"; {recompiled} graph(s) compiled after warm-up" if recompiled else "")
+                        + (f"; {tail:.1f} ms a step after its last gradient" if (tail := result.get(
+                            "after_last_gradient_ms")) is not None else ""))
     return runs
 
 
@@ -252,10 +255,13 @@ def throughput_table(runs: list[dict]) -> list[dict]:
                 starts = [sum(r["startup_phases"].values()) for r in chosen if r.get("startup_phases")]
                 compiles = [r["graphs_compiled_after_warmup"] for r in chosen
                             if r.get("graphs_compiled_after_warmup") is not None]
+                tails = [r["after_last_gradient_ms"] for r in chosen if r.get("after_last_gradient_ms") is not None]
                 table.append({"impl": label(impl, placement), "placement": placement, "ranks": ranks,
                               "communicated": bool(sum(allreduces)) if allreduces else None,
                               **summarize(rates), "startup_s": statistics.median(starts) if starts else None,
-                              "graphs_compiled_after_warmup": max(compiles) if compiles else None})
+                              "graphs_compiled_after_warmup": max(compiles) if compiles else None,
+                              # the wait for the gradients' allreduces and the update, a step (CPU)
+                              "after_last_gradient_ms": statistics.median(tails) if tails else None})
     return table
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .counts import Counts, count_torch_optimizer, median_ms
+
 THREADS = 1
 
 
@@ -42,35 +44,6 @@ def batches_for(spec, rank: int, size: int) -> list:
 
 def cycle(batches: list, count: int, start: int) -> list:
     return [batches[(start + i) % len(batches)] for i in range(count)]
-
-
-class Counts:
-    """What a rank did in a window, counted as it happens: optimizer steps and
-    gradient allreduces (tensors or buckets handed to the communication library)."""
-
-    def __init__(self):
-        self.optimizer_steps = 0
-        self.allreduces = 0
-        self.optimizer = None  # its class and hyperparameters, as built
-
-    def counting(self, method, what: str):
-        def counted(*args, **kwargs):
-            setattr(self, what, getattr(self, what) + 1)
-            return method(*args, **kwargs)
-        return counted
-
-
-def count_torch_optimizer(optimizer, counts: Counts, horovod: bool) -> None:
-    """Count the optimizer's steps and, for Horovod's DistributedOptimizer, the
-    gradients its hooks allreduce (none at size 1: Horovod registers no hooks)."""
-    optimizer.step = counts.counting(optimizer.step, "optimizer_steps")
-    group = optimizer.param_groups[0]
-    counts.optimizer = {"name": type(optimizer).__name__, "lr": group["lr"],
-                        **{k: group[k] for k in ("momentum", "weight_decay") if k in group}}
-    if horovod:  # one a gradient, or one a bucket (horovod.bucket_mb), as DDP counts its buckets
-        optimizer._allreduce_grad_async = counts.counting(optimizer._allreduce_grad_async, "allreduces")
-        optimizer._grouped_allreduce_grad_async = counts.counting(optimizer._grouped_allreduce_grad_async,
-                                                                  "allreduces")
 
 
 def train_hvdtrain(spec, backend_name: str):
@@ -298,6 +271,7 @@ def time_training(args) -> dict:
     startup.mark("warm-up")
     graphs = compiled_graphs()
     seconds, samples, steps, allreduces = [], [], [], []
+    tails_from = len(counts()["tails"])
     for window in range(args.windows):
         first = args.warmup + window * args.steps
         total(0.0)
@@ -321,6 +295,7 @@ def time_training(args) -> dict:
     return {"rank": rank, "ranks": size, "impl": args.impl, "placement": args.placement,
             "optimizer": counts()["optimizer"], "window_seconds": seconds, "window_samples": samples, "window_optimizer_steps": steps,
             "window_allreduces": allreduces, "startup_phases": startup.phases(),
+            "after_last_gradient_ms": median_ms(counts()["tails"][tails_from:]),
             "graphs_compiled_in_warmup": None if graphs is None else graphs - (before_warmup or 0),
             "graphs_compiled_after_warmup": None if graphs is None else compiled_graphs() - graphs}
 

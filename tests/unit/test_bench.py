@@ -1,4 +1,6 @@
 """The benchmark report's arithmetic."""
+import time
+
 import pytest
 
 from hvdtrain.bench import bandwidths, figures, parse_size, ratio, scaling_efficiency, summarize, throughput_table
@@ -118,3 +120,30 @@ def test_a_failed_launch_is_recorded_and_the_rest_is_kept(tmp_path, monkeypatch)
     assert [f["run"] for f in report["failures"]] == ["ddp on 1 rank(s), round 1", "ddp on 1 rank(s), round 2"]
     assert [(t["impl"], t["median"], t["startup_s"]) for t in report["throughput"]] == [("horovod", 200.0, 3.5)]
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_a_step_is_timed_from_its_last_gradient_to_its_end():
+    """The wait after backward (allreduces, update) is what separates Horovod from DDP
+    on a CPU: each optimizer step records it, from the parameters' own hooks."""
+    torch = pytest.importorskip("torch")
+    from hvdtrain.bench.counts import Counts, count_torch_optimizer, median_ms
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plain_step = optimizer.step
+
+    def slow_step(*args, **kwargs):  # stands in for a wait on the allreduces
+        time.sleep(0.03)
+        return plain_step(*args, **kwargs)
+    optimizer.step = slow_step
+    counts = Counts()
+    count_torch_optimizer(optimizer, counts, horovod=False)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.ones(8, 4)).sum().backward()
+        optimizer.step()
+    optimizer.step()  # a step with no backward before it is not timed
+    assert counts.optimizer_steps == 4
+    assert len(counts.tails) == 3
+    assert all(0.03 <= t < 1.0 for t in counts.tails)
+    assert 30 <= median_ms(counts.tails) < 1000
+    assert median_ms([]) is None
