@@ -231,7 +231,8 @@ class HorovodSpec(Section):
     bucket_mb: Annotated[float, Field(ge=0, le=4096)] = Field(
         default=25, description=("gradients allreduced in buckets of about this many MiB, each one "
                                  "grouped allreduce (DDP's rule: in reverse order of the model's "
-                                 "parameters, the first bucket at most 1 MiB; torch starts each from "
+                                 "parameters, each closed by the parameter that brings it to the cap, "
+                                 "the first one's 1 MiB; torch starts each from "
                                  "the backward pass once its gradients are computed); 0: one allreduce "
                                  "per gradient, as Horovod's optimizer and tape do by default, and as "
                                  "elastic training and Adasum do"))

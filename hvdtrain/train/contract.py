@@ -116,18 +116,21 @@ FIRST_BUCKET_MB = 1.0  # the first bucket's cap, as DDP's: the first allreduce s
 def bucket_indices(sizes: list[int], bucket_mb: float) -> list[list[int]] | None:
     """The gradients' buckets for Horovod's grouped allreduces (`horovod.bucket_mb`), as
     indices into the trainable parameters whose sizes in bytes are given: the parameters
-    in reverse order (backward computes the last layers' gradients first), cut where a
-    bucket would pass the cap, the first one at FIRST_BUCKET_MB. Each bucket is one
-    negotiation and one fused allreduce; None (bucket_mb 0): one allreduce per gradient."""
+    in reverse order (backward computes the last layers' gradients first), a bucket closed
+    by the parameter that brings it to its cap, the first one's FIRST_BUCKET_MB, as DDP
+    closes its buckets (cutting before that parameter instead left a model whose last
+    layer is near 1 MiB with a first bucket of its biases alone, and all of its allreduce
+    after the backward pass). Each bucket is one negotiation and one fused allreduce;
+    None (bucket_mb 0): one allreduce per gradient."""
     if not bucket_mb:
         return None
     groups: list[list[int]] = [[]]
     size, cap = 0, min(FIRST_BUCKET_MB, bucket_mb) * 2**20
     for i in reversed(range(len(sizes))):
-        if groups[-1] and size + sizes[i] > cap:
-            groups.append([])
-            size, cap = 0, bucket_mb * 2**20
         groups[-1].append(i)
         size += sizes[i]
+        if size >= cap:
+            groups.append([])
+            size, cap = 0, bucket_mb * 2**20
     return [group for group in groups if group]
 
