@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..train.startup import describe
+from .host import gpu_names, machine, versions
 
 TRAIN_IMPLS = ("hvdtrain", "horovod", "ddp", "tensorflow", "local")
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
@@ -266,6 +266,11 @@ def throughput_table(runs: list[dict]) -> list[dict]:
 
 
 SINGLE_RANK = "single rank: no communication measured"
+# the ratios between implementations at 2 or more ranks: (name, numerator, denominator)
+PAIRS = (("hvdtrain_vs_horovod", "hvdtrain", "horovod"), ("horovod_vs_ddp", "horovod", "ddp"),
+         ("hvdtrain_vs_ddp", "hvdtrain", "ddp"), ("tensorflow_vs_hvdtrain", "tensorflow", "hvdtrain"),
+         ("hvdtrain_vs_horovod_gpu_resident", "hvdtrain", "horovod-gpu-resident"),
+         ("horovod_vs_ddp_gpu_resident", "horovod-gpu-resident", "ddp-gpu-resident"))
 
 
 def figures(table: list[dict], allreduce: list[dict]) -> dict[str, Any]:
@@ -289,11 +294,7 @@ def figures(table: list[dict], allreduce: list[dict]) -> dict[str, Any]:
     else:
         # horovod_vs_ddp: Horovod as users write it (this build); hvdtrain_vs_ddp: as hvdtrain runs
         # it (gradients in buckets, horovod.bucket_mb)
-        for name, a, b in (("hvdtrain_vs_horovod", "hvdtrain", "horovod"), ("horovod_vs_ddp", "horovod", "ddp"),
-                           ("hvdtrain_vs_ddp", "hvdtrain", "ddp"),
-                           ("tensorflow_vs_hvdtrain", "tensorflow", "hvdtrain"),
-                           ("hvdtrain_vs_horovod_gpu_resident", "hvdtrain", "horovod-gpu-resident"),
-                           ("horovod_vs_ddp_gpu_resident", "horovod-gpu-resident", "ddp-gpu-resident")):
+        for name, a, b in PAIRS:
             if (a, top) in med and (b, top) in med:
                 out[name] = ratio(med[a, top], med[b, top])
         out["scaling_efficiency"] = {impl: scaling_efficiency(med[impl, 1], med[impl, top], top)
@@ -310,31 +311,19 @@ def figures(table: list[dict], allreduce: list[dict]) -> dict[str, Any]:
     return out
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1),
-            "os": platform.platform()}
-
-
-def gpu_names() -> list[str]:
-    try:
-        import torch
-        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except (ImportError, RuntimeError, AssertionError):  # no CUDA build or driver
-        return []
-
-
-def versions() -> dict[str, str | None]:
-    from ..horovod_build.build import installed_version, mpi_version
-    return {"python": platform.python_version(), "torch": installed_version("torch"),
-            "tensorflow": installed_version("tensorflow", "tensorflow-cpu"),
-            "horovod": installed_version("horovod"), "mpi": mpi_version()}
+def paired_by_round(runs: list[dict]) -> dict[str, dict]:
+    """The ratios of PAIRS at the largest rank count round by round (each one's median in a
+    round over the other's in the same round), and their median: alternating rounds meet a
+    machine's drift alike, so where it drifts this is the steadier figure."""
+    top = max((r["ranks"] for r in runs), default=0)
+    by = {(label(r["impl"], r["placement"]), r["round"]): statistics.median(r["samples_per_s"])
+          for r in runs if r["ranks"] == top >= 2}
+    out = {}
+    for name, a, b in PAIRS:
+        ratios = [ratio(by[a, k], by[b, k]) for k in sorted({k for _, k in by}) if (a, k) in by and (b, k) in by]
+        if len(ratios) >= 2:
+            out[name] = {"median": statistics.median(ratios), "rounds": ratios}
+    return out
 
 
 def plot(report: dict, path: Path) -> None:
@@ -383,6 +372,9 @@ def print_table(report: dict, log) -> None:
             shown = f"{value:.3f}"
         target = f" (target >= {TARGETS[name]})" if name in TARGETS else ""
         log(f"{name}: {shown}{target}")
+    for name, paired in report.get("paired_by_round", {}).items():
+        log(f"{name}, round by round: median {paired['median']:.3f} of "
+            + ", ".join(f"{v:.3f}" for v in paired["rounds"]))
 
 
 def bench(s: Settings, log=print) -> dict:
@@ -429,7 +421,8 @@ def bench(s: Settings, log=print) -> dict:
                            "horovod": spec.horovod.model_dump(mode="json")},
               "gpus": gpu_names() if gpu else [],
               "runs": runs, "throughput": table, "allreduce": allreduce,
-              "figures": figures(table, allreduce), "targets": TARGETS, "failures": failures}
+              "figures": figures(table, allreduce), "paired_by_round": paired_by_round(runs),
+              "targets": TARGETS, "failures": failures}
     (s.output / "bench.json").write_text(json.dumps(report, indent=2))
     plot(report, s.output / "bench.png")
     print_table(report, log)

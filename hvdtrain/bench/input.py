@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from . import env, machine, versions
+from . import env
+from .host import machine, versions
 
 SOURCES = ("memory", "image_folder", "npy")
 

@@ -147,3 +147,22 @@ def test_a_step_is_timed_from_its_last_gradient_to_its_end():
     assert all(0.03 <= t < 1.0 for t in counts.tails)
     assert 30 <= median_ms(counts.tails) < 1000
     assert median_ms([]) is None
+
+
+def test_ratios_round_by_round_pair_the_runs_of_each_round():
+    """On a drifting machine each round's ratio compares launches made side by side;
+    the median of those is reported beside the pooled medians' ratio."""
+    from hvdtrain.bench import paired_by_round
+
+    def run(impl, round_, rates, ranks=2):
+        return {"impl": impl, "placement": "host", "ranks": ranks, "round": round_, "samples_per_s": rates}
+    runs = [run("hvdtrain", 0, [100, 110, 90]), run("ddp", 0, [200, 200]),  # a slow round for both
+            run("hvdtrain", 1, [500]), run("ddp", 1, [400]),
+            run("hvdtrain", 2, [300]), run("ddp", 2, [250]),
+            run("hvdtrain", 0, [50], ranks=1), run("ddp", 0, [50], ranks=1)]
+    paired = paired_by_round(runs)
+    assert set(paired) == {"hvdtrain_vs_ddp"}
+    assert paired["hvdtrain_vs_ddp"]["rounds"] == pytest.approx([0.5, 1.25, 1.2])
+    assert paired["hvdtrain_vs_ddp"]["median"] == pytest.approx(1.2)
+    assert paired_by_round([r for r in runs if r["round"] == 0]) == {}  # one round: nothing to pair
+    assert paired_by_round([r for r in runs if r["ranks"] == 1]) == {}
