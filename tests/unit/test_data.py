@@ -1,3 +1,8 @@
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -153,3 +158,27 @@ def test_duplicate_rows_are_dropped_when_asked(tmp_path):
     assert load_dataset(DataSpec(source="file", path=path)).dropped_rows == 0
     ds = load_dataset(DataSpec(source="file", path=path, clean={"duplicates": "drop"}))
     assert ds.dropped_rows == 20 and len(ds.train.y) + len(ds.val.y) == 20
+
+
+def test_a_bundled_set_is_read_from_its_cached_copy_after_the_first_launch(tmp_path):
+    """Importing scikit-learn took a second of each launch's start-up: the first load keeps
+    the set as .npz in the cache directory, later ones read it without importing
+    scikit-learn and get the same arrays; an unreadable copy is written again."""
+    code = ("import sys, json\nfrom hvdtrain.data.arrays import bundled\nx, y, names = bundled('digits')\n"
+            "print(json.dumps({'sklearn': 'sklearn' in sys.modules, 'x': [list(x.shape), str(x.dtype), float(x.sum())],"
+            " 'y': [str(y.dtype), int(y.sum())], 'names': names[:2] + names[-1:]}))")
+    env = {**os.environ, "HVDTRAIN_CACHE": str(tmp_path)}
+
+    def load() -> dict:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+    first = load()
+    assert first["sklearn"] and first["x"][0] == [1797, 64] and first["names"] == ["pixel_0_0", "pixel_0_1", "pixel_7_7"]
+    copies = sorted((tmp_path / "bundled").iterdir())
+    assert len(copies) == 1 and copies[0].name.startswith("digits-scikit-learn-")  # nothing left aside
+    second = load()
+    assert not second.pop("sklearn") and second == {k: v for k, v in first.items() if k != "sklearn"}
+    copies[0].write_bytes(b"not an npz")
+    third = load()
+    assert third.pop("sklearn") and third == second
+    assert load()["sklearn"] is False
