@@ -138,6 +138,12 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
         comm, lambda: (placed(make_model(spec.model, dataset), device, spec.train.channels_last),
                        make_loss(spec.loss, dataset.preprocessing)),
         elastic=spec.horovod.elastic is not None)
+    # Horovod's grouped allreduce takes dense tensors: sparse gradients go one at a time
+    sparse = [n or "model" for n, m in model.named_modules()
+              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    if sparse and spec.horovod.bucket_mb and comm.rank == 0:
+        print(f"hvdtrain: sparse gradients ({', '.join(sparse)}): Horovod allreduces them one at a time, "
+              "so horovod.bucket_mb does not apply to this model", flush=True)
     # Horovod: scale the learning rate by the number of workers (the loop sets it
     # at every step from the same rule, with warm-up).
     lr = scaled_lr(spec.optimizer, spec.horovod.adasum, comm)
@@ -147,7 +153,7 @@ def setup(spec: JobSpec, dataset: Dataset) -> Training:
         named_parameters=model.named_parameters(),
         # buckets agreed by a broadcast when the optimizer is built, which a worker joining a
         # running elastic job would call alone: elastic training reduces gradient by gradient
-        groups=None if spec.horovod.adasum or spec.horovod.elastic else buckets(
+        groups=None if spec.horovod.adasum or spec.horovod.elastic or sparse else buckets(
             list(model.parameters()), spec.horovod.bucket_mb),
         compression=hvd.Compression.fp16 if spec.horovod.fp16_compression else hvd.Compression.none,
         backward_passes_per_step=spec.horovod.backward_passes_per_step,

@@ -92,6 +92,22 @@ def test_custom_loss_from_user_code(cli, tmp_path):
     assert summary_of(out)["final"]["val_r2"] >= 0.40
 
 
+def test_a_model_with_sparse_gradients_trains_with_the_default_buckets(cli, tmp_path, figure):
+    """An EmbeddingBag(sparse=True): Horovod's grouped allreduce refuses sparse tensors
+    ("Tensor type torch.sparse.FloatTensor is not supported"), so its gradients go one at a
+    time, said once, and the model trains on 2 ranks."""
+    out = tmp_path / "run"
+    result = cli("run", EXAMPLES / "digits-mlp-torch.yaml", "-np", "2", f"output={out}", f"code=[{USER_CODE}]",
+                 "model={kind: custom, builder: 'probes:sparse_binned'}", "optimizer.lr=0.1",
+                 "optimizer.momentum=0", "optimizer.weight_decay=0", "train.epochs=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("sparse gradients (table)") == 1, result.stdout[-3000:]
+    final = summary_of(out)["final"]
+    figure(f"EmbeddingBag with sparse gradients on 2 ranks: validation accuracy {final['val_accuracy']:.3f} "
+           "after 5 epochs")
+    assert final["val_accuracy"] >= 0.85
+
+
 @pytest.mark.parametrize("backend, optimizer", [("torch", "torch.optim:AdamW"), ("tensorflow", "keras.optimizers:AdamW")])
 def test_an_optimizer_by_import_path_trains_and_resumes(cli, tmp_path, backend, optimizer, figure):
     """The framework's own AdamW with its options from the spec, the lr scaled and warmed up

@@ -121,3 +121,24 @@ class Paced(nn.Module):
 
 def paced(input_shape, num_classes):
     return Paced(math.prod(input_shape), num_classes)
+
+
+class Binned(nn.Module):
+    """Each (standardised) feature cut into 17 bins, each (feature, bin) a row of an
+    EmbeddingBag with sparse gradients, summed; then a linear head."""
+
+    def __init__(self, features: int, num_classes: int, width: int):
+        super().__init__()
+        self.features = features
+        self.table = nn.EmbeddingBag(features * 17, width, mode="sum", sparse=True)
+        nn.init.normal_(self.table.weight, std=0.05)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        bins = (x.flatten(1) * 2).round().clamp(-8, 8).long() + 8
+        return self.head(torch.relu(self.table(bins + 17 * torch.arange(self.features, device=x.device))))
+
+
+def sparse_binned(input_shape, num_classes, width=32):
+    """A model whose embedding's gradients are sparse (torch)."""
+    return Binned(math.prod(input_shape), num_classes, width)
