@@ -273,7 +273,22 @@ def print_status(args) -> int:
 
 
 def print_logs(args) -> int:
-    follow(Path(args.run_dir), args.follow)
+    """One run's log; a sweep's: each run's under a line naming it (following one at a time)."""
+    from . import sweep
+    directory = Path(args.run_dir)
+    if not sweep.is_sweep(directory):
+        follow(directory, args.follow)
+        return 0
+    runs = json.loads((directory / SWEEP_FILE).read_text())["runs"]
+    if args.follow:
+        raise UserError(f"{directory} is a sweep of {len(runs)} runs: follow one of them, e.g. "
+                        f"hvdtrain logs -f {shlex.quote(runs[0]['output'])}")
+    for run in runs:
+        print(f"== {run['name']} ({run['output']})", flush=True)
+        try:
+            follow(Path(run["output"]), False)
+        except UserError as err:  # a run this sweep did not submit to Slurm
+            print(err, flush=True)
     return 0
 
 
@@ -290,6 +305,6 @@ LAUNCHER = Launcher(name="slurm", prepare_rank=prepare_rank, verbs=(
     Verb(path=("status",), help="the Slurm job a run was submitted as (state, restarts, last epoch), or a "
                                 "sweep's runs, best first",
          arguments=lambda parser: parser.add_argument("run_dir"), call=print_status),
-    Verb(path=("logs",), help="the log of the Slurm job a run was submitted as",
+    Verb(path=("logs",), help="the log of the Slurm job a run was submitted as; a sweep's, run by run",
          arguments=logs_arguments, call=print_logs),
 ))

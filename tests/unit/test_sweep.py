@@ -86,3 +86,24 @@ def test_status_lists_the_runs_best_first(tmp_path):
                                              ["lr=0.3", "started", "2/20", "0.7000"],
                                              ["lr=0.01", "not", "started", "0/20", "-"]]
     assert "RUNNING" in sweep.table(directory, {"lr=0.3": "RUNNING"})
+
+
+def test_logs_of_a_sweep_are_each_runs_log_under_its_name(tmp_path, capsys):
+    """The sweep's own directory records a log pattern of the array, not a file: each run's
+    log is printed under a line naming the run; following takes one run."""
+    from argparse import Namespace
+    spec, runs = sweep.plan(str(MLP), [f"output={tmp_path}"], ["optimizer.lr=0.1,0.01,0.001"])
+    directory = sweep.write_plan(spec, runs, str(MLP), [f"output={tmp_path}"], "slurm")
+    (directory / slurm.JOB_RECORD).write_text(json.dumps({"job": "7", "log": str(tmp_path / "slurm-x-7_*.out")}))
+    for i, run in enumerate(runs[:2]):  # the third run was never submitted
+        Path(run.output).mkdir()
+        log = tmp_path / f"slurm-x-7_{i}.out"
+        log.write_text(f"epoch 1/1 of {run.name}\n")
+        (Path(run.output) / slurm.JOB_RECORD).write_text(json.dumps({"job": f"7_{i}", "log": str(log)}))
+    assert slurm.print_logs(Namespace(run_dir=str(directory), follow=False)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"== lr=0.1 ({runs[0].output})" and lines[1] == "epoch 1/1 of lr=0.1"
+    assert lines[2] == f"== lr=0.01 ({runs[1].output})" and lines[3] == "epoch 1/1 of lr=0.01"
+    assert lines[4].startswith("== lr=0.001") and "no Slurm job recorded" in lines[5] and len(lines) == 6
+    with pytest.raises(UserError, match=r"sweep of 3 runs: follow one of them, e\.g\. hvdtrain logs -f .*lr=0\.1"):
+        slurm.print_logs(Namespace(run_dir=str(directory), follow=True))
