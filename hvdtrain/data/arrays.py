@@ -16,7 +16,7 @@ from ..horovod_build.build import cache_root
 from ..spec import DataSpec
 from . import npy
 from .split import Targets, first_occurrences, input_shape, usable_labels
-from .types import ArraySamples, Dataset
+from .types import ArraySamples, Dataset, row_chunks
 
 
 def load(spec: DataSpec, image: bool = False, task: str = "classification") -> Dataset:
@@ -26,26 +26,49 @@ def load(spec: DataSpec, image: bool = False, task: str = "classification") -> D
     x, labels, names, columns, categories = read_source(spec, task)
     if len(x) != len(labels):
         raise DataError(f"{len(x)} samples but {len(labels)} labels")
-    x = x.reshape(len(x), -1).astype(np.float64)
+    # float32 features stay float32 until preprocessed, their statistics summed in float64: a
+    # float64 copy of ResNet-50's 2,560 synthetic images was 3 GB, with as many again in temporaries
+    x = x.reshape(len(x), -1)
+    x = x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)
+    finite = np.ones(len(x), dtype=bool)
+    for rows in row_chunks(len(x), x.shape[1]):
+        finite[rows] = np.isfinite(x[rows]).all(axis=1)
     keep = usable_labels(labels, task)
     if spec.clean.missing == "drop":
-        keep &= np.isfinite(x).all(axis=1)
+        keep &= finite
     if spec.clean.duplicates == "drop":
         keep &= first_occurrences(x, labels)
     dropped = int((~keep).sum())
-    x, labels = x[keep], labels[keep]
+    if dropped:
+        x, labels, finite = x[keep], labels[keep], finite[keep]
     targets = Targets.split(labels, task, spec)
     train, val = targets.train, targets.val
-    fill = np.nan_to_num(np.nanmean(np.where(np.isfinite(x[train]), x[train], np.nan), axis=0))
-    x = np.where(np.isfinite(x), x, fill[None, :])
-    mean = x[train].mean(axis=0) if spec.standardize else np.zeros(x.shape[1])
-    std = x[train].std(axis=0) if spec.standardize else np.ones(x.shape[1])
+    if finite.all():
+        fill, spread = column_statistics(x, train)
+        centre = fill
+    else:  # missing values imputed with the training rows' column means
+        x = x.astype(np.float64)
+        fill = np.nan_to_num(np.nanmean(np.where(np.isfinite(x[train]), x[train], np.nan), axis=0))
+        x = np.where(np.isfinite(x), x, fill[None, :])
+        centre, spread = x[train].mean(axis=0), x[train].std(axis=0)
+    mean = centre if spec.standardize else np.zeros(x.shape[1])
+    std = spread if spec.standardize else np.ones(x.shape[1])
     std = np.where(std > 1e-12, std, 1.0)  # constant features stay constant, not NaN
     shape = input_shape(spec, x.shape[1], image)
     prep = targets.preprocessing(names, list(shape), fill, mean, std, columns, categories)
     xs, y = prep.apply(x), targets.y
     test = ArraySamples(xs[targets.test], y[targets.test]) if len(targets.test) else None
     return Dataset(ArraySamples(xs[train], y[train]), ArraySamples(xs[val], y[val]), prep, dropped, test)
+
+
+def column_statistics(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of each column over the given rows, in float64, a
+    chunk of rows at a time (two passes, as numpy's own std)."""
+    chunks = [rows[part] for part in row_chunks(len(rows), x.shape[1])]
+    total = sum((x[c].sum(axis=0, dtype=np.float64) for c in chunks), np.zeros(x.shape[1]))
+    mean = total / len(rows)
+    squares = sum((np.square(x[c].astype(np.float64) - mean).sum(axis=0) for c in chunks), np.zeros(x.shape[1]))
+    return mean, np.sqrt(squares / len(rows))
 
 
 def read_source(spec: DataSpec, task: str = "classification"):

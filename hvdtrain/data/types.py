@@ -21,6 +21,12 @@ from ..errors import DataError
 Batch = tuple[np.ndarray, np.ndarray]
 
 
+def row_chunks(rows: int, features: int, elements: int = 1 << 22) -> list[slice]:
+    """Slices over `rows` rows of `features` values, about `elements` values each (at least a row)."""
+    step = max(1, elements // max(1, features))
+    return [slice(i, i + step) for i in range(0, rows, step)]
+
+
 class Samples(Protocol):
     def __len__(self) -> int: ...
 
@@ -82,14 +88,18 @@ class Preprocessing:
         if self.image_size:
             scale, shift = self.pixel_affine()
             return np.asarray(x, dtype=np.float32) * scale[:, None, None] - shift[:, None, None]
-        x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        x = np.asarray(x).reshape(len(x), -1)
         if x.shape[1] != len(self.mean):
             raise DataError(f"expected {len(self.mean)} features per sample, got {x.shape[1]}")
-        bad = ~np.isfinite(x)
-        if bad.any():
-            x = np.where(bad, np.asarray(self.fill)[None, :], x)
-        x = (x - np.asarray(self.mean)) / np.asarray(self.std)
-        return x.astype(np.float32).reshape((len(x), *self.input_shape))
+        fill, mean, std = (np.asarray(v, dtype=np.float64) for v in (self.fill, self.mean, self.std))
+        out = np.empty(x.shape, dtype=np.float32)
+        for rows in row_chunks(len(x), x.shape[1]):  # float64 a chunk at a time, not a float64 copy of the whole
+            part = x[rows].astype(np.float64)
+            bad = ~np.isfinite(part)
+            if bad.any():
+                part = np.where(bad, fill[None, :], part)
+            out[rows] = (part - mean) / std
+        return out.reshape((len(x), *self.input_shape))
 
     def pixel_affine(self) -> tuple[np.ndarray, np.ndarray]:
         """Images: per channel, the (scale, shift) that normalise uint8 pixels (x * scale
