@@ -16,6 +16,7 @@ from .lr import lr_schedule, scaled_lr
 from .metrics import final_metrics
 from .loop import write_line
 from .preflight import check_consistency, preflight
+from .progress import EventLog, epoch_scalars, open_event_log
 from .resume import load_latest
 from .run_dir import finish, prepare_run_dir
 
@@ -56,6 +57,7 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
     state = make_state(epoch=start.epoch, processed=0, loss_sum=0.0, seen=0)
     elastic = spec.horovod.elastic
     n, bs = len(dataset.train), spec.train.batch_size
+    events: list[EventLog] = []  # rank 0's event file, once it has written an epoch (log.tensorboard)
 
     @elastic_run
     def train(state) -> dict[str, Any]:
@@ -91,12 +93,21 @@ def run_elastic(spec: JobSpec, dataset: Dataset, make_comm: Callable[[], Comm], 
             record = end_epoch(spec, dataset, comm, steps, epoch, np.array([state.loss_sum, state.seen]),
                                lr_at(per_epoch - 1), time.perf_counter() - began, progress,
                                workers=comm.size)
+            if comm.rank == 0 and spec.log.tensorboard:  # the epochs' records, from this worker on
+                if not events:
+                    events.append(open_event_log(spec))
+                epoch_scalars(events[0], record)
+                events[0].writer.flush()
             state.epoch, state.processed, state.loss_sum, state.seen = epoch + 1, 0, 0.0, 0
             state.commit()
         digest = check_consistency(comm, steps)
         return finish(spec, dataset, comm, steps, record, digest)
 
-    summary = train(state)
+    try:
+        summary = train(state)
+    finally:
+        for log in events:
+            log.close()
     if make_comm().rank == 0 and summary["final"]:
         progress(f"final {final_metrics(spec.task, summary['final'])}")
     return summary

@@ -66,6 +66,19 @@ class EventLog:
         self.writer.close()
 
 
+def epoch_scalars(events: EventLog, record: dict[str, Any]) -> None:
+    for key, value in record.items():
+        if key != "epoch" and isinstance(value, (int, float)):
+            events.scalar(f"epoch/{key}", value, record["epoch"])
+
+
+def open_event_log(spec: JobSpec) -> EventLog:
+    """A new event file in the run's tensorboard directory, headed by the resolved spec."""
+    events = EventLog(spec.run_dir / TENSORBOARD_DIR)
+    events.text("spec", "```\n" + dump(spec) + "\n```")
+    return events
+
+
 def duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -80,9 +93,7 @@ class Progress:
         self.spec, self.size, self.per_epoch, self.say = spec, size, per_epoch, say
         self.shown = rank == 0 and spec.log.level != "quiet"
         self.tty = self.shown and sys.stderr.isatty()
-        self.events = EventLog(spec.run_dir / TENSORBOARD_DIR) if rank == 0 and spec.log.tensorboard else None
-        if self.events is not None:
-            self.events.text("spec", "```\n" + dump(spec) + "\n```")
+        self.events = open_event_log(spec) if rank == 0 and spec.log.tensorboard else None
         self.bar: tqdm | None = None
         self.began = self.last = time.monotonic()
         self.steps_run = 0
@@ -140,9 +151,7 @@ class Progress:
             self.bar = None
         self.last = time.monotonic()
         if self.events is not None:
-            for key, value in record.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    self.events.scalar(f"epoch/{key}", value, record["epoch"])
+            epoch_scalars(self.events, record)
             self.events.writer.flush()
 
     def close(self) -> None:

@@ -75,7 +75,7 @@ def test_worker_killed_then_added_back_trains_each_sample_once_per_epoch(tmp_pat
     elastic = (f"horovod.elastic={{min_workers: 1, max_workers: 2, discovery: {discover}, "
                "commit_every_steps: 5}")
     proc = subprocess.Popen([sys.executable, "-m", "hvdtrain", "run", spec, "-np", "2", f"train.epochs={epochs}",
-                             f"output={tmp_path / 'out'}", elastic],
+                             f"output={tmp_path / 'out'}", "log.tensorboard=true", elastic],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = Lines(proc)
@@ -107,6 +107,10 @@ def test_worker_killed_then_added_back_trains_each_sample_once_per_epoch(tmp_pat
     assert trained_rows.sum() == train
     assert (counts[:, trained_rows] == 1).all(), [np.unique(c, return_counts=True) for c in counts]
     assert (counts[:, ~trained_rows] == 0).all()  # validation rows are never trained
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert sorted({e.step for e in events.Scalars("epoch/val_accuracy")}) == list(range(1, epochs + 1))
+    assert {e.step: e.value for e in events.Scalars("epoch/workers")} == {r["epoch"]: r["workers"] for r in records}
     figure(f"elastic: workers {workers[0]} -> 1 (after the kill) -> {workers[-1]}; each of {train} rows "
            f"trained once in each of {epochs} epochs; final accuracy {summary['final']['val_accuracy']:.4f}")
 
