@@ -32,7 +32,8 @@ def test_mlp_and_cnn_parameter_counts():
 
 def test_gradient_buckets_follow_the_backward_order_and_the_caps():
     """horovod.bucket_mb: trainable parameters from the last to the first, each bucket
-    closed by the parameter that brings it to its cap (1 MiB for the first), as DDP's."""
+    closed by the parameter that brings it to its cap (1 MiB for the first), as DDP's; a
+    parameter larger than the cap in a bucket of its own."""
     from hvdtrain.backends.torch import buckets
     mib = 2**18  # float32 elements in a MiB
     params = [torch.zeros(n, requires_grad=True) for n in (3 * mib, 3 * mib // 4, mib // 2, mib // 4, 5)]
@@ -40,7 +41,7 @@ def test_gradient_buckets_follow_the_backward_order_and_the_caps():
     groups = buckets(params, 2)
     # 5 floats, 1/4 MiB and 3/4 MiB reach the first 1 MiB together; 3 MiB passes 2 MiB alone
     assert [[id(p) for p in g] for g in groups] == [[id(params[4]), id(params[3]), id(params[1])], [id(params[0])]]
-    assert [len(g) for g in buckets(params, 0.5)] == [3, 1]  # the first cap is the smaller of the two
+    assert [len(g) for g in buckets(params, 0.5)] == [2, 1, 1]  # 3/4 MiB passes 0.5 MiB: alone
     assert [len(g) for g in buckets(params[:2] + params[3:], 0.25)] == [2, 1, 1]
     assert buckets(params, 0) is None
 
