@@ -232,7 +232,8 @@ class HorovodSpec(Section):
         default=25, description=("gradients allreduced in buckets of about this many MiB, each one "
                                  "grouped allreduce (DDP's rule: in reverse order of the model's "
                                  "parameters, each closed by the parameter that brings it to the cap, "
-                                 "the first one's 1 MiB, a larger parameter alone; torch starts each from "
+                                 "the first one's 1 MiB; a parameter larger than the open bucket's cap "
+                                 "starts the next; torch starts each from "
                                  "the backward pass once its gradients are computed); 0: one allreduce "
                                  "per gradient, as Horovod's optimizer and tape do by default, and as "
                                  "elastic training and Adasum do"))

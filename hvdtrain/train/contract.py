@@ -120,10 +120,10 @@ def bucket_indices(sizes: list[int], bucket_mb: float) -> list[list[int]] | None
     by the parameter that brings it to its cap, the first one's FIRST_BUCKET_MB, as DDP
     closes its buckets (cutting before that parameter instead left a model whose last
     layer is near 1 MiB with a first bucket of its biases alone, and all of its allreduce
-    after the backward pass); a parameter larger than the cap in a bucket of its own (a
-    tensor alone is reduced in place; bucketed with others it is copied into and out of
-    Horovod's fusion buffer: a 32 MB dense weight bucketed with its bias waited about 5 ms
-    a step longer). Each bucket is one negotiation and one fused allreduce; None
+    after the backward pass); a parameter larger than the open bucket's cap starts the
+    next bucket instead, alone where it passes that one's cap too (a tensor alone is
+    reduced in place; bucketed with others it is copied into and out of Horovod's fusion
+    buffer: a 32 MB dense weight bucketed with its bias waited about 5 ms a step longer). Each bucket is one negotiation and one fused allreduce; None
     (bucket_mb 0): one allreduce per gradient."""
     if not bucket_mb:
         return None
